@@ -9,6 +9,7 @@ loader, and only then moved into place, so a bundle directory is either complete
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import tempfile
@@ -55,13 +56,24 @@ def write_graph(model: RecurrentLM, path: Path) -> None:
                           output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
 
-def _worst(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+def _worst(got: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Largest error, scaled by the reference's magnitude where that exceeds 1.
+
+    An LSTM's cell state grows with the sequence (|c| reaches 30 after 40 steps of a trained
+    model); float32 holds such a value to about 2e-6 absolute, so a purely absolute 1e-5 bound
+    would fail any float32 implementation, torch's own included, on long sequences.
+    """
+    return max(float((np.abs(x - y) / np.maximum(1.0, np.abs(y))).max()) for x, y in zip(got, reference))
 
 
 def check_parity(model: RecurrentLM, graph_path: Path, trials: int = 12, seed: int = 0) -> dict:
-    """Compare onnxruntime with torch and single steps with prefill; raise ParityError with the numbers."""
+    """Compare onnxruntime with torch and single steps with prefill; raise ParityError with the numbers.
+
+    The reference is the PyTorch model run in float64, so that the figure is the graph's own
+    error rather than the sum of two float32 roundings.
+    """
     config = model.config
+    reference_model = copy.deepcopy(model).double()
     specs = state_specs(config)
     session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
     outputs = [bundle_format.LOGITS_OUTPUT, *(s.output for s in specs)]
@@ -77,7 +89,8 @@ def check_parity(model: RecurrentLM, graph_path: Path, trials: int = 12, seed: i
         state = [(0.5 * rng.standard_normal((batch, config.layers, config.hidden_size))).astype(np.float32)
                  for _ in specs]  # [batch, layers, hidden] each
         with torch.no_grad():
-            reference = [t.numpy() for t in model(torch.from_numpy(tokens), *map(torch.from_numpy, state))]
+            reference = [t.numpy() for t in reference_model(torch.from_numpy(tokens),
+                                                            *(torch.from_numpy(v).double() for v in state))]
         got = run(tokens, state)
         worst_logits = max(worst_logits, _worst(got[:1], reference[:1]))
         worst_state = max(worst_state, _worst(got[1:], reference[1:]))
@@ -86,8 +99,9 @@ def check_parity(model: RecurrentLM, graph_path: Path, trials: int = 12, seed: i
             logits, *carried = run(tokens[:, t:t + 1], carried)
             stepped.append(logits)
         worst_steps = max(worst_steps, _worst([np.concatenate(stepped, axis=1), *carried], got))
-    report = {"trials": trials, "max_abs_logits_vs_torch": worst_logits, "max_abs_state_vs_torch": worst_state,
-              "max_abs_steps_vs_prefill": worst_steps,
+    report = {"trials": trials, "error": "max |onnx - reference| / max(1, |reference|)",
+              "logits_vs_torch": worst_logits, "state_vs_torch": worst_state,
+              "steps_vs_prefill": worst_steps,
               "tolerances": {"logits": LOGITS_TOLERANCE, "state": STATE_TOLERANCE, "steps": LOGITS_TOLERANCE}}
     if worst_logits > LOGITS_TOLERANCE or worst_state > STATE_TOLERANCE or worst_steps > LOGITS_TOLERANCE:
         raise ParityError(f"exported graph differs from the model: {json.dumps(report)}")
@@ -210,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         "metrics": {"train_seconds": round(ckpt["train_seconds"], 1), "train_steps": ckpt["step"],
                     "train_bpc": history[-1]["train_bpc"] if history else None,
                     "torch_val_bpc": (ckpt.get("final_validation") or {}).get("val_bpc")},
-        "training": {**ckpt["config"], "command": f"rnnserve-train {' '.join(_train_flags(ckpt['config']))}"},
+        "training": {**ckpt["config"], "device": ckpt.get("device", "cpu"),
+                     "command": f"rnnserve-train {' '.join(_train_flags(ckpt['config']))}".strip()},
         "corpus": ckpt["corpus"],
         "history": history,
     }
@@ -222,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                            val_ids=vocab.encode(corpus.val_text))
     metrics = bundle.manifest["metrics"]
     print(f"wrote {args.out} in {time.monotonic() - started:.0f} s: val {metrics['val_bpc']:.4f} bpc, "
-          f"top-1 {metrics['val_top1']:.3f}; parity {bundle.manifest['parity']['max_abs_logits_vs_torch']:.2e}")
+          f"top-1 {metrics['val_top1']:.3f}; parity {bundle.manifest['parity']['logits_vs_torch']:.2e}")
 
 
 def _train_flags(config: dict) -> list[str]:

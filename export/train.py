@@ -38,15 +38,15 @@ class TrainConfig:
     embed_size: int = 128
     hidden_size: int = 512
     layers: int = 2
-    dropout: float = 0.25       # the validation plays are unseen text: regularise hard
+    dropout: float = 0.15       # validation plays are unseen text; 0.25+ underfits in this budget
     batch_size: int = 64        # parallel streams
     seq_len: int = 128          # backpropagation window
-    lr: float = 3e-3
+    lr: float = 4e-3            # 2e-3 and 3e-3 ended worse, 5e-3 no better (sweep in README)
     min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 200
-    weight_decay: float = 0.1
+    weight_decay: float = 0.2   # decoupled (AdamW) decay on matrices only
     grad_clip: float = 1.0
-    max_steps: int = 6000
+    max_steps: int = 3200       # 26 M characters (~5.7 epochs): ~100 min at 4,400 tok/s on 2 cores
     eval_every: int = 500
     eval_chunks: int = 8        # periodic validation reads this many chunks of every stream
     seed: int = 1234
@@ -59,8 +59,8 @@ class TrainConfig:
 # The default is sized to train in under two hours on 2 CPU cores (see README, "Model").
 PRESETS = {
     "default": TrainConfig(),
-    "quick": TrainConfig(cell="gru", hidden_size=384, embed_size=64, dropout=0.15, max_steps=2500,
-                         eval_every=250),
+    "quick": TrainConfig(cell="gru", hidden_size=384, embed_size=64, dropout=0.1, weight_decay=0.1,
+                         max_steps=1200, eval_every=200),
     "tiny": TrainConfig(cell="gru", hidden_size=32, embed_size=16, layers=1, dropout=0.0, batch_size=8,
                         seq_len=32, max_steps=30, eval_every=10, eval_chunks=2, warmup_steps=5),
 }
@@ -139,7 +139,8 @@ class Trainer:
                     "vocab": self.vocab.tokens, "corpus": self.corpus_description,
                     "model": {k: v.cpu() for k, v in self.model.state_dict().items()}, "optimizer": self.optimizer.state_dict(),
                     "step": self.step, "train_seconds": self.train_seconds, "history": self.history,
-                    "final_validation": self.final, "torch_rng": torch.get_rng_state()}, tmp)
+                    "final_validation": self.final, "device": str(self.device),
+                    "torch_rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, path)
         return path
 

@@ -56,8 +56,8 @@ def test_training_learns_something(trained):
 
 def test_export_proves_parity_and_measures_validation(exported, trained):
     parity = exported.manifest["parity"]
-    assert parity["max_abs_logits_vs_torch"] <= 1e-4 and parity["max_abs_steps_vs_prefill"] <= 1e-4
-    assert parity["max_abs_state_vs_torch"] <= 1e-5
+    assert parity["logits_vs_torch"] <= 1e-4 and parity["steps_vs_prefill"] <= 1e-4
+    assert parity["state_vs_torch"] <= 1e-5
     assert exported.cell == trained.config.cell
     assert [s.name for s in exported.states] == list(trained.model.config.state_names)
     # The manifest's figure is the graph's own, re-measured here independently of export.
@@ -100,7 +100,7 @@ def test_parity_failure_stops_export_with_numbers(tmp_path):
     exporter.write_graph(model, graph)
     with torch.no_grad():
         model.head.bias += 0.01  # the graph no longer matches the module
-    with pytest.raises(exporter.ParityError, match="max_abs_logits_vs_torch"):
+    with pytest.raises(exporter.ParityError, match="logits_vs_torch"):
         exporter.check_parity(model, graph)
 
 

@@ -1,0 +1,43 @@
+# The README's commands. Each target sets up what it needs, so a fresh clone needs nothing else.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+# Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check).
+SYSTEM_PACKAGES := prometheus docker-compose
+
+.PHONY: serve test bench train train-quick export proto system-packages
+
+$(VENV)/.serving: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.serving
+	$(PIP) -e '.[train,dev]'
+	touch $@
+
+serve: $(VENV)/.serving  ## serve the committed default model on 127.0.0.1:50051
+	$(VENV)/bin/rnnserve-server
+
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+test: $(VENV)/.dev system-packages  ## install everything and run the whole test suite
+	$(PY) -m pytest
+
+bench: $(VENV)/.dev  ## run the reference workloads; writes bench/results/
+	$(PY) -m bench
+
+train: $(VENV)/.dev  ## retrain the default model (~100 min on 2 cores), then `make export`
+	$(VENV)/bin/rnnserve-train --preset default --out runs/default
+
+train-quick: $(VENV)/.dev  ## the quick configuration (~26 min on 2 cores)
+	$(VENV)/bin/rnnserve-train --preset quick --out runs/quick
+
+export: $(VENV)/.dev  ## write runs/default into the served bundle (rnnserve/models/default)
+	$(VENV)/bin/rnnserve-export --run runs/default
+
+proto: $(VENV)/.dev  ## regenerate the gRPC stubs from proto/
+	$(PY) proto/generate.py
