@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="model name (default: <corpus>-<cell>)")
     parser.add_argument("--version", default="1", help="model version recorded in the manifest")
     parser.add_argument("--no-baseline", action="store_true", help="skip the n-gram baseline (quick tests)")
+    parser.add_argument("--compare", type=Path, action="append", default=[], metavar="RUN",
+                        help="another run directory (e.g. runs/quick) whose measured validation is "
+                             "recorded beside this model's under `alternatives`")
     args = parser.parse_args(argv)
 
     from rnnserve.export.corpus import load_corpus
@@ -225,12 +229,14 @@ def main(argv: list[str] | None = None) -> None:
                     "train_bpc": history[-1]["train_bpc"] if history else None,
                     "torch_val_bpc": (ckpt.get("final_validation") or {}).get("val_bpc")},
         "training": {**ckpt["config"], "device": ckpt.get("device", "cpu"),
-                     "command": f"rnnserve-train {' '.join(_train_flags(ckpt['config']))}".strip()},
+                     "command": training_command(ckpt["config"])},
         "corpus": ckpt["corpus"],
         "history": history,
     }
     if not args.no_baseline:
         extra["baseline"] = baseline_for(args.run, corpus_path)
+    if args.compare:
+        extra["alternatives"] = {run.name: run_summary(run) for run in args.compare}
     name = args.name or f"{ckpt['corpus'].get('name', 'corpus')}-{model.config.cell}"
     started = time.monotonic()
     bundle = export_bundle(model, vocab, args.out, name=name, version=args.version, extra=extra,
@@ -240,12 +246,25 @@ def main(argv: list[str] | None = None) -> None:
           f"top-1 {metrics['val_top1']:.3f}; parity {bundle.manifest['parity']['logits_vs_torch']:.2e}")
 
 
-def _train_flags(config: dict) -> list[str]:
-    """The training command line that reproduces a run from the default preset."""
+def run_summary(run_dir: Path) -> dict:
+    """Another run's figures as its training measured them (full validation split, torch)."""
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False, map_location="cpu")
+    final = ckpt.get("final_validation") or {}
+    return {"val_bpc": final.get("val_bpc"), "val_top1": final.get("val_top1"),
+            "train_seconds": round(ckpt["train_seconds"], 1), "device": ckpt.get("device", "cpu"),
+            "model": ckpt["model_config"], "command": training_command(ckpt["config"])}
+
+
+def training_command(config: dict) -> str:
+    """The command line that reproduces a run: its preset by name, or the flags that differ from default."""
     from rnnserve.export.train import PRESETS
 
-    default = PRESETS["default"].__dict__
-    return [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if default.get(k) != v and v is not None]
+    for name, preset in PRESETS.items():
+        if dataclasses.asdict(preset) == config:
+            return f"rnnserve-train --preset {name}"
+    default = dataclasses.asdict(PRESETS["default"])
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if default.get(k) != v and v is not None]
+    return " ".join(["rnnserve-train", *flags])
 
 
 if __name__ == "__main__":
