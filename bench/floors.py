@@ -1,0 +1,74 @@
+"""The floors every server figure is read against, measured in the same run on the same cores.
+
+F1 is the model alone: onnxruntime in this process on the bundle's graph, through the server's
+own Runtime class (so configured as the server configures it), at the batch sizes the server
+would form. F2 is the transport alone: the echo server (bench/echo.py) in its own process,
+driven by the same closed loop as W2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from rnnserve.bundle import Bundle
+from rnnserve.server.runtime import Runtime
+
+from bench.load import closed_loop, connect, one_token_at_a_time, open_streams, stream_round_trip
+from bench.processes import ServerProcess
+from bench.sizes import Sizes
+from bench.stats import Results, p50
+
+ECHO_SERVER = Path(__file__).with_name("echo.py")
+
+
+def zero_states(bundle: Bundle, batch: int) -> tuple[np.ndarray, ...]:
+    """[batch, layers, hidden] zeros per state tensor: an LSTM's cost does not depend on the values."""
+    return tuple(np.zeros((batch, *s.row_shape), np.float32) for s in bundle.states)
+
+
+def call_times_us(call: Callable[[], object], seconds: float, min_calls: int) -> list[float]:
+    """Time `call` repeatedly for about `seconds`, at least `min_calls` times, after one untimed call."""
+    call()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < min_calls or time.perf_counter() < deadline:
+        start = time.perf_counter_ns()
+        call()
+        times.append((time.perf_counter_ns() - start) / 1e3)
+    return times
+
+
+def f1(bundle: Bundle, threads: int, sizes: Sizes, tokens: list[int], results: Results) -> None:
+    """Single steps at each batch size, and one prefill, through the server's own Runtime.
+
+    The Runtime is the server's onnxruntime session (threads, optimisations) and nothing else:
+    no sessions, no batcher, no gRPC. `threads` is what the server under test is given.
+    """
+    runtime = Runtime(bundle, threads)
+    for batch in sizes.batches:
+        step = np.array(tokens[:batch], np.int64).reshape(batch, 1)  # [batch, time=1]
+        states = zero_states(bundle, batch)
+        median = p50(call_times_us(lambda: runtime.run(step, states), sizes.f1_seconds, sizes.f1_min_calls))
+        results.add("F1", "ort", batch, "p50_us", median, "us")
+        results.add("F1", "ort", batch, "tokens_per_s", batch / median * 1e6, "tokens/s")
+    prompt = np.array(tokens[:sizes.prefill_tokens], np.int64).reshape(1, -1)  # [1, time]
+    states = zero_states(bundle, 1)
+    median = p50(call_times_us(lambda: runtime.run(prompt, states), 0.0, sizes.prefill_repeats))
+    results.add("F1", "prefill", 1, "p50_us", median, "us")
+    results.add("F1", "prefill", 1, "tokens_per_s", sizes.prefill_tokens / median * 1e6, "tokens/s")
+
+
+async def f2(sizes: Sizes, tokens: list[int], logs: Path, results: Results) -> None:
+    """The echo server at each stream count, closed loop, as W2 drives the real one."""
+    with ServerProcess([sys.executable, str(ECHO_SERVER)], logs / "echo.log") as echo:
+        async with connect(echo) as endpoint:
+            for streams in sizes.batches:
+                async with open_streams(endpoint.stub, streams) as calls:
+                    trips = [stream_round_trip(call, f"echo-{i}", one_token_at_a_time(tokens))
+                             for i, call in enumerate(calls)]
+                    timed = await closed_loop(trips, sizes.w2_steps, sizes.warmup_steps, endpoint.pid)
+                results.add_loop("F2", "echo", streams, timed, "messages_per_s", "messages/s")

@@ -1,0 +1,121 @@
+"""`python -m bench`: the floors and the reference workloads in one run, and the report.
+
+Order matters on a 2-core machine: each stage has the cores to itself. F1 runs in this process
+before any server exists; the echo server (F2) is stopped before rnnserve-server starts; W5 gets
+a fresh server so that its baseline is a server that never held a session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rnnserve.server.settings import parse_settings
+
+from bench import plots
+from bench.floors import f1, f2
+from bench.processes import ServerProcess
+from bench.reference import reference_bundle
+from bench.report import Run, machine, write_json, write_markdown
+from bench.sizes import PRESETS, Sizes
+from bench.stats import Results
+from bench.targets import verdicts
+from bench.workloads import w1_to_w4, w5
+
+HERE = Path(__file__).resolve().parent
+TOKEN_SEED = 1
+
+
+class Progress:
+    """Prints each stage with the time since the run began, so a long run shows where it is."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    def __call__(self, stage: str) -> None:
+        print(f"[{self.seconds:6.1f} s] {stage}", file=sys.stderr, flush=True)
+
+
+def reference_tokens(sizes: Sizes) -> list[int]:
+    """A fixed random token sequence, long enough for the longest session and prompt; never the unknown id 0."""
+    length = max(sizes.w3_steps, sizes.prefill_tokens, *sizes.batches)
+    return [int(t) for t in np.random.default_rng(TOKEN_SEED).integers(1, sizes.model.vocab_size, length)]
+
+
+def server_command(bundle_path: Path, flags: list[str]) -> list[str]:
+    """The installed `rnnserve-server` entry point (the one users run) on an ephemeral loopback port."""
+    executable = shutil.which("rnnserve-server", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if executable is None:
+        raise SystemExit("rnnserve-server is not installed in this environment (pip install -e .)")
+    return [executable, "--bundle", str(bundle_path), "--listen", "127.0.0.1:0", *flags]
+
+
+async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: Progress) -> tuple[Results, str]:
+    """Every floor and workload in turn; returns the results and the server command used."""
+    results = Results()
+    logs = cache / "logs"
+    progress("reference bundle")
+    bundle = reference_bundle(cache, sizes.model, sizes.model_seed)
+    tokens = reference_tokens(sizes)
+    progress("F1 onnxruntime in-process")
+    f1(bundle, parse_settings(server_flags).ort_threads, sizes, tokens, results)
+    progress("F2 grpc.aio echo server")
+    await f2(sizes, tokens, logs, results)
+    command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
+    with ServerProcess(command, logs / "server.log") as server:
+        await w1_to_w4(server, sizes, tokens, results, progress)
+    progress(f"W5 memory of {sizes.w5_sessions:,} idle sessions (fresh server)")
+    with ServerProcess(command + ["--max-sessions", str(sizes.w5_sessions + 1)], logs / "server-w5.log") as server:
+        await w5(server, sizes, tokens, bundle.state_bytes_per_session, results)
+    return results, shlex.join([Path(command[0]).name, *command[1:]])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                        help="every workload with small counts (a minute or two); not for committed figures")
+    preset.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
+                        help="a tiny model and tiny counts, for tests (seconds)")
+    parser.set_defaults(preset="full")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where latest.json, latest.md and the plots go (default: bench/results for a full "
+                             "run, bench/.cache/<preset> otherwise, so that a smoke run never replaces "
+                             "committed figures)")
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="reference bundles and server logs")
+    parser.add_argument("--server-args", default="",
+                        help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows --ort-threads)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sizes, server_flags = PRESETS[args.preset], shlex.split(args.server_args)
+    out = args.out or (HERE / "results" if args.preset == "full" else args.cache / args.preset)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    load_before = os.getloadavg()
+    progress(f"{args.preset} run on {os.cpu_count()} cores, load average {load_before[0]:.2f}")
+    results, server = asyncio.run(measure(sizes, server_flags, args.cache, progress))
+    run = Run(args.preset, shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]),
+              server, sizes, progress.seconds, machine(load_before, os.getloadavg()), results.rows,
+              verdicts(results.rows, sizes))
+    write_json(run, out / "latest.json")
+    write_markdown(run, out / "latest.md")
+    plots.throughput(results.rows, out / "throughput.png")
+    plots.latency(results, sizes.batches, out / "latency.png")
+    progress(f"wrote {out}/latest.json, latest.md, throughput.png, latency.png")
+    for verdict in run.verdicts:
+        print(f"  {verdict.status:7} {verdict.name}: {verdict.figure}; {verdict.floor}; ratio {verdict.ratio}; "
+              f"target {verdict.target}")

@@ -1,0 +1,45 @@
+"""How big each run is: the reference sizes from ../shared/WORKLOAD.md, and two smaller presets.
+
+`full` is the only preset whose figures may be committed or compared against the targets; `quick`
+keeps every workload and session count but shrinks the step counts, for a smoke run of a minute
+or two; `smoke` also shrinks the model, so that a test can run the whole harness in seconds.
+The row names stay those of the full workload (e.g. `first100_p50_us`) in every preset; the
+sizes actually used are written into latest.json beside the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from rnnserve.export.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class Sizes:
+    # The model's defaults are the reference model: a character LSTM, 2 x 512, embedding 128, 100 tokens.
+    model: ModelConfig = ModelConfig()
+    model_seed: int = 0  # random weights from a fixed seed: timing does not depend on training
+    batches: tuple[int, ...] = (1, 16, 64, 256)  # F1 batch sizes and W2/F2 session counts
+    f1_seconds: float = 1.0  # F1 time budget per batch size; at least f1_min_calls calls each
+    f1_min_calls: int = 20
+    prefill_tokens: int = 1000  # F1 prefill and W4 prompt length
+    prefill_repeats: int = 20  # F1 prefill and W4 take the median of this many
+    w1_steps: int = 500
+    w2_steps: int = 200  # per session, closed loop
+    w3_steps: int = 2000
+    w3_window: int = 100  # W3 compares the medians of the first and the last window
+    w5_sessions: int = 100_000
+    warmup_steps: int = 5  # untimed steps per session before each timed loop
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "full": Sizes(),
+    "quick": Sizes(f1_seconds=0.3, f1_min_calls=5, prefill_repeats=3, w1_steps=100, w2_steps=20, w3_steps=400,
+                   w3_window=20, w5_sessions=5_000, warmup_steps=2),
+    "smoke": Sizes(model=ModelConfig(layers=1, hidden_size=32, embed_size=16), f1_seconds=0.02,
+                   f1_min_calls=2, prefill_tokens=50, prefill_repeats=2, w1_steps=10, w2_steps=4, w3_steps=20,
+                   w3_window=5, w5_sessions=50, warmup_steps=1),
+}

@@ -1,0 +1,100 @@
+"""The targets of issue 4, each a figure read against its floor from the same run.
+
+They mirror ../shared/tools/targets.py (which reads the committed latest.json) so that a run
+says at once where it stands, and latest.md shows every figure beside its floor and ratio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from bench.sizes import Sizes
+from bench.stats import Row
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One line of the targets table; `ok` is None when a row it needs is missing."""
+
+    name: str
+    figure: str
+    floor: str
+    ratio: str
+    target: str
+    ok: bool | None
+
+    @property
+    def status(self) -> str:
+        return {True: "met", False: "SHORT", None: "missing"}[self.ok]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "status": self.status}
+
+
+Lookup = Callable[[str, str, int, str], float]
+
+
+def _w2_stream(get: Lookup, sizes: Sizes) -> Verdict:
+    n = max(sizes.batches)
+    figure, floor = get("W2", "stream", n, "tokens_per_s"), get("F2", "echo", n, "messages_per_s")
+    return Verdict(f"W2 stream, {n} sessions", f"{figure:,.0f} tokens/s", f"F2 echo: {floor:,.0f} messages/s",
+                   f"{figure / floor:.0%}", ">= 50% of F2 and >= 7,000 tokens/s",
+                   figure >= 0.5 * floor and figure >= 7000)
+
+
+def _w2_multi(get: Lookup, sizes: Sizes) -> Verdict:
+    n = max(sizes.batches)
+    figure, floor = get("W2", "multi", n, "tokens_per_s"), get("F1", "ort", n, "tokens_per_s")
+    return Verdict(f"W2 multi, {n} sessions per message", f"{figure:,.0f} tokens/s",
+                   f"F1 batch {n}: {floor:,.0f} tokens/s", f"{figure / floor:.0%}", ">= 60% of F1",
+                   figure >= 0.6 * floor)
+
+
+def _w1(get: Lookup, sizes: Sizes) -> Verdict:
+    figure = get("W1", "stream", 1, "p50_us")
+    floor = get("F1", "ort", 1, "p50_us") + get("F2", "echo", 1, "p50_us")
+    return Verdict("W1 median step latency", f"{figure:,.0f} us", f"F1(1) + F2(1): {floor:,.0f} us",
+                   f"{figure / floor:.2f}x", f"<= floor + 150 us = {floor + 150:,.0f} us", figure <= floor + 150)
+
+
+def _w3(get: Lookup, sizes: Sizes) -> Verdict:
+    first, last = get("W3", "stateful", 1, "first100_p50_us"), get("W3", "stateful", 1, "last100_p50_us")
+    ratio, stateless = get("W3", "stateful", 1, "last_first_ratio"), get("W3", "stateless", 1, "last_first_ratio")
+    return Verdict(f"W3 last/first {sizes.w3_window} steps of {sizes.w3_steps:,}", f"{last:,.0f} / {first:,.0f} us",
+                   f"stateless baseline ratio: {stateless:.2f}", f"{ratio:.2f}", "<= 1.1", ratio <= 1.1)
+
+
+def _w4(get: Lookup, sizes: Sizes) -> Verdict:
+    figure, floor = get("W4", "prefill", 1, "tokens_per_s"), get("F1", "prefill", 1, "tokens_per_s")
+    return Verdict(f"W4 prefill of {sizes.prefill_tokens:,} tokens", f"{figure:,.0f} tokens/s",
+                   f"F1 prefill: {floor:,.0f} tokens/s", f"{figure / floor:.0%}", ">= 80% of F1", figure >= 0.8 * floor)
+
+
+def _w5(get: Lookup, sizes: Sizes) -> Verdict:
+    n = sizes.w5_sessions
+    figure, raw = get("W5", "idle", n, "rss_bytes"), get("W5", "idle", n, "raw_state_bytes")
+    limit = 1.3 * raw + 200 * MiB
+    return Verdict(f"W5 resident memory, {n:,} idle sessions", f"{figure / MiB:,.0f} MiB",
+                   f"raw state: {raw / MiB:,.0f} MiB", f"{figure / raw:.2f}x",
+                   f"<= 1.3 x raw + 200 MiB = {limit / MiB:,.0f} MiB", figure <= limit)
+
+
+CHECKS = {"W2 stream": _w2_stream, "W2 multi": _w2_multi, "W1": _w1, "W3": _w3, "W4": _w4, "W5": _w5}
+
+
+def verdicts(rows: list[Row], sizes: Sizes) -> list[Verdict]:
+    values = {(r.workload, r.variant, r.sessions, r.metric): r.value for r in rows}
+
+    def get(workload: str, variant: str, sessions: int, metric: str) -> float:
+        return values[(workload, variant, sessions, metric)]
+
+    found = []
+    for name, check in CHECKS.items():
+        try:
+            found.append(check(get, sizes))
+        except KeyError as missing:
+            found.append(Verdict(name, "", "", "", f"row {'/'.join(map(str, missing.args[0]))} missing", None))
+    return found

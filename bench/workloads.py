@@ -1,0 +1,156 @@
+"""W1-W5 of ../shared/WORKLOAD.md against a live rnnserve server.
+
+Each workload opens the sessions it needs and closes them again, so that one server process
+serves W1-W4 in turn without one workload's sessions weighing on the next. W5 wants a server
+that has never held a session (its baseline), so it gets a process of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
+
+from bench.load import (Endpoint, RoundTrip, batch_round_trip, closed_loop, connect, one_token_at_a_time,
+                        open_streams, stream_round_trip, unary_round_trip)
+from bench.processes import ServerProcess
+from bench.sizes import Sizes
+from bench.stats import Results, Timed, p50
+
+# Sessions are opened and closed this many calls at a time: enough to keep the server busy,
+# few enough that 100,000 creations never pile up as 100,000 pending calls.
+WAVE = 256
+
+
+async def create_sessions(stub: rnnserve_pb2_grpc.InferenceStub, count: int,
+                          prompt: Sequence[int] = ()) -> list[str]:
+    """`count` new sessions, each fed `prompt` if one is given; their ids."""
+    request = rnnserve_pb2.CreateSessionRequest(prompt_token_ids=prompt)
+    ids: list[str] = []
+    for start in range(0, count, WAVE):
+        created = await asyncio.gather(*(stub.CreateSession(request) for _ in range(min(WAVE, count - start))))
+        ids += [response.session.session_id for response in created]
+    return ids
+
+
+async def close_sessions(stub: rnnserve_pb2_grpc.InferenceStub, ids: Sequence[str]) -> None:
+    for start in range(0, len(ids), WAVE):
+        await asyncio.gather(*(stub.CloseSession(rnnserve_pb2.CloseSessionRequest(session_id=i))
+                               for i in ids[start:start + WAVE]))
+
+
+@asynccontextmanager
+async def sessions(stub: rnnserve_pb2_grpc.InferenceStub, count: int) -> AsyncIterator[list[str]]:
+    ids = await create_sessions(stub, count)
+    try:
+        yield ids
+    finally:
+        await close_sessions(stub, ids)
+
+
+async def stream_steps(server: Endpoint, count: int, steps: int, warmup: int, tokens: Sequence[int]) -> Timed:
+    """`count` sessions, each stepping over its own stream, closed loop."""
+    async with sessions(server.stub, count) as ids, open_streams(server.stub, count) as calls:
+        trips = [stream_round_trip(call, i, one_token_at_a_time(tokens)) for call, i in zip(calls, ids)]
+        return await closed_loop(trips, steps, warmup, server.pid)
+
+
+async def w1(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Results) -> None:
+    """Latency: one session, one step at a time over its stream."""
+    results.add_loop("W1", "stream", 1, await stream_steps(server, 1, sizes.w1_steps, sizes.warmup_steps, tokens))
+
+
+async def w2(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Results) -> None:
+    """Throughput at each session count: a stream per session, a Step call per step, and StepBatch."""
+    for count in sizes.batches:
+        results.add_loop("W2", "stream", count,
+                         await stream_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
+    for count in sizes.batches:
+        async with sessions(server.stub, count) as ids:
+            trips = [unary_round_trip(server.stub, i, one_token_at_a_time(tokens)) for i in ids]
+            results.add_loop("W2", "unary", count,
+                             await closed_loop(trips, sizes.w2_steps, sizes.warmup_steps, server.pid))
+    count = max(sizes.batches)
+    async with sessions(server.stub, count) as ids:
+        trip = batch_round_trip(server.stub, ids, one_token_at_a_time(tokens))
+        results.add_loop("W2", "multi", count,
+                         await closed_loop([trip], sizes.w2_steps, sizes.warmup_steps, server.pid, count))
+
+
+def stateless_round_trip(stub: rnnserve_pb2_grpc.InferenceStub, prefixes: Sequence[Sequence[int]],
+                         opened: list[str]) -> RoundTrip:
+    """A stateless server's step: a fresh session fed the whole prefix as its prompt.
+
+    The session is closed only after the loop (its id goes to `opened`), so that the timed call
+    is the prefill alone.
+    """
+    pending = iter(prefixes)
+
+    async def round_trip() -> None:
+        request = rnnserve_pb2.CreateSessionRequest(prompt_token_ids=next(pending))
+        opened.append((await stub.CreateSession(request)).session.session_id)
+
+    return round_trip
+
+
+async def w3(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Results) -> None:
+    """Long sessions: the first and the last window of a long session, stateful and stateless.
+
+    The stateless baseline runs only the two windows: steps between them change nothing for a
+    server that keeps no state, and re-running every prefix of 2,000 tokens would take minutes.
+    No warm-up: positions must start at 1, and a median over the window absorbs the first step.
+    """
+    window, steps = sizes.w3_window, sizes.w3_steps
+    stateful = (await stream_steps(server, 1, steps, 0, tokens)).latencies_us
+    lengths = [*range(1, window + 1), *range(steps - window + 1, steps + 1)]
+    opened: list[str] = []
+    trip = stateless_round_trip(server.stub, [tokens[:n] for n in lengths], opened)
+    stateless = (await closed_loop([trip], len(lengths), 0, server.pid)).latencies_us
+    await close_sessions(server.stub, opened)
+    for variant, latencies in (("stateful", stateful), ("stateless", stateless)):
+        first, last = p50(latencies[:window]), p50(latencies[-window:])
+        results.add("W3", variant, 1, "first100_p50_us", first, "us")
+        results.add("W3", variant, 1, "last100_p50_us", last, "us")
+        results.add("W3", variant, 1, "last_first_ratio", last / first, "ratio")
+
+
+async def w4(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Results) -> None:
+    """Prefill: a whole prompt in one Step; tokens/s from the median call, as F1's prefill."""
+    async with sessions(server.stub, 1) as [session_id]:
+        trip = unary_round_trip(server.stub, session_id, itertools.repeat(tokens[:sizes.prefill_tokens]))
+        timed = await closed_loop([trip], sizes.prefill_repeats, 1, server.pid)
+    median = p50(timed.latencies_us)
+    results.add("W4", "prefill", 1, "p50_us", median, "us")
+    results.add("W4", "prefill", 1, "tokens_per_s", sizes.prefill_tokens / median * 1e6, "tokens/s")
+
+
+async def w1_to_w4(process: ServerProcess, sizes: Sizes, tokens: Sequence[int], results: Results,
+                   progress: Callable[[str], None]) -> None:
+    """W1-W4 in turn over one channel."""
+    async with connect(process) as server:
+        for name, workload in (("W1 latency", w1), ("W2 throughput", w2), ("W3 long sessions", w3),
+                               ("W4 prefill", w4)):
+            progress(name)
+            await workload(server, sizes, tokens, results)
+
+
+async def w5(process: ServerProcess, sizes: Sizes, tokens: Sequence[int], state_bytes: int, results: Results) -> None:
+    """Memory: the server's resident memory holding many idle sessions, against their raw state bytes.
+
+    Every session reads a one-token prompt first: a session that never ran holds zero state,
+    which a pool of untouched zero pages would hold for free. The baseline is taken after one
+    such session has come and gone, so that onnxruntime's lazy allocations count as baseline.
+    """
+    count = sizes.w5_sessions
+    async with connect(process) as server:
+        await close_sessions(server.stub, await create_sessions(server.stub, 1, tokens[:1]))
+        baseline = process.rss_bytes()
+        await create_sessions(server.stub, count, tokens[:1])
+        rss = process.rss_bytes()
+    results.add("W5", "idle", count, "rss_bytes", rss, "bytes")
+    results.add("W5", "idle", count, "baseline_rss_bytes", baseline, "bytes")
+    results.add("W5", "idle", count, "raw_state_bytes", count * state_bytes, "bytes")
+    results.add("W5", "idle", count, "bytes_per_session", (rss - baseline) / count, "bytes")

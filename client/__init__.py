@@ -1,0 +1,21 @@
+"""Python clients for rnnserve: `Client` (blocking) and `AsyncClient` (asyncio), plus `rnnserve-client`.
+
+Both wrap one grpc channel: sessions are context managers that close themselves, steps carry
+the session's position so a retried step is never applied twice, and every failure is an
+`RnnserveError` subclass chosen from the server's machine-readable reason.
+"""
+
+from rnnserve.client.aio import AsyncClient, AsyncSession, AsyncStepStream
+from rnnserve.client.connection import TLS
+from rnnserve.client.errors import (CapacityExhausted, DeadlineExceeded, FieldViolation, InvalidArgument,
+                                    ModelNotFound, NotFound, PositionMismatch, RnnserveError, SessionEvicted,
+                                    SessionExpired, SessionNotFound, Unauthenticated, Unavailable)
+from rnnserve.client.sync import Client, Session, StepStream
+from rnnserve.client.types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo
+
+__all__ = [
+    "AsyncClient", "AsyncSession", "AsyncStepStream", "Candidate", "CapacityExhausted", "Client", "DeadlineExceeded",
+    "FieldViolation", "GeneratedToken", "InvalidArgument", "ModelInfo", "ModelNotFound", "NotFound",
+    "PositionMismatch", "Prediction", "RnnserveError", "Session", "SessionEvicted", "SessionExpired", "SessionInfo",
+    "SessionNotFound", "StepStream", "TLS", "Unauthenticated", "Unavailable",
+]

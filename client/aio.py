@@ -1,0 +1,182 @@
+"""The asyncio client: the same calls as `rnnserve.client.sync`, awaited, for services on an event loop.
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        async with client.session("To be, or not") as session:
+            print((await session.step(" to")).best.text)
+            async for token in session.generate(40, temperature=0.8, seed=1):
+                print(token.text, end="")
+
+Everything but awaiting (requests, answers, positions, errors, retry policy) is shared with the
+sync client, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from rnnserve.client import messages
+from rnnserve.client.connection import ClientBase
+from rnnserve.client.errors import RnnserveError, SessionNotFound, error_from_rpc, raising_rnnserve_errors
+from rnnserve.client.messages import DEFAULT_TOP_K, Tokens
+from rnnserve.client.session import SessionHandle, Target, answer, batch_request, batch_results, is_retry_safe, \
+    step_request
+from rnnserve.client.types import GeneratedToken, ModelInfo, Prediction, SessionInfo
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+
+class AsyncClient(ClientBase):
+    """A connection to an rnnserve server; use `async with` to close the channel."""
+
+    _aio = True
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _unary(self, method: Callable, request: Any, timeout: float | None, *, retry_safe: bool) -> Any:
+        """One call, retried on UNAVAILABLE with backoff when `retry_safe`; failures raise RnnserveError."""
+        for attempt in itertools.count():
+            try:
+                return await method(request, **self._connection.call_options(timeout))
+            except grpc.RpcError as error:
+                await asyncio.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
+
+    def session(self, prompt: Tokens | None = None, *, ttl: int | None = None, model: str | None = None,
+                top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+                timeout: float | None = None) -> OpeningSession:
+        """As `Client.session`: `session = await client.session()`, or `async with client.session() as session`."""
+        request = messages.create_session(model, prompt, ttl, top_k, temperature)
+        return OpeningSession(self._open_session(request, timeout))
+
+    async def _open_session(self, request: pb.CreateSessionRequest, timeout: float | None) -> AsyncSession:
+        created = await self._unary(self._inference.CreateSession, request, timeout, retry_safe=False)
+        return AsyncSession._created(self, created)
+
+    async def resume(self, session_id: str, *, timeout: float | None = None) -> AsyncSession:
+        """As `Client.resume`: a session opened earlier, at the position the server reports."""
+        request = pb.GetSessionRequest(session_id=session_id)
+        return AsyncSession(self, await self._unary(self._inference.GetSession, request, timeout, retry_safe=True))
+
+    def stream(self, *, timeout: float | None = None) -> AsyncStepStream:
+        """As `Client.stream`: one Stream call for the steps of any number of sessions."""
+        return AsyncStepStream(self, timeout)
+
+    async def step_batch(self, steps: Sequence[tuple[Target, Tokens]], *, top_k: int = DEFAULT_TOP_K,
+                         temperature: float | None = None,
+                         timeout: float | None = None) -> list[Prediction | RnnserveError]:
+        """As `Client.step_batch`: a failed step's error is returned at its index."""
+        request = batch_request(steps, top_k, temperature)
+        response = await self._unary(self._inference.StepBatch, request, timeout,
+                                     retry_safe=all(map(is_retry_safe, request.steps)))
+        return batch_results([target for target, _ in steps], response)
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        response = await self._unary(self._inference.ListModels, pb.ListModelsRequest(), timeout, retry_safe=True)
+        return [ModelInfo.from_pb(model) for model in response.models]
+
+    async def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        return ModelInfo.from_pb(await self._unary(self._inference.GetModel, pb.GetModelRequest(name=name), timeout,
+                                                    retry_safe=True))
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """As `Client.health`."""
+        response = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout,
+                                     retry_safe=True)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class AsyncSession(SessionHandle):
+    """As `Session`, awaited; closed on leaving `async with`."""
+
+    _client: AsyncClient
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def step(self, tokens: Tokens, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+                   timeout: float | None = None) -> Prediction:
+        request = self._step_request(tokens, top_k, temperature)
+        return self._advance(await self._client._unary(self._client._inference.Step, request, timeout,
+                                                       retry_safe=is_retry_safe(request)))
+
+    async def generate(self, max_tokens: int, *, tokens: Tokens | None = None, temperature: float = 0.0,
+                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                       stop: Sequence[str] = (), timeout: float | None = None) -> AsyncIterator[GeneratedToken]:
+        """As `Session.generate`, an async iterator; leaving `async for` early cancels the generation."""
+        request = self._generate_request(tokens, max_tokens, temperature, top_k, top_p, seed, stop)
+        call = self._client._inference.Generate(request, **self._client._connection.call_options(timeout))
+        with self._generation(call):
+            async for response in call:
+                yield self._generated(response)
+
+    async def info(self, *, timeout: float | None = None) -> SessionInfo:
+        request = pb.GetSessionRequest(session_id=self.id)
+        return SessionInfo.from_pb(await self._client._unary(self._client._inference.GetSession, request, timeout,
+                                                             retry_safe=True))
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        """As `Session.close`: a session that is already gone counts as closed."""
+        with contextlib.suppress(SessionNotFound):
+            await self._client._unary(self._client._inference.CloseSession,
+                                      pb.CloseSessionRequest(session_id=self.id), timeout, retry_safe=True)
+
+
+class OpeningSession:
+    """A session being opened: await it for the session, or enter it to have it closed on exit."""
+
+    def __init__(self, opening: Coroutine[Any, Any, AsyncSession]):
+        self._opening = opening
+
+    def __await__(self) -> Generator[Any, None, AsyncSession]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        self._session = await self._opening
+        return self._session
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._session.close()
+
+
+class AsyncStepStream:
+    """As `StepStream`, awaited: steps of several sessions over one Stream call, answered in order."""
+
+    def __init__(self, client: AsyncClient, timeout: float | None):
+        self._call = client._inference.Stream(timeout=timeout, metadata=client._connection.metadata)
+
+    async def __aenter__(self) -> AsyncStepStream:
+        return self
+
+    async def __aexit__(self, exc_type: type | None, *exc_info: object) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            self._call.cancel()
+
+    async def step(self, target: Target, tokens: Tokens, *, top_k: int = DEFAULT_TOP_K,
+                   temperature: float | None = None) -> Prediction:
+        with raising_rnnserve_errors():
+            await self._call.write(step_request(target, tokens, top_k, temperature))
+            response = await self._call.read()
+        return answer(target, response)
+
+    async def close(self) -> None:
+        """Stop sending and wait for the server to end the stream."""
+        with raising_rnnserve_errors():
+            await self._call.done_writing()
+            await self._call.read()

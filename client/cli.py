@@ -1,0 +1,253 @@
+"""`rnnserve-client`: ask a running rnnserve server for predictions from the shell.
+
+Each subcommand is one small function over `rnnserve.client.Client`; what it prints is decided
+in `render`, so the library, the CLI and its --json output agree on every field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rnnserve.client import interactive, render
+from rnnserve.client.connection import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, TLS
+from rnnserve.client.errors import RnnserveError, Unavailable
+from rnnserve.client.messages import DEFAULT_TOP_K
+from rnnserve.client.retry import RetryPolicy
+from rnnserve.client.sync import Client, Session
+
+DESCRIPTION = """\
+Talk to an rnnserve server: a recurrent language model that keeps each session's state in
+memory, so text can be fed a little at a time and the next token predicted after each piece.
+Start a server first with `rnnserve-server`."""
+
+EXAMPLES = """\
+examples:
+  rnnserve-client health
+  rnnserve-client predict "To be, or not to b"
+  rnnserve-client generate "ROMEO:" --max-tokens 200 --temperature 0.8 --seed 1
+  rnnserve-client interactive
+  SID=$(rnnserve-client sessions create --prompt "Once upon")
+  rnnserve-client predict " a ti" --session $SID
+  rnnserve-client sessions close $SID
+  rnnserve-client --json models
+
+Connection options may come before or after the command."""
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    """Options every command accepts, before or after its name.
+
+    They default to SUPPRESS so that a subcommand's copy does not overwrite a value given
+    before the subcommand; `_with_defaults` fills in what was not given.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection and output")
+    group.add_argument("--address", default=argparse.SUPPRESS, metavar="HOST:PORT",
+                       help=f"server address (env RNNSERVE_ADDRESS; default {DEFAULT_ADDRESS})")
+    group.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                       help=f"deadline of each call (default {DEFAULT_TIMEOUT:g})")
+    group.add_argument("--retries", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help=f"retries, with growing waits, of a call that found no server "
+                            f"(default {RetryPolicy.retries})")
+    group.add_argument("--token", default=argparse.SUPPRESS,
+                       help="bearer token sent with every call (env RNNSERVE_TOKEN)")
+    group.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
+                       help="connect with TLS, trusting the system's root certificates")
+    group.add_argument("--tls-ca", default=argparse.SUPPRESS, metavar="PEM",
+                       help="connect with TLS, trusting this CA certificate instead")
+    group.add_argument("--tls-cert", default=argparse.SUPPRESS, metavar="PEM",
+                       help="client certificate, for servers that require mutual TLS (with --tls-key)")
+    group.add_argument("--tls-key", default=argparse.SUPPRESS, metavar="PEM", help="client certificate's key")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print JSON, one object per line, instead of text")
+    return common
+
+
+def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    defaults = {"address": os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS), "timeout": DEFAULT_TIMEOUT,
+                "retries": RetryPolicy.retries, "token": os.environ.get("RNNSERVE_TOKEN"), "tls": False,
+                "tls_ca": None, "tls_cert": None, "tls_key": None, "json": False}
+    return argparse.Namespace(**{**defaults, **vars(args)})
+
+
+def _add_step_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
+                        help="how many candidates to show (default 5)")
+    parser.add_argument("--temperature", type=float, default=None, metavar="T",
+                        help="softmax temperature for the shown probabilities (default 1)")
+
+
+def _add_session_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--session", metavar="ID", help="continue this session (left open) instead of a new one")
+    parser.add_argument("--model", help="model to open a new session with (default: the server's default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _connection_options()
+    parser = argparse.ArgumentParser(prog="rnnserve-client", description=DESCRIPTION, epilog=EXAMPLES,
+                                     parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def command(name: str, run: Callable[[Client, argparse.Namespace], int], summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=summary, description=summary)
+        sub.set_defaults(run=run)
+        return sub
+
+    predict = command("predict", _predict, "show the most likely next tokens after TEXT")
+    predict.add_argument("text", metavar="TEXT", help="text to feed (a new session starts from nothing)")
+    _add_step_options(predict)
+    _add_session_options(predict)
+
+    generate = command("generate", _generate, "continue PROMPT, printing the text as the server generates it "
+                                               "(with --json: one object per token)")
+    generate.add_argument("prompt", metavar="PROMPT", nargs="?",
+                          help="text to feed first (optional with --session)")
+    generate.add_argument("--max-tokens", type=int, default=100, metavar="N",
+                          help="stop after N tokens (default 100)")
+    generate.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                          help="0 (the default) always takes the most likely token; higher samples more freely")
+    generate.add_argument("--top-k", type=int, default=None, metavar="K",
+                          help="sample only among the K most likely tokens")
+    generate.add_argument("--top-p", type=float, default=None, metavar="P",
+                          help="sample only among the most likely tokens whose probabilities reach P")
+    generate.add_argument("--seed", type=int, default=None, metavar="N",
+                          help="make a sampled continuation reproducible")
+    generate.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="stop once TEXT is generated (repeatable)")
+    _add_session_options(generate)
+
+    interact = command("interactive", _interactive,
+                       "show the top predictions as you type (with piped input: after each line)")
+    interact.add_argument("--top-k", type=int, default=3, metavar="K", help="how many candidates to show (default 3)")
+    interact.add_argument("--model", help="model to use (default: the server's default)")
+
+    summary = "create, inspect and close sessions by id"
+    sessions = commands.add_parser("sessions", parents=[common], help=summary, description=summary)
+    actions = sessions.add_subparsers(title="actions", metavar="ACTION", required=True)
+    create = actions.add_parser("create", parents=[common], help="open a session and print its id (left open)")
+    create.add_argument("--prompt", help="text to feed the new session")
+    create.add_argument("--ttl", type=int, help="idle seconds before it expires (default: the server's)")
+    create.add_argument("--model", help="model to run (default: the server's default)")
+    create.set_defaults(run=_session_create)
+    for name, run, summary in (("get", _session_get, "show a session's position and times"),
+                               ("close", _session_close, "close a session and free its state")):
+        action = actions.add_parser(name, parents=[common], help=summary)
+        action.add_argument("session", metavar="ID")
+        action.set_defaults(run=run)
+
+    models = command("models", _models, "list the loaded models, or describe one")
+    models.add_argument("name", metavar="NAME", nargs="?")
+
+    health = command("health", _health, "check the server's health (exit status 0 when SERVING)")
+    health.add_argument("--service", default="", help="a service name (default: the whole server)")
+    return parser
+
+
+def _show(args: argparse.Namespace, value: Any, as_text: Callable[[Any], str]) -> None:
+    print(render.as_json(value) if args.json else as_text(value))
+
+
+@contextmanager
+def _session(client: Client, args: argparse.Namespace) -> Iterator[Session]:
+    """The session named by --session (left open), or a new one closed afterwards."""
+    if args.session:
+        yield client.resume(args.session)
+    else:
+        with client.session(model=args.model) as session:
+            yield session
+
+
+def _predict(client: Client, args: argparse.Namespace) -> int:
+    with _session(client, args) as session:
+        _show(args, session.step(args.text, top_k=args.top_k, temperature=args.temperature), render.prediction_table)
+    return 0
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    if args.prompt and not args.json:
+        print(args.prompt, end="", flush=True)  # people read the continuation as part of the text
+    with _session(client, args) as session:
+        tokens = session.generate(args.max_tokens, tokens=args.prompt or None, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
+        for token in tokens:
+            if args.json:
+                print(render.as_json(token), flush=True)
+            else:
+                print(token.text, end="", flush=True)
+    if not args.json:
+        print()
+    return 0
+
+
+def _interactive(client: Client, args: argparse.Namespace) -> int:
+    interactive.run(client, top_k=args.top_k, model=args.model, json_lines=args.json)
+    return 0
+
+
+def _session_create(client: Client, args: argparse.Namespace) -> int:
+    session = client.session(args.prompt, ttl=args.ttl, model=args.model)
+    _show(args, session.info(), lambda info: info.id)  # the bare id, for SID=$(rnnserve-client sessions create)
+    return 0
+
+
+def _session_get(client: Client, args: argparse.Namespace) -> int:
+    _show(args, client.resume(args.session).info(), render.session_details)
+    return 0
+
+
+def _session_close(client: Client, args: argparse.Namespace) -> int:
+    session = client.resume(args.session)  # raises SessionNotFound: closing a wrong id must not pass silently
+    session.close()
+    _show(args, {"id": session.id, "closed": True}, lambda closed: f"closed {closed['id']}")
+    return 0
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    if args.name:
+        _show(args, client.model(args.name), render.model_details)
+    elif args.json:
+        print("\n".join(render.as_json(model) for model in client.models()))
+    else:
+        print(render.model_table(client.models()))
+    return 0
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    _show(args, {"status": status}, lambda health: health["status"])
+    return 0 if status == "SERVING" else 1
+
+
+def _client(args: argparse.Namespace) -> Client:
+    tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
+    tls = TLS.from_files(*tls_files) if any(tls_files) else args.tls
+    return Client(args.address, timeout=args.timeout, retries=args.retries, tls=tls, token=args.token)
+
+
+def _explain(error: RnnserveError, address: str) -> str:
+    """The server's message (which names the field and the limit), and a hint when there is no server."""
+    if isinstance(error, Unavailable) and error.reason is None:
+        return (f"error: {error}\n"
+                f"  is a server running at {address}? Start one with `rnnserve-server`, or pass --address.")
+    return f"error: {error}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _with_defaults(build_parser().parse_args(argv))
+    try:
+        with _client(args) as client:
+            status = args.run(client, args)
+    except RnnserveError as error:
+        sys.exit(_explain(error, args.address))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Where and how to reach the server: address, TLS, bearer token, deadline and retry policy.
+
+`Client` and `AsyncClient` differ only in the kind of channel they open; everything they are
+configured with lives here, so both read the same options the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from rnnserve.client.retry import RetryPolicy
+from rnnserve.v1 import rnnserve_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class TLS:
+    """PEM bytes for a TLS channel: `ca` overrides the system roots, `cert` and `key` enable mutual TLS."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def from_files(cls, ca: str | Path | None = None, cert: str | Path | None = None,
+                   key: str | Path | None = None) -> TLS:
+        def read(path: str | Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return cls(read(ca), read(cert), read(key))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Everything a client is configured with; a client owns one and never changes it."""
+
+    address: str = DEFAULT_ADDRESS
+    timeout: float | None = DEFAULT_TIMEOUT  # default deadline of every call, in seconds
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    tls: TLS | None = None
+    token: str | None = None  # sent as "authorization: Bearer <token>" on every call
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        # Plain metadata rather than call credentials, which grpc refuses to send over a
+        # plaintext channel: the token must also reach a local server without TLS.
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    @property
+    def _channel_options(self) -> list[tuple[str, int]]:
+        # Reconnect on the retry schedule: by default grpc waits a second before reconnecting to
+        # a server that refused, and a retry sent during that wait fails without trying.
+        return [("grpc.initial_reconnect_backoff_ms", int(self.retry.initial_backoff * 1000)),
+                ("grpc.max_reconnect_backoff_ms", int(self.retry.max_backoff * 1000))]
+
+    def channel(self, *, aio: bool) -> grpc.Channel | grpc.aio.Channel:
+        module = grpc.aio if aio else grpc
+        if self.tls is None:
+            return module.insecure_channel(self.address, self._channel_options)
+        return module.secure_channel(self.address, self.tls.credentials(), self._channel_options)
+
+    def call_options(self, timeout: float | None) -> dict:
+        """Keyword arguments for a stub call: its deadline (per-call override or default) and the token."""
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
+
+
+class ClientBase:
+    """What `Client` and `AsyncClient` share: their options, channel and stubs.
+
+    They differ only in how a call is awaited, so each defines its own call methods on top.
+    """
+
+    _aio = False
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = DEFAULT_TIMEOUT,
+                 retries: int = RetryPolicy.retries, tls: TLS | bool = False, token: str | None = None):
+        """Connect lazily to `address` (host:port); nothing is sent until the first call.
+
+        `timeout` is the default deadline of each call in seconds (every method takes its own
+        `timeout=` too); `retries` bounds how often a call that is safe to repeat is retried on
+        UNAVAILABLE; `tls=True` uses the system's root certificates, a `TLS` value custom or
+        mutual TLS; `token` is sent as a bearer token on every call.
+        """
+        self._connection = Connection(address, timeout, RetryPolicy(retries=retries),
+                                      TLS() if tls is True else tls or None, token)
+        self._channel = self._connection.channel(aio=self._aio)
+        self._inference = rnnserve_pb2_grpc.InferenceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -1,0 +1,66 @@
+"""How `rnnserve-client` shows results: plain text for people, one JSON object per line for programs.
+
+Tokens are single characters, often blanks or line breaks, so they are always shown quoted
+(`' '`, `'\\n'`): an invisible prediction would read as a bug.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+
+from rnnserve.client.types import ModelInfo, Prediction, SessionInfo
+
+
+def token(text: str) -> str:
+    return repr(text)
+
+
+def as_json(value: object) -> str:
+    """One line of JSON for a value from `rnnserve.client.types` (or a plain dict); times in ISO 8601."""
+    fields = value if isinstance(value, dict) else dataclasses.asdict(value)
+    return json.dumps(fields, ensure_ascii=False, default=datetime.isoformat)
+
+
+def prediction_table(prediction: Prediction) -> str:
+    rows = [f"{'rank':>4}  {'token':<8} {'probability':>11}  {'logprob':>8}  {'id':>5}"]
+    rows += [f"{rank:>4}  {token(c.text):<8} {c.probability:>11.2%}  {c.logprob:>8.3f}  {c.id:>5}"
+             for rank, c in enumerate(prediction.candidates, 1)]
+    return "\n".join(rows)
+
+
+def prediction_inline(prediction: Prediction) -> str:
+    """The candidates on one line, for showing beside what the user types."""
+    return "  ".join(f"{token(c.text)} {c.probability:.0%}" for c in prediction.candidates)
+
+
+def _local(moment: datetime) -> str:
+    return moment.astimezone().isoformat(sep=" ", timespec="seconds")
+
+
+def session_details(info: SessionInfo) -> str:
+    fields = {"id": info.id, "model": info.model, "position": info.position, "created": _local(info.created),
+              "last active": _local(info.last_active), "expires": _local(info.expires)}
+    return _key_values(fields)
+
+
+def model_table(models: list[ModelInfo]) -> str:
+    rows = [f"{'name':<24} {'version':<10} {'cell':<5} {'layers':>6} {'hidden':>6} {'vocab':>6}  default"]
+    rows += [f"{m.name:<24} {m.version:<10} {m.cell:<5} {m.layers:>6} {m.hidden_size:>6} {m.vocab_size:>6}  "
+             f"{'yes' if m.is_default else ''}" for m in models]
+    return "\n".join(rows)
+
+
+def model_details(model: ModelInfo) -> str:
+    fields = {"name": model.name, "version": model.version, "cell": model.cell, "layers": model.layers,
+              "hidden size": model.hidden_size, "embed size": model.embed_size, "vocab size": model.vocab_size,
+              "state bytes/session": model.state_bytes_per_session, "sha256": model.sha256,
+              "default": "yes" if model.is_default else "no",
+              **{f"metric {name}": f"{value:g}" for name, value in sorted(model.metrics.items())}}
+    return _key_values(fields)
+
+
+def _key_values(fields: dict[str, object]) -> str:
+    width = max(map(len, fields))
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in fields.items())

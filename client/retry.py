@@ -1,0 +1,39 @@
+"""When to try a call again: exponential backoff with jitter, on UNAVAILABLE only.
+
+UNAVAILABLE means the call may not have reached the server (no connection yet, or a server
+draining), so only calls that are harmless to repeat are retried: reads, closes, and steps
+that carry expected_position (the server answers an exact retry from its record instead of
+applying it twice). Every other code is the server's considered answer and is raised at once.
+Jitter keeps many clients that lost the same server from reconnecting in lockstep.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from rnnserve.client.errors import RnnserveError, Unavailable
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 4
+    initial_backoff: float = 0.2
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2  # each wait is scaled by a random factor in [1 - jitter, 1 + jitter]
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+
+    def backoff(self, attempt: int, error: RnnserveError, retry_safe: bool) -> float:
+        """Seconds to wait before repeating a call whose `attempt`-th try (from 0) failed with `error`.
+
+        Raises `error` when the call must not be repeated. A RetryInfo delay from the server is
+        a floor: it knows better than our schedule when it will have room again.
+        """
+        if not (retry_safe and isinstance(error, Unavailable) and attempt < self.retries):
+            raise error from None
+        backoff = min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt)
+        return max(backoff * random.uniform(1 - self.jitter, 1 + self.jitter), error.retry_after or 0.0)

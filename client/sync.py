@@ -1,0 +1,184 @@
+"""The synchronous client: blocking calls, for scripts, notebooks and threaded services.
+
+    with Client("127.0.0.1:50051") as client, client.session("To be, or not") as session:
+        print(session.prediction.best.text)
+        print(session.step(" to").candidates)
+        print("".join(token.text for token in session.generate(40, temperature=0.8, seed=1)))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from rnnserve.client import messages
+from rnnserve.client.connection import ClientBase
+from rnnserve.client.errors import RnnserveError, SessionNotFound, error_from_rpc, raising_rnnserve_errors
+from rnnserve.client.messages import DEFAULT_TOP_K, Tokens
+from rnnserve.client.session import SessionHandle, Target, answer, batch_request, batch_results, is_retry_safe, \
+    step_request
+from rnnserve.client.types import GeneratedToken, ModelInfo, Prediction, SessionInfo
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+
+class Client(ClientBase):
+    """A connection to an rnnserve server; use it as a context manager to close the channel."""
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _unary(self, method: Callable, request: Any, timeout: float | None, *, retry_safe: bool) -> Any:
+        """One call, retried on UNAVAILABLE with backoff when `retry_safe`; failures raise RnnserveError."""
+        for attempt in itertools.count():
+            try:
+                return method(request, **self._connection.call_options(timeout))
+            except grpc.RpcError as error:
+                time.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
+
+    def session(self, prompt: Tokens | None = None, *, ttl: int | None = None, model: str | None = None,
+                top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+                timeout: float | None = None) -> Session:
+        """Open a session, feeding `prompt` (text or token ids) if given; close it with `with` or `close()`.
+
+        Not retried: a lost answer would leave an unused session behind until its ttl (seconds)
+        runs out. `top_k` and `temperature` shape `session.prediction`, the one after the prompt.
+        """
+        request = messages.create_session(model, prompt, ttl, top_k, temperature)
+        created = self._unary(self._inference.CreateSession, request, timeout, retry_safe=False)
+        return Session._created(self, created)
+
+    def resume(self, session_id: str, *, timeout: float | None = None) -> Session:
+        """A session opened earlier (perhaps by another process), at the position the server reports."""
+        request = pb.GetSessionRequest(session_id=session_id)
+        return Session(self, self._unary(self._inference.GetSession, request, timeout, retry_safe=True))
+
+    def stream(self, *, timeout: float | None = None) -> StepStream:
+        """One bidirectional stream for the steps of any number of sessions, answered in order.
+
+        `timeout` bounds the stream's whole life; by default it has none, since a stream
+        usually lives as long as the conversation it carries.
+        """
+        return StepStream(self, timeout)
+
+    def step_batch(self, steps: Sequence[tuple[Target, Tokens]], *, top_k: int = DEFAULT_TOP_K,
+                   temperature: float | None = None, timeout: float | None = None) -> list[Prediction | RnnserveError]:
+        """One step for each (session, tokens) pair in one message; a failed step's error is returned at its index."""
+        request = batch_request(steps, top_k, temperature)
+        response = self._unary(self._inference.StepBatch, request, timeout,
+                               retry_safe=all(map(is_retry_safe, request.steps)))
+        return batch_results([target for target, _ in steps], response)
+
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        response = self._unary(self._inference.ListModels, pb.ListModelsRequest(), timeout, retry_safe=True)
+        return [ModelInfo.from_pb(model) for model in response.models]
+
+    def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        return ModelInfo.from_pb(self._unary(self._inference.GetModel, pb.GetModelRequest(name=name), timeout,
+                                              retry_safe=True))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The standard gRPC health status ("SERVING", "NOT_SERVING", ...); "" asks about the whole server."""
+        response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout,
+                               retry_safe=True)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class Session(SessionHandle):
+    """A session on the server, holding its hidden state between steps; closed on leaving `with`.
+
+    Drive one session from one thread at a time: each step expects the position the previous
+    one left, so two threads stepping it at once would see PositionMismatch, not interleaved text.
+    """
+
+    _client: Client
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def step(self, tokens: Tokens, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+             timeout: float | None = None) -> Prediction:
+        """Feed text or token ids (several are one prefill) and predict the next token."""
+        request = self._step_request(tokens, top_k, temperature)
+        return self._advance(self._client._unary(self._client._inference.Step, request, timeout,
+                                                 retry_safe=is_retry_safe(request)))
+
+    def generate(self, max_tokens: int, *, tokens: Tokens | None = None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: Sequence[str] = (), timeout: float | None = None) -> Iterator[GeneratedToken]:
+        """Continue the session on the server, yielding each token as it is chosen.
+
+        Greedy when `temperature` is 0; a `seed` makes a sampled continuation reproducible.
+        `tokens` are fed first. Not retried; stopping early cancels the generation.
+        """
+        request = self._generate_request(tokens, max_tokens, temperature, top_k, top_p, seed, stop)
+        call = self._client._inference.Generate(request, **self._client._connection.call_options(timeout))
+        with self._generation(call):
+            for response in call:
+                yield self._generated(response)
+
+    def info(self, *, timeout: float | None = None) -> SessionInfo:
+        request = pb.GetSessionRequest(session_id=self.id)
+        return SessionInfo.from_pb(self._client._unary(self._client._inference.GetSession, request, timeout,
+                                                       retry_safe=True))
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Free the session's state; one that is already gone (closed, expired, evicted) counts as closed."""
+        with contextlib.suppress(SessionNotFound):
+            self._client._unary(self._client._inference.CloseSession, pb.CloseSessionRequest(session_id=self.id),
+                                timeout, retry_safe=True)
+
+
+_END_OF_REQUESTS = object()
+
+
+class StepStream:
+    """Steps of one or several sessions over one Stream call; each `step` waits for its answer.
+
+    Not thread-safe: answers are matched to steps by order. A failed step raises the same
+    exception a unary step would, and the stream goes on.
+    """
+
+    def __init__(self, client: Client, timeout: float | None):
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._responses = client._inference.Stream(iter(self._requests.get, _END_OF_REQUESTS), timeout=timeout,
+                                                   metadata=client._connection.metadata)
+
+    def __enter__(self) -> StepStream:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._responses.cancel()
+
+    def step(self, target: Target, tokens: Tokens, *, top_k: int = DEFAULT_TOP_K,
+             temperature: float | None = None) -> Prediction:
+        """Feed `tokens` to `target` (a Session, whose position is tracked, or a session id)."""
+        self._requests.put(step_request(target, tokens, top_k, temperature))
+        with raising_rnnserve_errors():
+            response = next(self._responses)
+        return answer(target, response)
+
+    def close(self) -> None:
+        """Stop sending and wait for the server to end the stream."""
+        self._requests.put(_END_OF_REQUESTS)
+        with raising_rnnserve_errors():
+            for _ in self._responses:
+                pass

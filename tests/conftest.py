@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random-weight bundles of every cell, and real servers on loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from rnnserve.bundle import Bundle
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import rnnserve_pb2_grpc
+from serving import CELLS, RunningServer, Unbatched, build_tiny_bundle
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Bundle]:
+    root = tmp_path_factory.mktemp("bundles")
+    return {cell: build_tiny_bundle(cell, root / cell) for cell in CELLS}
+
+
+@pytest.fixture(scope="session")
+def bundle(bundles: dict[str, Bundle]) -> Bundle:
+    return bundles["lstm"]
+
+
+@pytest.fixture(params=CELLS)
+def any_bundle(request: pytest.FixtureRequest, bundles: dict[str, Bundle]) -> Bundle:
+    """Each cell's bundle in turn."""
+    return bundles[request.param]
+
+
+@pytest.fixture
+def start_server(bundle: Bundle) -> Iterator[Callable[..., RunningServer]]:
+    """Start servers with settings overrides (and optionally another bundle); all stop at teardown."""
+    started: list[RunningServer] = []
+
+    def start(serve: Bundle | None = None, **overrides) -> RunningServer:
+        running = RunningServer(serve or bundle, Settings(listen="127.0.0.1:0", **overrides))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_server(bundle: Bundle) -> Iterator[RunningServer]:
+    """One server with default settings for the tests that need nothing special."""
+    running = RunningServer(bundle, Settings(listen="127.0.0.1:0"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(shared_server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(shared_server.address) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel) -> rnnserve_pb2_grpc.InferenceStub:
+    return rnnserve_pb2_grpc.InferenceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def unbatched() -> type[Unbatched]:
+    return Unbatched

@@ -1,0 +1,167 @@
+"""Test helpers: tiny bundles, a real server on a loopback port, and an unbatched reference.
+
+A server runs in its own event loop on a background thread, exactly as `rnnserve-server`
+runs it, so tests talk to it through real gRPC channels from the main thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from rnnserve.bundle import Bundle
+from rnnserve.server.app import Server, create_server
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+CELLS = ("lstm", "gru", "rnn")
+TINY_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789,;:!?'\n"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on at this moment: for peers that cannot bind port 0 and say which."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def build_tiny_bundle(cell: str, out_dir: Path) -> Bundle:
+    """A 2-layer, 16-unit model with random weights from a fixed seed: fast to export and to run."""
+    import torch
+
+    from rnnserve.export.export import export_bundle
+    from rnnserve.export.model import ModelConfig, RecurrentLM
+    from rnnserve.vocab import Vocabulary
+
+    torch.manual_seed(1234)
+    vocab = Vocabulary.from_text(TINY_TEXT)
+    model = RecurrentLM(ModelConfig(cell, len(vocab), embed_size=8, hidden_size=16, layers=2))
+    return export_bundle(model, vocab, out_dir, name=f"tiny-{cell}", version="test")
+
+
+class RunningServer:
+    """A started server, its address, and a way to run coroutines on its event loop."""
+
+    def __init__(self, bundle: Bundle, settings: Settings):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="rnnserve-test-server", daemon=True)
+        self._thread.start()
+        self.server, self.port = self.run(self._start(settings, bundle))
+        self.address = f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    async def _start(settings: Settings, bundle: Bundle) -> tuple[Server, int]:
+        server, port = create_server(settings, bundle)
+        await server.start()
+        return server, port
+
+    def run(self, coroutine, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def engine(self):
+        return self.server.engine
+
+    def stop(self, grace: float = 0.0) -> None:
+        self.run(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class Unbatched:
+    """In-process onnxruntime at batch 1 with the state carried by hand: the reference for served predictions."""
+
+    def __init__(self, bundle: Bundle):
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self._session = ort.InferenceSession(str(bundle.graph_path), providers=["CPUExecutionProvider"])
+        self._outputs = [bundle.logits_output, *(s.output for s in bundle.states)]
+        self.states = [np.zeros((1, *s.row_shape), np.float32) for s in bundle.states]  # [1, layers, hidden] each
+        self.logits = np.zeros(len(bundle.vocab), np.float32)  # [vocab] after the last token read
+
+    def feed(self, tokens) -> None:
+        feed = {self.bundle.tokens_input: np.asarray(tokens, np.int64)[None, :],
+                **{s.input: v for s, v in zip(self.bundle.states, self.states)}}
+        logits, *self.states = self._session.run(self._outputs, feed)
+        self.logits = logits[0, -1]
+
+    def top_k(self, k: int, temperature: float = 1.0) -> tuple[list[int], np.ndarray]:
+        """Ids of the k most likely next tokens, most likely first, and their probabilities (float64)."""
+        scaled = self.logits.astype(np.float64) / temperature
+        probabilities = np.exp(scaled - scaled.max())
+        probabilities /= probabilities.sum()
+        ids = np.argsort(-probabilities, kind="stable")[:k]
+        return ids.tolist(), probabilities[ids]
+
+
+def error_details(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None, list[str]]:
+    """The ErrorInfo of a failed call (None without one) and the fields its BadRequest names."""
+    status = rpc_status.from_call(error)  # None when the status has no details
+    return (None, []) if status is None else status_details(status)
+
+
+def status_details(status) -> tuple[error_details_pb2.ErrorInfo | None, list[str]]:
+    """As `error_details`, for a google.rpc.Status (an in-band StepResponse.error)."""
+    info, fields = None, []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            fields += [violation.field for violation in bad_request.field_violations]
+    return info, fields
+
+
+# Calls through the generated stubs -----------------------------------------------------------------
+
+def create(stub, **fields) -> str:
+    return stub.CreateSession(pb.CreateSessionRequest(**fields)).session.session_id
+
+
+def position(stub, session_id: str) -> int:
+    return stub.GetSession(pb.GetSessionRequest(session_id=session_id)).position
+
+
+def assert_prediction(prediction, reference: Unbatched, k: int = 5, temperature: float = 1.0) -> None:
+    """The served top-k ids equal the reference's, and their probabilities agree within 1e-5."""
+    ids, probabilities = reference.top_k(k, temperature)
+    assert list(prediction.token_ids) == ids
+    np.testing.assert_allclose(prediction.probabilities, probabilities, atol=1e-5)
+
+
+def assert_fails(call, code, reason=None, field=None):
+    """`call` fails with `code`, the ErrorInfo `reason` and a BadRequest naming `field`."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == code, caught.value.details()
+    info, fields = error_details(caught.value)
+    if reason is not None:
+        assert info is not None and info.reason == reason and info.domain == "rnnserve"
+    if field is not None:
+        assert field in fields and field in caught.value.details()
+    return caught.value, info
+
+
+def slow_model(running, seconds: float) -> None:
+    """Make every model call of a running server take `seconds` longer."""
+    runtime = running.engine.batcher.runtime
+    run = runtime.run
+
+    def slow_run(*args):
+        time.sleep(seconds)
+        return run(*args)
+
+    runtime.run = slow_run

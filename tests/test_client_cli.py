@@ -1,0 +1,131 @@
+"""`rnnserve-client` as a user runs it: the installed command, in a subprocess, against the real server."""
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from serving import free_port
+
+COMMAND = str(Path(sys.executable).with_name("rnnserve-client"))
+
+
+@pytest.fixture
+def address(shared_server):
+    return shared_server.address
+
+
+@pytest.fixture
+def cli(address):
+    """Run the command with the server's address in RNNSERVE_ADDRESS, as a user's shell would have it."""
+    def run(*args: str, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:
+        env = {**os.environ, "RNNSERVE_ADDRESS": address}
+        done = subprocess.run([COMMAND, *args], input=stdin, capture_output=True, text=True, env=env, timeout=60)
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+    return run
+
+
+def test_predict_prints_a_table_and_json(cli):
+    table = cli("predict", "the king", "--top-k", "3").stdout.splitlines()
+    assert table[0].split() == ["rank", "token", "probability", "logprob", "id"] and len(table) == 4
+    answer = json.loads(cli("--json", "predict", "the king", "--top-k", "3").stdout)
+    assert answer["position"] == 8 and len(answer["candidates"]) == 3
+    assert [c["id"] for c in answer["candidates"]] == [int(row.split()[-1]) for row in table[1:]]
+
+
+def test_generate_streams_a_reproducible_continuation(cli):
+    args = ("generate", "the king", "--max-tokens", "15", "--temperature", "1", "--seed", "4")
+    text = cli(*args).stdout
+    assert text == cli(*args).stdout and text.startswith("the king") and len(text) == 8 + 15 + 1  # and a line break
+    tokens = [json.loads(line) for line in cli("--json", *args).stdout.splitlines()]
+    assert "the king" + "".join(t["text"] for t in tokens) + "\n" == text
+    assert tokens[-1]["finish_reason"] == "length" and tokens[-1]["position"] == 8 + 15
+
+
+def test_sessions_create_get_predict_close(cli):
+    session_id = cli("sessions", "create", "--prompt", "the").stdout.strip()
+    assert json.loads(cli("sessions", "get", session_id, "--json").stdout)["position"] == 3
+    assert json.loads(cli("predict", " king", "--session", session_id, "--json").stdout)["position"] == 8
+    assert "position     8" in cli("sessions", "get", session_id).stdout
+    assert cli("sessions", "close", session_id).stdout.strip() == f"closed {session_id}"
+    gone = cli("sessions", "close", session_id, check=False)
+    assert gone.returncode == 1 and "SESSION_NOT_FOUND" in gone.stderr
+
+
+def test_models_and_health(cli, bundle):
+    assert bundle.name in cli("models").stdout
+    assert json.loads(cli("models", "--json").stdout)["name"] == bundle.name
+    assert json.loads(cli("models", bundle.name, "--json").stdout)["vocab_size"] == len(bundle.vocab)
+    assert cli("health").stdout.strip() == "SERVING"
+    assert json.loads(cli("--json", "health").stdout) == {"status": "SERVING"}
+
+
+def test_errors_name_the_field_and_exit_nonzero(cli):
+    refused = cli("predict", "the", "--top-k", "1000000", check=False)
+    assert refused.returncode == 1
+    assert "INVALID_ARGUMENT" in refused.stderr and "top_k" in refused.stderr
+
+
+def test_unreachable_server_gets_a_hint(cli):
+    address = f"127.0.0.1:{free_port()}"
+    down = cli("--address", address, "--retries", "0", "health", check=False)
+    assert down.returncode == 1 and f"is a server running at {address}?" in down.stderr
+
+
+def test_interactive_with_piped_lines(cli):
+    lines = cli("interactive", stdin="the\nking\n").stdout.splitlines()
+    assert [line.split("  →  ")[0] for line in lines] == ["'the'", "'the\\nking'"]
+    answers = [json.loads(line) for line in cli("interactive", "--json", stdin="the\nking\n").stdout.splitlines()]
+    assert [a["position"] for a in answers] == [3, 8]
+
+
+def _read_until(fd: int, needle: bytes, seconds: float = 20) -> bytes:
+    seen, deadline = b"", time.monotonic() + seconds
+    while needle not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            seen += os.read(fd, 4096)
+    assert needle in seen, seen
+    return seen
+
+
+def _exit_status(pid: int, seconds: float = 20) -> int | None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    return None
+
+
+@pytest.mark.parametrize("quit_key", [b"\x04", b"\x03"], ids=["ctrl-d", "ctrl-c"])
+def test_interactive_on_a_terminal_redraws_each_key(address, quit_key):
+    # pty.fork makes the terminal the child's controlling terminal, so Ctrl-C sends it SIGINT.
+    pid, main = pty.fork()
+    if pid == 0:
+        try:
+            os.execve(COMMAND, [COMMAND, "interactive"], {**os.environ, "RNNSERVE_ADDRESS": address})
+        finally:
+            os._exit(127)
+    status = None
+    try:
+        _read_until(main, b"Ctrl-D")
+        for key, shown in ((b"t", "t"), (b"h", "th"), (b"x", "thx"), (b"\x7f", "th"), (b"\r", "th⏎")):
+            os.write(main, key)
+            _read_until(main, f"\x1b[K{shown}  →  '".encode())  # the line redrawn, predictions after the arrow
+        os.write(main, quit_key)
+        status = _exit_status(pid)
+        assert status == 0
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(main)
