@@ -1,0 +1,66 @@
+"""The gRPC server: the Inference servicer with the stock health and reflection services.
+
+`create_server` returns the server and the port it bound (pass port 0 for an ephemeral one);
+`Server.stop` drains in order: health goes NOT_SERVING, new work is refused UNAVAILABLE, calls
+in flight get the grace period, then the engine's background tasks stop.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rnnserve.bundle import Bundle, default_bundle_path, load_bundle
+from rnnserve.server import auth, tls, wire
+from rnnserve.server.convert import RequestReader, ResponseWriter
+from rnnserve.server.engine import Engine
+from rnnserve.server.guard import Guarded
+from rnnserve.server.servicer import InferenceServicer
+from rnnserve.server.settings import Settings
+
+SERVICE_NAME = wire.SERVICE.full_name
+
+
+class Server:
+    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer):
+        self.grpc_server = grpc_server
+        self.engine = engine
+        self.health = health_servicer
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.grpc_server.start()
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None) -> None:
+        self.engine.drain()
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        await self.engine.stop()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Server, int]:
+    """Build the server for `settings` (loading its bundle unless one is given) and bind its port.
+
+    Call it inside the event loop that will run the server.
+    """
+    bundle = bundle or load_bundle(settings.bundle or default_bundle_path())
+    engine = Engine(bundle, settings)
+    # Health and reflection stay open to callers without a token: probes have none, and reflection
+    # describes only the schema, which ships with the client anyway.
+    open_services = (health.SERVICE_NAME, reflection.SERVICE_NAME)
+    # Without SO_REUSEPORT a second server on a busy port fails to start instead of silently sharing it.
+    grpc_server = grpc.aio.server(interceptors=auth.interceptors(settings.auth_tokens_file, open_services),
+                                  options=[("grpc.so_reuseport", 0),
+                                           ("grpc.max_receive_message_length", settings.max_message_bytes)])
+    servicer = InferenceServicer(engine, RequestReader(bundle, settings), ResponseWriter(bundle))
+    wire.add_to_server(Guarded(wire.Parsed(servicer)), grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server)
+    port = tls.add_port(grpc_server, settings)
+    return Server(grpc_server, engine, health_servicer), port

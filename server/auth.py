@@ -1,0 +1,133 @@
+"""Who is calling: bearer tokens checked in constant time, or the TLS client certificate.
+
+Sessions belong to the identity that created it (`caller`), so the identity must never be the
+secret itself: a token file line is `TOKEN [NAME]`, and the identity is NAME, or a short hash of
+the token when the line has none. Tokens are compared as SHA-256 digests with
+`hmac.compare_digest` against every configured token, all of them, so that neither where a
+match is in the file nor how long the presented token is shows in the time taken.
+
+The check runs once per call in `TokenAuthentication`, a server interceptor, for every service
+except the ones left open (health, for probes; reflection, which describes only the public
+schema), so that no method of ours can be left unchecked by forgetting it. The interceptor runs
+in the call's own task, before the handler, so it hands the identity on in a context variable.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from pathlib import Path
+
+import grpc
+
+MIN_TOKEN_CHARS = 16  # a shorter token is guessable, which is no authentication
+UNAUTHENTICATED_MESSAGE = "missing or unknown bearer token: send metadata 'authorization: Bearer <token>'"
+
+_token_identity: contextvars.ContextVar[str] = contextvars.ContextVar("rnnserve_token_identity")
+
+
+class TokensFileError(ValueError):
+    """The tokens file cannot be used; the message names the file and the line."""
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Tokens:
+    """The configured bearer tokens (as digests) and the identity each one stands for."""
+
+    def __init__(self, identities: Sequence[tuple[str, str]]):
+        """`identities`: (token, identity) pairs; several tokens may share one identity (rotation)."""
+        self._digests = [(_digest(token), identity) for token, identity in identities]
+
+    @classmethod
+    def from_file(cls, path: Path) -> Tokens:
+        """Read `TOKEN [NAME]` lines; blank lines and lines starting with '#' are skipped."""
+        pairs: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            where = f"{path}, line {number}"
+            if len(words) > 2:
+                raise TokensFileError(f"{where}: expected 'TOKEN [NAME]', got {len(words)} words")
+            token = words[0]
+            if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable():
+                raise TokensFileError(f"{where}: a token needs at least {MIN_TOKEN_CHARS} printable ASCII characters")
+            if token in seen:
+                raise TokensFileError(f"{where}: the same token appears twice")
+            seen.add(token)
+            pairs.append((token, words[1] if len(words) == 2 else f"token-{_digest(token).hex()[:12]}"))
+        if not pairs:
+            raise TokensFileError(f"{path}: no tokens (one 'TOKEN [NAME]' per line)")
+        return cls(pairs)
+
+    def identify(self, token: str | None) -> str | None:
+        """The identity of `token`, None for an unknown or missing one; the time taken reveals neither."""
+        presented = _digest(token or "")
+        identity = None
+        for digest, name in self._digests:  # every token, never stopping at a match
+            if hmac.compare_digest(presented, digest):
+                identity = name
+        return identity
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+    """The token of the call's `authorization: Bearer <token>` metadata, None without one."""
+    for key, value in metadata:
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+async def _refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
+# A refusal of the same kind as the method it replaces, so that grpc reads no request of a stream first.
+_REFUSALS = {(False, False): grpc.unary_unary_rpc_method_handler(_refuse),
+             (False, True): grpc.unary_stream_rpc_method_handler(_refuse),
+             (True, False): grpc.stream_unary_rpc_method_handler(_refuse),
+             (True, True): grpc.stream_stream_rpc_method_handler(_refuse)}
+
+
+class TokenAuthentication(grpc.aio.ServerInterceptor):
+    """Refuse calls without a known bearer token UNAUTHENTICATED, except to the open services."""
+
+    def __init__(self, tokens: Tokens, open_services: Collection[str]):
+        self._tokens = tokens
+        self._open = frozenset(open_services)
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        service = details.method.rpartition("/")[0].lstrip("/")
+        if handler is None or service in self._open:
+            return handler
+        identity = self._tokens.identify(bearer_token(details.invocation_metadata or ()))
+        if identity is None:
+            return _REFUSALS[handler.request_streaming, handler.response_streaming]
+        _token_identity.set(identity)
+        return handler
+
+
+def interceptors(tokens_file: Path | None, open_services: Collection[str]) -> list[grpc.aio.ServerInterceptor]:
+    """The server's interceptors: token authentication when a tokens file is configured."""
+    return [] if tokens_file is None else [TokenAuthentication(Tokens.from_file(tokens_file), open_services)]
+
+
+def caller(context: grpc.aio.ServicerContext) -> str:
+    """Who owns the sessions this call creates: the token's identity when tokens are checked,
+    else the TLS client certificate's (grpc's peer identity: its SANs, or its CN without any),
+    else "" for anonymous callers."""
+    identity = _token_identity.get(None)
+    if identity is not None:
+        return identity
+    identities = context.peer_identities()
+    return b",".join(identities).decode() if identities else ""

@@ -1,0 +1,312 @@
+"""The batcher: steps of many sessions, run as few model calls, each session's steps in order.
+
+A step joins its session's line (`lines.Line`); once first in line it is checked against the
+session (still there? at the expected position?) and queued. The scheduling loop takes queued
+steps up to the maximum batch size, or after the maximum queue delay, and runs them as one
+model call in a worker thread, so the event loop never waits on the model. Only after the
+call has succeeded are the results committed: new state scattered into the pool, positions
+advanced, answers set; a failed call commits nothing. A session is in a batch at most once,
+because its next step is admitted only when the previous one has been committed.
+
+Prefills of different lengths run in different calls: the queue is kept per step length and
+a call takes the steps of one length, the length whose oldest step has waited longest. The
+graph has no mask, so padding would feed pad tokens into the state; steps of equal length
+batch exactly, and single-token steps (the hot path) are all of one length.
+
+Each call reports a `BatchReport` to `on_batch`, the seam where metrics are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.server.errors import RnnserveError, ServerFault
+from rnnserve.server.prediction import Prediction, TopK, top_k
+from rnnserve.server.runtime import RunResult, Runtime
+from rnnserve.server.sessions import Session
+from rnnserve.server.state_pool import StatePool
+
+NEXT_LOGITS = "next_logits"  # the pool's row for the prediction after a session's last token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StepAnswer:
+    position: int  # the session's position after the step
+    prediction: Prediction
+
+
+@dataclass(eq=False, slots=True)
+class Step:
+    session: Session
+    tokens: np.ndarray  # [time] int64
+    top_k: int
+    temperature: float
+    expected_position: int | None
+    deadline: float | None  # time.monotonic() after which the step must not be applied
+    future: asyncio.Future[StepAnswer]
+    held: bool  # sent under a Hold, which owns the session's line
+    queued_at: float = 0.0  # time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    """One model call, for metrics."""
+
+    steps: int
+    tokens: int  # steps x step length
+    queue_wait_seconds: float  # how long the oldest step in the call waited in the queue
+    run_seconds: float  # inside onnxruntime
+    compute_seconds: float  # in the worker thread: gather, run, top-k
+    applied: int  # steps committed; the others were cancelled or past their deadline while running
+    failed: bool = False
+
+
+def row_limit(max_batch_size: int, max_batch_tokens: int, length: int) -> int:
+    """Steps of `length` tokens in one call: at most max_batch_size, and their tokens within max_batch_tokens."""
+    return max(1, min(max_batch_size, max_batch_tokens // length))
+
+
+class Batcher:
+    def __init__(self, runtime: Runtime, pool: StatePool, *, max_batch_size: int, max_batch_tokens: int,
+                 max_queue_delay_seconds: float, on_batch: Callable[[BatchReport], None] | None = None):
+        self.runtime = runtime
+        self.pool = pool
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_delay_seconds = max_queue_delay_seconds
+        self.on_batch = on_batch
+        self._state_names = [s.name for s in runtime.bundle.states]
+        self._queues: dict[int, deque[Step]] = {}  # by step length
+        self._queued = 0
+        self._wakeup: asyncio.Future[None] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rnnserve-model")
+
+    @staticmethod
+    def pool_rows(runtime: Runtime) -> dict[str, tuple[int, ...]]:
+        """The rows a session needs in the pool: its recurrent state and its next-token logits."""
+        rows = {s.name: s.row_shape for s in runtime.bundle.states}
+        rows[NEXT_LOGITS] = (len(runtime.bundle.vocab),)
+        return rows
+
+    # Taking work -------------------------------------------------------------------------------
+
+    def submit(self, session: Session, tokens: np.ndarray, top_k: int, temperature: float,
+               expected_position: int | None = None, deadline: float | None = None) -> asyncio.Future[StepAnswer]:
+        """Queue a step behind the session's earlier work; the future holds its answer or its error.
+
+        Cancelling the future before the step is committed withdraws it: nothing is applied.
+        """
+        step = Step(session, tokens, top_k, temperature, expected_position, deadline,
+                    asyncio.get_running_loop().create_future(), held=False)
+        if session.line.enter(step):
+            self._admit(session, step)
+        return step.future
+
+    async def hold(self, session: Session) -> Hold:
+        """Wait for the session's earlier work, then own it until `Hold.release`."""
+        granted = asyncio.get_running_loop().create_future()
+        if not session.line.enter(granted):
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if not granted.cancelled():  # granted just as the caller gave up: pass it on
+                    self._leave(session)
+                raise
+        return Hold(self, session)
+
+    def _admit(self, session: Session, item: Step | asyncio.Future | None) -> None:
+        """Start `item`, now first in the session's line; what finishes at once lets the next one in."""
+        while item is not None and not self._start(session, item):
+            item = session.line.leave()
+
+    def _start(self, session: Session, item: Step | asyncio.Future) -> bool:
+        """True when `item` now occupies the session: a step queued for the model or a hold granted."""
+        if isinstance(item, asyncio.Future):
+            if item.done():  # a hold its caller stopped waiting for
+                return False
+            item.set_result(None)
+            return True
+        if item.future.done():  # cancelled while it waited
+            return False
+        try:
+            session.ensure_live()
+            if item.expected_position is not None and item.expected_position != session.position:
+                item.future.set_result(session.replay(item.expected_position, item.tokens))
+                return False
+        except RnnserveError as error:
+            item.future.set_exception(error)
+            return False
+        self._enqueue(item)
+        return True
+
+    def _enqueue(self, step: Step) -> None:
+        step.queued_at = time.monotonic()
+        queue = self._queues.get(len(step.tokens))
+        if queue is None:
+            queue = self._queues[len(step.tokens)] = deque()
+        queue.append(step)
+        self._queued += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _leave(self, session: Session) -> None:
+        self._admit(session, session.line.leave())
+
+    def _finish(self, step: Step) -> None:
+        if not step.held:
+            self._leave(step.session)
+
+    # Scheduling --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The scheduling loop: take a batch, compute it off the loop, commit it. Cancel the task to stop."""
+        try:
+            while True:
+                batch = await self._next_batch()
+                await self._run_batch(batch)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _next_batch(self) -> list[Step]:
+        loop = asyncio.get_running_loop()
+        while True:
+            delay = None  # wait for the next step
+            if self._queued:
+                delay = self._fill_delay()
+                if delay <= 0:
+                    batch = self._take()
+                    if batch:
+                        return batch
+                    continue
+            self._wakeup = loop.create_future()
+            timer = loop.call_later(delay, self._wake) if delay else None
+            try:
+                await self._wakeup
+            finally:
+                if timer:
+                    timer.cancel()
+
+    def _fill_delay(self) -> float:
+        """Seconds to wait for more steps before running what is queued."""
+        if not self.max_queue_delay_seconds or self._queued >= self.max_batch_size:
+            return 0.0
+        oldest = min(queue[0].queued_at for queue in self._queues.values())
+        return oldest + self.max_queue_delay_seconds - time.monotonic()
+
+    def _take(self) -> list[Step]:
+        """Up to a call's worth of queued steps of one length, oldest length first, skipping withdrawn ones."""
+        length, queue = (next(iter(self._queues.items())) if len(self._queues) == 1 else
+                         min(self._queues.items(), key=lambda item: item[1][0].queued_at))
+        rows = row_limit(self.max_batch_size, self.max_batch_tokens, length)
+        now = time.monotonic()
+        batch = []
+        while queue and len(batch) < rows:
+            step = queue.popleft()
+            self._queued -= 1
+            if step.deadline is not None and step.deadline <= now:
+                step.future.cancel()
+            if step.future.done():
+                self._finish(step)  # may queue the session's next step, possibly into this very batch
+            else:
+                batch.append(step)
+        if not queue:
+            del self._queues[length]
+        return batch
+
+    async def _run_batch(self, batch: list[Step]) -> None:
+        slots = np.fromiter((step.session.slot for step in batch), np.intp, len(batch))
+        tokens = np.stack([step.tokens for step in batch])  # [batch, time]
+        k = max(step.top_k for step in batch)
+        temperatures = np.fromiter((step.temperature for step in batch), np.float32, len(batch))  # [batch]
+        queue_wait = time.monotonic() - min(step.queued_at for step in batch)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            result, top = await loop.run_in_executor(self._executor, self._compute, slots, tokens, k, temperatures)
+        except Exception:
+            log.exception("a model call of %d steps failed; none of them was applied", len(batch))
+            self._fail(batch)
+            self._report(BatchReport(len(batch), tokens.size, queue_wait, 0.0, time.perf_counter() - started, 0, True))
+            return
+        compute_seconds = time.perf_counter() - started
+        applied = self._commit(batch, slots, result, top, k)
+        self._report(BatchReport(len(batch), tokens.size, queue_wait, result.seconds, compute_seconds, applied))
+
+    def _compute(self, slots: np.ndarray, tokens: np.ndarray, k: int,
+                 temperatures: np.ndarray) -> tuple[RunResult, TopK]:
+        """In the worker thread. Reading rows here is safe: rows of sessions in a running batch change
+        only in `_commit`, which runs on the loop after this returns."""
+        states = self.pool.gather(self._state_names, slots)  # [batch, layers, hidden] each
+        result = self.runtime.run(tokens, states)
+        return result, top_k(result.next_logits, k, 1.0 / temperatures)
+
+    def _commit(self, batch: list[Step], slots: np.ndarray, result: RunResult, top: TopK, k: int) -> int:
+        """Apply what ran, except steps withdrawn meanwhile; answer each step and admit its session's next."""
+        now = time.monotonic()
+        live = [not step.future.done() and (step.deadline is None or now < step.deadline) for step in batch]
+        values = (*result.states, result.next_logits)
+        if all(live):
+            self.pool.scatter([*self._state_names, NEXT_LOGITS], slots, values)
+        else:
+            mask = np.array(live)
+            self.pool.scatter([*self._state_names, NEXT_LOGITS], slots[mask], [value[mask] for value in values])
+        for step, is_live, prediction in zip(batch, live, top.rows()):
+            if is_live:
+                if step.top_k < k:
+                    prediction = Prediction(*(column[: step.top_k] for column in prediction))
+                answer = StepAnswer(step.session.position + len(step.tokens), prediction)
+                step.session.advance(step.tokens, answer, now)
+                step.future.set_result(answer)
+            else:
+                step.future.cancel()
+            self._finish(step)
+        return sum(live)
+
+    def _fail(self, batch: list[Step]) -> None:
+        for step in batch:
+            if not step.future.done():
+                step.future.set_exception(ServerFault("the model call failed; nothing was applied, retry the step"))
+            self._finish(step)
+
+    def _report(self, report: BatchReport) -> None:
+        if self.on_batch is not None:
+            self.on_batch(report)
+
+
+class Hold:
+    """Exclusive use of a session for work of several steps (a generation, a close).
+
+    Steps sent through the hold skip the session's line, which the hold occupies; other work on
+    the session waits for `release`, which itself waits for the hold's last step to settle.
+    """
+
+    def __init__(self, batcher: Batcher, session: Session):
+        self._batcher = batcher
+        self.session = session
+        self._last: asyncio.Future[StepAnswer] | None = None
+
+    def submit(self, tokens: np.ndarray, top_k: int = 1, temperature: float = 1.0) -> asyncio.Future[StepAnswer]:
+        step = Step(self.session, tokens, top_k, temperature, None, None,
+                    asyncio.get_running_loop().create_future(), held=True)
+        self._batcher._enqueue(step)
+        self._last = step.future
+        return step.future
+
+    def release(self) -> None:
+        if self._last is None or self._last.done():
+            self._batcher._leave(self.session)
+        else:
+            self._last.add_done_callback(lambda _: self._batcher._leave(self.session))

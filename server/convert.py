@@ -1,0 +1,190 @@
+"""Protobuf to engine inputs and back. Caller input is checked here, before any step joins a batch.
+
+Every mistake a caller can make in a request is an InvalidArgument naming the field and its
+limit, raised before anything is queued, so that a batch can only fail for a server fault.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from rnnserve.bundle import Bundle
+from rnnserve.server.batcher import StepAnswer
+from rnnserve.server.engine import CreateInput, GenerateInput, StepInput
+from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.generate import Finish, GeneratedToken
+from rnnserve.server.sampling import SamplingParams
+from rnnserve.server.sessions import Session
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+DEFAULT_TOP_K = 5
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 64
+# Up to this many ids, copying them one by one beats protobuf's conversion to an array, which has a fixed cost
+# several times that of a single step's other checks; past it, the array conversion wins.
+FEW_IDS = 64
+# Session ids (22 characters) and model names come back in NOT_FOUND messages and ErrorInfo; quoting an unbounded
+# one would let a small request make the server send trailers larger than clients accept (16 KiB by default).
+MAX_NAME_CHARS = 128
+FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
+                  Finish.STOP: pb.FINISH_REASON_STOP}
+
+
+class RequestReader:
+    """Requests of the Inference service, checked against the model and the server's limits."""
+
+    def __init__(self, bundle: Bundle, settings: Settings):
+        self.vocab = bundle.vocab
+        self.settings = settings
+
+    @staticmethod
+    def session_id(value: str) -> str:
+        if not value:
+            raise InvalidArgument("session_id", "required")
+        return _quotable("session_id", value)
+
+    @staticmethod
+    def model_name(value: str, field: str = "name") -> str:
+        """A model name; "" selects the default."""
+        return _quotable(field, value)
+
+    def step(self, request: pb.StepRequest) -> StepInput:
+        tokens = self._tokens(request.token_ids, request.text, ("token_ids", "text"))
+        if tokens is None:
+            raise InvalidArgument("token_ids", "give token_ids or text: a step reads at least one token")
+        return StepInput(tokens, self._top_k(request.top_k), self._temperature(request.temperature),
+                         self._expected_position(request))
+
+    def create(self, request: pb.CreateSessionRequest) -> CreateInput:
+        if request.ttl_seconds > self.settings.max_ttl_seconds:
+            raise InvalidArgument("ttl_seconds", f"at most {self.settings.max_ttl_seconds} "
+                                                 f"(0 means the default, {self.settings.default_ttl_seconds})")
+        tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
+        prompt = None if tokens is None else StepInput(tokens, self._top_k(request.top_k),
+                                                       self._temperature(request.temperature))
+        return CreateInput(self.model_name(request.model, "model"), request.ttl_seconds, prompt)
+
+    def generate(self, request: pb.GenerateRequest) -> GenerateInput:
+        limit = self.settings.max_generate_tokens
+        if not 1 <= request.max_tokens <= limit:
+            raise InvalidArgument("max_tokens", f"must be in [1, {limit}]")
+        if request.temperature and not 0.0 < request.temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument("temperature", f"must be in (0, {MAX_TEMPERATURE:g}] (0 means greedy)")
+        if request.top_k > len(self.vocab):
+            raise InvalidArgument("top_k", f"at most the vocabulary size, {len(self.vocab)} (0 means no limit)")
+        if request.top_p and not 0.0 < request.top_p <= 1.0:
+            raise InvalidArgument("top_p", "must be in (0, 1] (0 means 1, no limit)")
+        if len(request.stop) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in request.stop):
+            raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters")
+        sampling = SamplingParams(request.temperature, request.top_k, request.top_p or 1.0,
+                                  request.seed if request.HasField("seed") else None)
+        return GenerateInput(self._tokens(request.token_ids, request.text, ("token_ids", "text")), request.max_tokens,
+                             sampling, tuple(request.stop), self._expected_position(request))
+
+    def _tokens(self, ids, text: str, fields: tuple[str, str]) -> np.ndarray | None:
+        """The tokens given as ids or as text ([time] int64), None when neither is given."""
+        ids_field, text_field = fields
+        if ids and text:
+            raise InvalidArgument(text_field, f"give {ids_field} or {text_field}, not both")
+        if text:
+            limit = self.settings.max_input_chars
+            if len(text) > limit:
+                raise InvalidArgument(text_field, f"at most {limit} characters, got {len(text)}")
+            return self.vocab.encode(text)
+        if not ids:
+            return None
+        limit, vocab = self.settings.max_input_tokens, len(self.vocab)
+        if len(ids) > limit:
+            raise InvalidArgument(ids_field, f"at most {limit} ids, got {len(ids)}")
+        if len(ids) <= FEW_IDS:
+            values = tuple(ids)
+            out_of_range = min(values) < 0 or max(values) >= vocab
+            tokens = np.array(values, np.int64)
+        else:
+            tokens = np.array(ids, np.int64)
+            out_of_range = tokens.view(np.uint64).max() >= vocab  # negative ids wrap around to huge values
+        if out_of_range:
+            raise InvalidArgument(ids_field, f"ids must be in [0, {vocab - 1}], the model's vocabulary")
+        return tokens
+
+    def _top_k(self, top_k: int) -> int:
+        if top_k > len(self.vocab):
+            raise InvalidArgument("top_k", f"must be in [1, {len(self.vocab)}], the vocabulary size "
+                                           f"(0 means {DEFAULT_TOP_K})")
+        return top_k or min(DEFAULT_TOP_K, len(self.vocab))
+
+    @staticmethod
+    def _temperature(temperature: float) -> float:
+        if not temperature:
+            return 1.0
+        if not 0.0 < temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument("temperature", f"must be in (0, {MAX_TEMPERATURE:g}] (0 means 1)")
+        return temperature
+
+    @staticmethod
+    def _expected_position(request: pb.StepRequest | pb.GenerateRequest) -> int | None:
+        if not request.HasField("expected_position"):
+            return None
+        if request.expected_position < 0:
+            raise InvalidArgument("expected_position", "must be >= 0")
+        return request.expected_position
+
+
+class ResponseWriter:
+    """Engine results as responses of the Inference service."""
+
+    def __init__(self, bundle: Bundle):
+        self.texts = bundle.vocab.tokens
+        self.model_name = bundle.name
+
+    def prediction(self, answer: StepAnswer) -> pb.Prediction:
+        token_ids, probabilities, logprobs = answer.prediction
+        return pb.Prediction(token_ids=token_ids, texts=[self.texts[i] for i in token_ids],
+                             probabilities=probabilities, logprobs=logprobs)
+
+    def step(self, request: pb.StepRequest, answer: StepAnswer) -> pb.StepResponse:
+        return pb.StepResponse(session_id=request.session_id, position=answer.position,
+                               prediction=self.prediction(answer), request_id=request.request_id)
+
+    @staticmethod
+    def step_error(request: pb.StepRequest, status) -> pb.StepResponse:
+        return pb.StepResponse(session_id=request.session_id, error=status, request_id=request.request_id)
+
+    def session(self, session: Session) -> pb.Session:
+        return pb.Session(session_id=session.id, model=self.model_name, position=session.position,
+                          created=_timestamp(session.created_wall),
+                          last_active=_timestamp(session.wall(session.last_active)),
+                          expires=_timestamp(session.wall(session.expires)))
+
+    @staticmethod
+    def generated(token: GeneratedToken) -> pb.GenerateResponse:
+        return pb.GenerateResponse(token_id=token.token_id, text=token.text, probability=token.probability,
+                                   position=token.position, finish_reason=FINISH_REASONS[token.finish])
+
+    @staticmethod
+    def model(bundle: Bundle, is_default: bool) -> pb.Model:
+        sizes = bundle.manifest["sizes"]
+        metrics = {key: float(value) for key, value in bundle.manifest.get("metrics", {}).items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        return pb.Model(name=bundle.name, version=bundle.version, cell=bundle.cell, layers=sizes["layers"],
+                        hidden_size=sizes["hidden_size"], embed_size=sizes["embed_size"],
+                        vocab_size=sizes["vocab_size"], sha256=bundle.sha256,
+                        state_bytes_per_session=bundle.state_bytes_per_session, metrics=metrics,
+                        is_default=is_default)
+
+
+def _quotable(field: str, value: str) -> str:
+    """`value`, when it is short enough to be quoted back in an error."""
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidArgument(field, f"at most {MAX_NAME_CHARS} characters, got {len(value)}")
+    return value
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+

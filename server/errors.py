@@ -1,0 +1,154 @@
+"""The errors rnnserve answers, each carrying its gRPC status code and machine-readable details.
+
+Clients must tell "expired", "evicted", "never existed", "busy, retry later" and "your bug"
+apart without parsing messages, so every error a caller can cause is one of these types, and
+`to_status` turns any exception into the one `google.rpc.Status` that both a failed unary call
+(through the interceptor) and an in-band `StepResponse.error` carry. Anything else is a server
+fault and the only thing ever answered INTERNAL.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+
+DOMAIN = "rnnserve"
+
+log = logging.getLogger(__name__)
+
+
+class RnnserveError(Exception):
+    """An error with a known cause; subclasses fix the status code and the ErrorInfo reason."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    reason: str | None = None  # an ErrorReason name of the .proto; None sends no ErrorInfo
+    retry_after_seconds: float | None = None  # set where retrying later may succeed
+
+    def __init__(self, message: str, **metadata: object):
+        super().__init__(message)
+        self.metadata = {key: str(value) for key, value in metadata.items()}
+
+    def extra_details(self) -> list[Message]:
+        """Details beyond ErrorInfo and RetryInfo, for the subclasses that have more to say."""
+        return []
+
+
+class SessionNotFound(RnnserveError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "SESSION_NOT_FOUND"
+
+    def __init__(self, session_id: str, how: str = "does not exist"):
+        super().__init__(f"session {session_id!r} {how}", session_id=session_id)
+
+
+class SessionExpired(SessionNotFound):
+    reason = "SESSION_EXPIRED"
+
+    def __init__(self, session_id: str):
+        super().__init__(session_id, "expired after its idle time-to-live")
+
+
+class SessionEvicted(SessionNotFound):
+    reason = "SESSION_EVICTED"
+
+    def __init__(self, session_id: str):
+        super().__init__(session_id, "was evicted to make room under the session cap")
+
+
+class ModelNotFound(RnnserveError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+    def __init__(self, name: str, loaded: list[str]):
+        super().__init__(f"model {name!r} is not loaded (loaded: {', '.join(loaded)})", model=name)
+
+
+class InvalidArgument(RnnserveError):
+    """A request field out of range; the message and BadRequest name the field and its limit."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, description: str):
+        super().__init__(f"{field}: {description}", field=field)
+        self.field = field
+        self.description = description
+
+    def extra_details(self) -> list[Message]:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
+        return [error_details_pb2.BadRequest(field_violations=[violation])]
+
+
+class PositionMismatch(RnnserveError):
+    """The step expected the session elsewhere: the client's view is stale, so nothing was applied."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "POSITION_MISMATCH"
+
+    def __init__(self, session_id: str, expected: int, actual: int):
+        super().__init__(f"session {session_id!r} is at position {actual}, not the expected {expected}",
+                         session_id=session_id, expected_position=expected, actual_position=actual)
+        self.actual = actual
+
+
+class CapacityExhausted(RnnserveError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "CAPACITY_EXHAUSTED"
+    retry_after_seconds = 1.0  # sessions close and expire; a slot may free up soon
+
+    def __init__(self, max_sessions: int):
+        super().__init__(f"the session table is full ({max_sessions} sessions) and its policy refuses new ones",
+                         max_sessions=max_sessions)
+
+    def extra_details(self) -> list[Message]:
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject="server", description=f"at most {self.metadata['max_sessions']} sessions")
+        return [error_details_pb2.QuotaFailure(violations=[violation])]
+
+
+class ServerFault(RnnserveError):
+    """A failure of the server itself, already logged where it happened. Nothing was applied."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class ShuttingDown(RnnserveError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SHUTTING_DOWN"
+    retry_after_seconds = 0.0  # another replica can take it at once
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry on another replica")
+
+
+def _packed(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def to_status(error: BaseException) -> status_pb2.Status:
+    """The one mapping from an exception to what the caller receives.
+
+    Our own errors keep their code and details; anything else is a server fault, logged here
+    with its traceback and answered INTERNAL without internals in the message.
+    """
+    if not isinstance(error, RnnserveError):
+        log.error("unexpected error answered INTERNAL", exc_info=error)
+        error = ServerFault("internal server error")
+    details = error.extra_details()
+    if error.reason is not None:
+        details.insert(0, error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
+    if error.retry_after_seconds is not None:
+        details.append(_retry_info(error.retry_after_seconds))
+    return status_pb2.Status(code=error.code.value[0], message=str(error), details=[_packed(d) for d in details])

@@ -1,0 +1,64 @@
+"""Continuing a session on the server, token by token, each sent as soon as it is chosen.
+
+The session must end at the last token the client was sent, even when the call is cancelled.
+So each token is sent first and read by the model after, and that read is shielded from
+cancellation: a cancelled call stops at a send, with every token sent already read or being
+read, and none read that was not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.server.batcher import NEXT_LOGITS, Hold
+from rnnserve.server.sampling import Sampler
+from rnnserve.server.state_pool import StatePool
+from rnnserve.vocab import Vocabulary
+
+
+class Finish(enum.Enum):
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # a stop string was generated
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedToken:
+    token_id: int
+    text: str
+    probability: float
+    position: int  # the session's position once it has read this token
+    finish: Finish | None  # set on the last token
+
+
+class StopStrings:
+    """Whether the text generated so far ends with a stop string, keeping only the tail that can matter."""
+
+    def __init__(self, stops: Sequence[str]):
+        self._stops = tuple(stops)
+        self._keep = max(map(len, self._stops), default=0)
+        self._tail = ""
+
+    def hit_after(self, text: str) -> bool:
+        if not self._stops:
+            return False
+        self._tail = (self._tail + text)[-self._keep:]
+        return any(self._tail.endswith(stop) for stop in self._stops)
+
+
+async def continue_session(hold: Hold, pool: StatePool, vocab: Vocabulary, sampler: Sampler, max_tokens: int,
+                           stops: StopStrings, send: Callable[[GeneratedToken], Awaitable[None]]) -> None:
+    """Generate up to `max_tokens` tokens after what the held session has read, sending each."""
+    session = hold.session
+    for count in range(1, max_tokens + 1):
+        token, probability = sampler.choose(pool.row(NEXT_LOGITS, session.slot))  # [vocab]
+        text = vocab.token(token)
+        finish = Finish.STOP if stops.hit_after(text) else Finish.LENGTH if count == max_tokens else None
+        await send(GeneratedToken(token, text, probability, session.position + 1, finish))
+        await asyncio.shield(hold.submit(np.array([token], np.int64)))
+        if finish is not None:
+            return

@@ -1,0 +1,33 @@
+"""Log lines: one per event, as text for people or as JSON for log collectors (`--log-format json`).
+
+Events are lifecycle (serving, draining, stopped), sweeps that freed sessions and failures;
+nothing is logged per token or per step at the default level, so a busy server's log stays
+readable and costs nothing on the hot path. A traceback stays inside its event's JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("text", "json")
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one JSON object: time (UTC, ISO 8601), level, logger, message, and any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Send the root logger's records to stderr at `level`, formatted as `log_format` ("text" or "json")."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -1,0 +1,160 @@
+"""Every rnnserve metric: declared here, recorded here, served from a registry the server hands in.
+
+The rest of the server reports plain numbers (a batch's `BatchReport`, an RPC's method, code and
+seconds, a removed session's length and age) and this module turns them into Prometheus series
+under one prefix and one label scheme: `model` and `model_version` on everything about the
+loaded model, `method` and `code` on RPCs, `kind` on tokens, `reason` on ended sessions.
+
+The per-token path stays cheap: a batch of any size is recorded with one observation per
+histogram and one `inc(n)` per counter, label children are bound once here rather than looked up
+per call, and what can be read when Prometheus scrapes (sessions held, their bytes) is read then.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from importlib import metadata
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector,
+                               disable_created_metrics, start_http_server)
+
+from rnnserve.bundle import Bundle
+from rnnserve.server.batcher import BatchReport
+
+PREFIX = "rnnserve"
+MODEL_LABELS = ("model", "model_version")
+
+# A step of one session takes tens of microseconds to a few milliseconds; a prefill or a slow
+# client can take seconds. Roughly three buckets per decade from 25 us to 5 s keep p50 and p99
+# within a bucket's width of the truth on either end.
+SECONDS_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+                   0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Sessions live from one prompt to days of chat: tokens in powers of four up to about a million,
+# age from a second to a day.
+SESSION_TOKEN_BUCKETS = tuple(4.0**power for power in range(11))
+SESSION_AGE_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86_400.0)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the configured maximum batch size, which is always a bucket of its own."""
+    buckets = [1.0]
+    while buckets[-1] < max_batch_size:
+        buckets.append(min(2 * buckets[-1], float(max_batch_size)))
+    return tuple(buckets)
+
+
+class Metrics:
+    """The server's metrics in `registry`, for one loaded model; each `record_*` is one event."""
+
+    def __init__(self, registry: CollectorRegistry, bundle: Bundle, *, max_batch_size: int):
+        self.registry = registry
+        model = {"model": bundle.name, "model_version": bundle.version}
+
+        def per_model(kind: type, name: str, documentation: str, **options: object):
+            """A metric labelled with the loaded model, returned as its one bound child."""
+            return kind(f"{PREFIX}_{name}", documentation, MODEL_LABELS, registry=registry, **options).labels(**model)
+
+        Info(f"{PREFIX}_build", "The running rnnserve and the libraries it serves with.",
+             registry=registry).info(build_labels())
+        Info(f"{PREFIX}_model", "The loaded model: its name, version, recurrent cell and graph sha256.",
+             registry=registry).info({**model, "cell": bundle.cell, "sha256": bundle.sha256})
+        ProcessCollector(namespace=PREFIX, registry=registry)
+
+        self._rpcs = Counter(f"{PREFIX}_rpcs", "Finished RPCs by method and gRPC status code.",
+                             ("method", "code"), registry=registry)
+        self._rpc_seconds = Histogram(
+            f"{PREFIX}_rpc_duration_seconds",
+            "RPC latency from arrival to the last response sent; for streaming methods the call's whole life.",
+            ("method",), buckets=SECONDS_BUCKETS, registry=registry)
+        tokens = Counter(f"{PREFIX}_tokens", "Tokens consumed by sessions: kind=step for single-token steps "
+                         "(Step, Stream, StepBatch, Generate), kind=prefill for the tokens of longer inputs.",
+                         (*MODEL_LABELS, "kind"), registry=registry)
+        self._step_tokens = tokens.labels(**model, kind="step")
+        self._prefill_tokens = tokens.labels(**model, kind="prefill")
+        self._first_prediction = per_model(
+            Histogram, "time_to_first_prediction_seconds",
+            "From a prompt's arrival (CreateSession with a prompt, or Generate) to its first prediction.",
+            buckets=SECONDS_BUCKETS)
+        self._batch_size = per_model(Histogram, "batch_size_steps", "Sessions' steps run in one model call.",
+                                     buckets=batch_size_buckets(max_batch_size))
+        self._queue_wait = per_model(Histogram, "queue_wait_seconds",
+                                     "How long the oldest step of each model call waited for it.",
+                                     buckets=SECONDS_BUCKETS)
+        self._run_seconds = per_model(Histogram, "onnxruntime_run_seconds",
+                                      "Time inside onnxruntime per model call.", buckets=SECONDS_BUCKETS)
+        self._failed_batches = per_model(Counter, "model_call_failures",
+                                         "Model calls that failed; none of their steps was applied.")
+        self._created = per_model(Counter, "sessions_created", "Sessions created.")
+        ended = Counter(f"{PREFIX}_sessions_ended", "Sessions removed, by reason: closed, expired or evicted.",
+                        (*MODEL_LABELS, "reason"), registry=registry)
+        self._ended = {reason: ended.labels(**model, reason=reason) for reason in ("closed", "expired", "evicted")}
+        self._session_tokens = per_model(Histogram, "session_length_tokens",
+                                         "Tokens a session had consumed when it was removed.",
+                                         buckets=SESSION_TOKEN_BUCKETS)
+        self._session_age = per_model(Histogram, "session_age_seconds", "A session's age when it was removed.",
+                                      buckets=SESSION_AGE_BUCKETS)
+        self._capacity_refusals = per_model(Counter, "capacity_refusals",
+                                            "Sessions refused because the table was full (RESOURCE_EXHAUSTED).")
+        self._active = per_model(Gauge, "sessions_active", "Sessions held now.")
+        self._state_bytes = per_model(Gauge, "session_state_bytes",
+                                      "Memory held by the state of the sessions held now.")
+        self._limit = per_model(Gauge, "sessions_limit", "The most sessions the server holds at once.")
+
+    def watch_sessions(self, count: Callable[[], int], row_bytes: int, limit: int) -> None:
+        """Read the number of sessions held when Prometheus scrapes, not each time it changes."""
+        self._active.set_function(count)
+        self._state_bytes.set_function(lambda: count() * row_bytes)
+        self._limit.set(limit)
+
+    def record_rpc(self, method: str, code: str, seconds: float) -> None:
+        self._rpcs.labels(method, code).inc()
+        self._rpc_seconds.labels(method).observe(seconds)
+
+    def record_batch(self, report: BatchReport) -> None:
+        """One model call: the batcher's `on_batch`."""
+        self._batch_size.observe(report.steps)
+        self._queue_wait.observe(report.queue_wait_seconds)
+        if report.failed:
+            self._failed_batches.inc()
+            return
+        self._run_seconds.observe(report.run_seconds)
+        length = report.tokens // report.steps
+        (self._step_tokens if length == 1 else self._prefill_tokens).inc(report.applied * length)
+
+    def record_first_prediction(self, seconds: float) -> None:
+        self._first_prediction.observe(seconds)
+
+    def record_session_created(self) -> None:
+        self._created.inc()
+
+    def record_session_ended(self, reason: str, tokens: int, age_seconds: float) -> None:
+        self._ended[reason].inc()
+        self._session_tokens.observe(tokens)
+        self._session_age.observe(age_seconds)
+
+    def record_capacity_refusal(self) -> None:
+        self._capacity_refusals.inc()
+
+
+def build_labels() -> dict[str, str]:
+    """Versions of rnnserve and of what it serves with, for `rnnserve_build_info`."""
+    labels = {"version": metadata.version("rnnserve"), "python": platform.python_version()}
+    for package in ("onnxruntime", "grpcio", "numpy"):
+        labels[package] = metadata.version(package)
+    return labels
+
+
+def serve_metrics(registry: CollectorRegistry, listen: str) -> WSGIServer:
+    """Serve `registry` at http://<listen>/metrics from a daemon thread; port 0 picks a free port.
+
+    The returned server's `server_port` is the port bound; `shutdown()` stops it. The `_created`
+    sample of every counter and histogram is left out (a process-wide switch of prometheus-client):
+    in a registry that lives as long as the process, each would repeat its start time and double
+    the series to store.
+    """
+    disable_created_metrics()
+    host, _, port = listen.rpartition(":")
+    server, _thread = start_http_server(int(port), host.strip("[]"), registry)
+    return server

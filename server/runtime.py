@@ -1,0 +1,55 @@
+"""onnxruntime and one bundle: tokens and state in, next-token logits and new state out.
+
+Knows neither sessions nor gRPC. Results are fresh arrays, never written into the caller's
+state, so a caller can decide afterwards whether to commit them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+from rnnserve.bundle import Bundle
+
+
+class RunResult(NamedTuple):
+    next_logits: np.ndarray  # [batch, vocab] float32: the prediction after each row's last token
+    states: tuple[np.ndarray, ...]  # [batch, layers, hidden] float32 each, in bundle.states order
+    seconds: float  # time inside onnxruntime, for metrics
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Sequential execution (the graph is a chain), all graph optimisations, and no spinning.
+
+    Spinning threads burn the core that the event loop and the clients need between calls;
+    on a small machine that costs more than the wake-up it saves.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+class Runtime:
+    def __init__(self, bundle: Bundle, threads: int):
+        self.bundle = bundle
+        self._session = ort.InferenceSession(str(bundle.graph_path), session_options(threads),
+                                             providers=["CPUExecutionProvider"])
+        self._tokens_input = bundle.tokens_input
+        self._state_inputs = [s.input for s in bundle.states]
+        self._outputs = [bundle.logits_output, *(s.output for s in bundle.states)]
+
+    def run(self, tokens: np.ndarray, states: tuple[np.ndarray, ...]) -> RunResult:
+        """tokens [batch, time] int64, states [batch, layers, hidden] float32 each (bundle order)."""
+        feed = dict(zip(self._state_inputs, states, strict=True))
+        feed[self._tokens_input] = tokens
+        start = time.perf_counter()
+        logits, *new_states = self._session.run(self._outputs, feed)  # logits [batch, time, vocab]
+        seconds = time.perf_counter() - start
+        return RunResult(np.ascontiguousarray(logits[:, -1]), tuple(new_states), seconds)

@@ -1,0 +1,113 @@
+"""The Inference servicer: protobuf in, engine calls, protobuf out. No state, no policy.
+
+Errors raised here become statuses in `guard` (unary and server-streaming calls); Stream and
+StepBatch answer a failed step in-band, through the same `errors.to_status`, and go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from rnnserve.server.auth import caller
+from rnnserve.server.convert import RequestReader, ResponseWriter
+from rnnserve.server.engine import Engine
+from rnnserve.server.errors import RnnserveError, to_status
+from rnnserve.server.generate import GeneratedToken
+from rnnserve.server.replies import InOrder
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+
+def deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() instant, None for none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, engine: Engine, reader: RequestReader, writer: ResponseWriter):
+        self._engine = engine
+        self._read = reader
+        self._write = writer
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
+        session, answer = await self._engine.create_session(caller(context), self._read.create(request))
+        prediction = None if answer is None else self._write.prediction(answer)
+        return pb.CreateSessionResponse(session=self._write.session(session), prediction=prediction)
+
+    async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
+        return self._write.session(self._engine.get_session(self._read.session_id(request.session_id), caller(context)))
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
+        position = await self._engine.close_session(self._read.session_id(request.session_id), caller(context))
+        return pb.CloseSessionResponse(position=position)
+
+    async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
+        answer = await self._submit(request, caller(context), deadline(context))
+        return self._write.step(request, answer)
+
+    async def Stream(self, requests, context) -> None:
+        owner = caller(context)
+        replies: InOrder[pb.StepRequest] = InOrder()
+        writer = asyncio.create_task(self._write_in_order(replies, context))
+        try:
+            async for request in requests:
+                replies.push(request, self._submit_in_band(request, owner))
+            replies.close()
+            await writer
+        finally:
+            writer.cancel()
+            replies.cancel_pending()
+
+    async def StepBatch(self, request: pb.StepBatchRequest, context) -> pb.StepBatchResponse:
+        owner, until = caller(context), deadline(context)
+        replies = [self._submit_in_band(step, owner, until) for step in request.steps]
+        try:
+            if replies:
+                await asyncio.wait(replies)
+        finally:
+            for reply in replies:
+                reply.cancel()  # withdraws what has not been applied when the call is cancelled
+        return pb.StepBatchResponse(results=[self._reply(step, reply) for step, reply in zip(request.steps, replies)])
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> None:
+        async def send(token: GeneratedToken) -> None:
+            await context.write(self._write.generated(token))
+
+        await self._engine.generate(self._read.session_id(request.session_id), caller(context),
+                                    self._read.generate(request), send)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        default = self._engine.model("")
+        return pb.ListModelsResponse(models=[self._write.model(b, b is default) for b in self._engine.models()])
+
+    async def GetModel(self, request: pb.GetModelRequest, context) -> pb.Model:
+        model = self._engine.model(self._read.model_name(request.name))
+        return self._write.model(model, model is self._engine.model(""))
+
+    # Steps -------------------------------------------------------------------------------------
+
+    def _submit(self, request: pb.StepRequest, owner: str, until: float | None = None) -> asyncio.Future:
+        return self._engine.step(self._read.session_id(request.session_id), owner, self._read.step(request), until)
+
+    def _submit_in_band(self, request: pb.StepRequest, owner: str, until: float | None = None) -> asyncio.Future:
+        """Like `_submit`, but a request refused at once is a failed future, answered in its turn."""
+        try:
+            return self._submit(request, owner, until)
+        except RnnserveError as error:
+            refused = asyncio.get_running_loop().create_future()
+            refused.set_exception(error)
+            return refused
+
+    def _reply(self, request: pb.StepRequest, reply: asyncio.Future) -> pb.StepResponse:
+        """The response to a settled step: its answer, or its error in-band."""
+        error = reply.exception()
+        return self._write.step(request, reply.result()) if error is None else \
+            self._write.step_error(request, to_status(error))
+
+    async def _write_in_order(self, replies: InOrder[pb.StepRequest], context) -> None:
+        async for request, reply in replies:
+            await context.write(self._reply(request, reply))

@@ -1,0 +1,192 @@
+"""The session table: ids, owners, positions, expiry, the session cap, and each session's slot.
+
+Nothing else creates, advances or removes sessions. Expiry costs nothing per token: sessions
+sharing a time-to-live expire in the order they were last active, so each TTL keeps its
+sessions in one ordered dict (moving a session to its end on every step is O(1)), and the
+periodic sweep pops expired sessions off the fronts and stops at the first live one.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rnnserve.server.errors import (CapacityExhausted, PositionMismatch, SessionEvicted, SessionExpired,
+                                    SessionNotFound)
+from rnnserve.server.lines import Line
+from rnnserve.server.state_pool import StatePool
+
+if TYPE_CHECKING:
+    from rnnserve.server.batcher import StepAnswer
+
+
+class Removal(enum.Enum):
+    """Why a session left the table; remembered so that NOT_FOUND can say which."""
+
+    CLOSED = "closed"
+    EXPIRED = "expired"
+    EVICTED = "evicted"
+
+    def error(self, session_id: str) -> SessionNotFound:
+        if self is Removal.EXPIRED:
+            return SessionExpired(session_id)
+        if self is Removal.EVICTED:
+            return SessionEvicted(session_id)
+        return SessionNotFound(session_id, "was closed")
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    id: str
+    slot: int  # its rows in the state pool
+    owner: str
+    ttl: float  # idle seconds before it expires
+    created: float  # time.monotonic()
+    created_wall: float  # time.time() at the same moment: wall clock for the API, monotonic for expiry
+    last_active: float  # time.monotonic() of its last step
+    recency: OrderedDict[str, Session] = field(repr=False)  # its TTL group in the table, oldest activity first
+    line: Line = field(default_factory=Line, repr=False)
+    position: int = 0  # tokens consumed
+    # The last step applied, so that an exact retry is answered from it instead of applied twice.
+    last_start: int = -1
+    last_tokens: np.ndarray | None = field(default=None, repr=False)  # [time] int64
+    last_answer: StepAnswer | None = field(default=None, repr=False)
+    removed: Removal | None = None
+
+    @property
+    def expires(self) -> float:
+        return self.last_active + self.ttl
+
+    def wall(self, monotonic: float) -> float:
+        """A monotonic instant of this session as wall-clock seconds since the epoch."""
+        return self.created_wall + (monotonic - self.created)
+
+    def ensure_live(self) -> None:
+        """Raise the right NOT_FOUND for work that reaches a session after it was removed."""
+        if self.removed is not None:
+            raise self.removed.error(self.id)
+
+    def check_position(self, expected: int | None) -> None:
+        if expected is not None and expected != self.position:
+            raise PositionMismatch(self.id, expected, self.position)
+
+    def replay(self, expected: int, tokens: np.ndarray) -> StepAnswer:
+        """The stored answer when this is an exact retry of the last step; PositionMismatch otherwise."""
+        if (expected == self.last_start and self.last_tokens is not None and self.last_answer is not None
+                and np.array_equal(tokens, self.last_tokens)):
+            return self.last_answer
+        raise PositionMismatch(self.id, expected, self.position)
+
+    def advance(self, tokens: np.ndarray, answer: StepAnswer, now: float) -> None:
+        """Commit a step that ran: only called once nothing about it can fail any more."""
+        self.last_start, self.last_tokens, self.last_answer = self.position, tokens, answer
+        self.position = answer.position
+        self.last_active = now
+        self.recency.move_to_end(self.id)
+
+
+class SessionTable:
+    def __init__(self, pool: StatePool, *, max_sessions: int, evict_when_full: bool, remember_removed: int):
+        self.pool = pool
+        self.max_sessions = max_sessions
+        self.evict_when_full = evict_when_full
+        self.remember_removed = remember_removed
+        self._sessions: dict[str, Session] = {}
+        self._by_ttl: dict[float, OrderedDict[str, Session]] = {}
+        self._removed: OrderedDict[str, tuple[Removal, str]] = OrderedDict()  # id -> (why, owner)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, owner: str, ttl: float) -> Session:
+        now = time.monotonic()
+        return self._add(secrets.token_urlsafe(16), owner, ttl, now, time.time(), now)  # 128 random bits
+
+    def restore(self, session_id: str, owner: str, ttl: float, created_wall: float, last_active_wall: float,
+                position: int, last_step: tuple[int, np.ndarray, StepAnswer] | None) -> Session:
+        """Re-admit a session from a snapshot with its id, owner, wall-clock times, position and last step.
+
+        Its idle time goes on from where it was, so a restart neither renews nor shortens its TTL.
+        Restore sessions most recently active first, as `by_recency` lists them: each joins its TTL
+        group at the front, which keeps the group in the sweep's order. The caller fills its rows.
+        """
+        now, wall = time.monotonic(), time.time()
+        session = self._add(session_id, owner, ttl, now - (wall - created_wall), created_wall,
+                            now - max(0.0, wall - last_active_wall))
+        session.recency.move_to_end(session_id, last=False)
+        session.position = position
+        if last_step is not None:
+            session.last_start, session.last_tokens, session.last_answer = last_step
+        return session
+
+    def _add(self, session_id: str, owner: str, ttl: float, created: float, created_wall: float,
+             last_active: float) -> Session:
+        if len(self._sessions) >= self.max_sessions:
+            self._make_room()
+        recency = self._by_ttl.setdefault(ttl, OrderedDict())
+        session = Session(session_id, self.pool.allocate(), owner, ttl, created, created_wall, last_active, recency)
+        self._sessions[session_id] = recency[session_id] = session
+        return session
+
+    def by_recency(self) -> list[Session]:
+        """Every session held, the most recently active first (a merge of the TTL groups, each already in order)."""
+        groups = (reversed(recency.values()) for recency in self._by_ttl.values())
+        return list(heapq.merge(*groups, key=lambda session: session.last_active, reverse=True))
+
+    def get(self, session_id: str, owner: str) -> Session:
+        """The live session `session_id` of `owner`; the right NOT_FOUND otherwise.
+
+        Another owner's session, live or removed, answers exactly like one that never existed, so ids
+        cannot be probed.
+        """
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            reason, removed_owner = self._removed.get(session_id, (None, None))
+            raise reason.error(session_id) if reason and removed_owner == owner else SessionNotFound(session_id)
+        if session.expires <= time.monotonic() and not session.line.busy:
+            self.remove(session, Removal.EXPIRED)
+            raise SessionExpired(session_id)
+        return session
+
+    def remove(self, session: Session, reason: Removal) -> None:
+        """Free the session's slot; work still waiting in its line finds it removed and fails NOT_FOUND."""
+        del self._sessions[session.id]
+        del session.recency[session.id]
+        if not session.recency:
+            del self._by_ttl[session.ttl]
+        self.pool.free(session.slot)
+        session.removed = reason
+        self._removed[session.id] = reason, session.owner
+        if len(self._removed) > self.remember_removed:
+            self._removed.popitem(last=False)
+
+    def expire(self, now: float) -> int:
+        """Remove every idle session whose time-to-live has passed; return how many."""
+        expired = []
+        for recency in self._by_ttl.values():
+            for session in recency.values():
+                if session.expires > now:
+                    break  # the rest of this TTL group was active later still
+                if not session.line.busy:
+                    expired.append(session)
+        for session in expired:
+            self.remove(session, Removal.EXPIRED)
+        return len(expired)
+
+    def _make_room(self) -> None:
+        victim = self._least_recently_active_idle() if self.evict_when_full else None
+        if victim is None:
+            raise CapacityExhausted(self.max_sessions)
+        self.remove(victim, Removal.EVICTED)
+
+    def _least_recently_active_idle(self) -> Session | None:
+        """The eviction candidate: each TTL group's oldest idle session, the oldest of those."""
+        candidates = (next((s for s in recency.values() if not s.line.busy), None) for recency in self._by_ttl.values())
+        return min((s for s in candidates if s is not None), key=lambda s: s.last_active, default=None)

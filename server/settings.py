@@ -1,0 +1,151 @@
+"""Server configuration: one typed object, each field documented once for `--help` and readers.
+
+Every field is a `--flag` with an `RNNSERVE_<FIELD>` environment twin (flag beats environment
+beats default). The environment is read only by `parse_settings`, never at import, and no
+other module reads it: they all receive a `Settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "RNNSERVE_"
+FULL_POLICIES = ("refuse", "evict-oldest")
+
+
+def _setting(default: object, help: str, **rules: object):
+    """A field with its `--help` text and the rules `Settings` checks (minimum, choices)."""
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class Settings:
+    bundle: Path | None = _setting(
+        None, "Model bundle directory (manifest.json + model.onnx). Default: the model shipped with rnnserve.")
+    listen: str = _setting(
+        "127.0.0.1:50051", "host:port to serve on. Loopback by default because callers are anonymous unless TLS "
+        "and tokens are set; use 0.0.0.0:50051 to serve other machines, and port 0 to let the system pick one.")
+    tls_cert: Path | None = _setting(
+        None, "PEM certificate (chain) the server presents: serves TLS instead of plaintext. Needs --tls-key.")
+    tls_key: Path | None = _setting(
+        None, "PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = _setting(
+        None, "PEM CA certificate(s) for mutual TLS: clients must present a certificate it signed, and sessions "
+        "belong to that certificate's identity (its SANs, or its CN). Needs --tls-cert.")
+    auth_tokens_file: Path | None = _setting(
+        None, "File of bearer tokens, one 'TOKEN [NAME]' per line ('#' comments and blank lines skipped): every "
+        "call but health checks and reflection then needs metadata 'authorization: Bearer TOKEN', and its "
+        "sessions belong to NAME (or a hash of the token without one). Tokens have at least 16 characters.")
+    max_message_bytes: int = _setting(
+        4 * 1024 * 1024, "Largest request message read; gRPC refuses a larger one RESOURCE_EXHAUSTED unread.",
+        minimum=1)
+    max_sessions: int = _setting(
+        100_000, "Most sessions held at once: memory is bounded by this times the model's state bytes per session.",
+        minimum=1)
+    when_full: str = _setting(
+        "refuse", "What creating a session does when the table is full: 'refuse' answers RESOURCE_EXHAUSTED, "
+        "'evict-oldest' removes the least recently active idle session.", choices=FULL_POLICIES)
+    default_ttl_seconds: int = _setting(
+        3600, "Idle time-to-live of a session that asks for none; an idle session is freed after it.", minimum=1)
+    max_ttl_seconds: int = _setting(
+        86_400, "Longest idle time-to-live a session may ask for.", minimum=1)
+    max_input_tokens: int = _setting(
+        16_384, "Most token ids in one step or prompt.", minimum=1)
+    max_input_chars: int = _setting(
+        16_384, "Most characters of text in one step or prompt.", minimum=1)
+    max_generate_tokens: int = _setting(
+        4096, "Most tokens one Generate call may ask for.", minimum=1)
+    max_batch_size: int = _setting(
+        256, "Most sessions whose steps run in one model call.", minimum=1)
+    max_batch_tokens: int = _setting(
+        65_536, "Most tokens (sessions x prompt length) in one model call: bounds the memory of batched prefills.",
+        minimum=1)
+    max_queue_delay_us: int = _setting(
+        0, "How long a step may wait for others to fill its batch. 0 runs whatever is waiting as soon as the model "
+        "is free, which batches under load anyway, because steps gather while a call runs.", minimum=0)
+    ort_threads: int = _setting(
+        1, "onnxruntime intra-op threads; 0 lets onnxruntime use every core. One leaves a core to the event loop "
+        "that feeds it, the better trade on a 2-core machine.", minimum=0)
+    grace_seconds: float = _setting(
+        10.0, "On SIGTERM or SIGINT, how long calls in flight may take to finish before they are cancelled.",
+        minimum=0)
+    sweep_seconds: float = _setting(
+        1.0, "How often expired sessions are freed (an expired session is refused at once regardless).",
+        minimum=0.001)
+    snapshot_path: str = _setting(
+        "", "File that keeps every session across restarts: written atomically on SIGTERM or SIGINT (and "
+        "periodically, see below), read at start. A snapshot of another model is refused, set aside as "
+        "<file>.refused and never loaded. Empty: sessions end with the process.")
+    snapshot_interval_seconds: float = _setting(
+        0.0, "Also write the snapshot this often, so that a crash (kill -9) loses at most this much work. "
+        "0: only on SIGTERM or SIGINT.", minimum=0)
+    remember_removed: int = _setting(
+        65_536, "How many removed session ids are remembered, so that NOT_FOUND can say closed, expired or evicted.",
+        minimum=1)
+    log_level: str = _setting(
+        "INFO", "Logging level: INFO logs lifecycle events, DEBUG also each session created and closed.",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        for settings_field in dataclasses.fields(self):
+            value, rules = getattr(self, settings_field.name), settings_field.metadata
+            if "minimum" in rules and value < rules["minimum"]:
+                raise ValueError(f"{settings_field.name} must be at least {rules['minimum']}, got {value}")
+            if "choices" in rules and value not in rules["choices"]:
+                raise ValueError(f"{settings_field.name} must be one of {', '.join(rules['choices'])}, got {value!r}")
+        if self.snapshot_interval_seconds and not self.snapshot_path:
+            raise ValueError("snapshot_interval_seconds needs a snapshot_path to write to")
+        if self.default_ttl_seconds > self.max_ttl_seconds:
+            raise ValueError(f"default_ttl_seconds ({self.default_ttl_seconds}) exceeds max_ttl_seconds "
+                             f"({self.max_ttl_seconds})")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+
+
+def _parser_type(settings_field: dataclasses.Field) -> type:
+    """The field's type for argparse: the one non-None type of its annotation."""
+    return {"Path | None": Path, "str": str, "int": int, "float": float}[settings_field.type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rnnserve-server",
+        description="Serve a recurrent next-token model over gRPC (rnnserve.v1), keeping each session's "
+                    "hidden state in memory.",
+        epilog=f"Every flag can also be set by an environment variable: {ENV_PREFIX} and the flag's name in "
+               f"capitals with underscores, e.g. {ENV_PREFIX}MAX_SESSIONS=1000. A flag beats its variable.")
+    for settings_field in dataclasses.fields(Settings):
+        flag = "--" + settings_field.name.replace("_", "-")
+        default = settings_field.default
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(flag, dest=settings_field.name, type=_parser_type(settings_field), default=default,
+                            help=settings_field.metadata["help"] + shown,
+                            choices=settings_field.metadata.get("choices"))
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from defaults, then `RNNSERVE_*` variables, then flags; exits with a usage message on a bad value."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    from_env = {}
+    for settings_field in dataclasses.fields(Settings):
+        variable = ENV_PREFIX + settings_field.name.upper()
+        if variable in environ:
+            try:
+                from_env[settings_field.name] = _parser_type(settings_field)(environ[variable])
+            except ValueError:
+                parser.error(f"{variable}={environ[variable]!r} is not a valid {settings_field.name}")
+    parser.set_defaults(**from_env)
+    args = parser.parse_args(argv)
+    try:
+        return Settings(**vars(args))
+    except ValueError as err:
+        parser.error(str(err))

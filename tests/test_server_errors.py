@@ -1,0 +1,88 @@
+"""Every error type reaches the caller as its status code with machine-readable details."""
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from rnnserve.server import errors
+from rnnserve.server.errors import (CapacityExhausted, InvalidArgument, ModelNotFound, PositionMismatch,
+                                    RnnserveError, ServerFault, SessionEvicted, SessionExpired, SessionNotFound,
+                                    ShuttingDown, to_status)
+from rnnserve.v1 import rnnserve_pb2
+
+# One instance of every error type, with the code and ErrorInfo reason the caller must see.
+EXAMPLES = [
+    (SessionNotFound("s1"), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND"),
+    (SessionExpired("s1"), grpc.StatusCode.NOT_FOUND, "SESSION_EXPIRED"),
+    (SessionEvicted("s1"), grpc.StatusCode.NOT_FOUND, "SESSION_EVICTED"),
+    (ModelNotFound("big", ["tiny"]), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
+    (InvalidArgument("top_k", "must be in [1, 47]"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    (PositionMismatch("s1", expected=3, actual=5), grpc.StatusCode.FAILED_PRECONDITION, "POSITION_MISMATCH"),
+    (CapacityExhausted(10), grpc.StatusCode.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED"),
+    (ShuttingDown(), grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
+    (ServerFault("model call failed"), grpc.StatusCode.INTERNAL, None),
+]
+
+
+def all_error_types(base=RnnserveError):
+    for subclass in base.__subclasses__():
+        yield subclass
+        yield from all_error_types(subclass)
+
+
+def unpacked(status, detail_type):
+    found = []
+    for detail in status.details:
+        if detail.Is(detail_type.DESCRIPTOR):
+            message = detail_type()
+            detail.Unpack(message)
+            found.append(message)
+    return found
+
+
+def test_the_examples_cover_every_error_type():
+    assert {type(error) for error, _, _ in EXAMPLES} == set(all_error_types())
+
+
+def test_every_reason_is_one_the_proto_documents():
+    documented = set(rnnserve_pb2.ErrorReason.keys())
+    assert {reason for _, _, reason in EXAMPLES if reason} <= documented
+
+
+@pytest.mark.parametrize(("error", "code", "reason"), EXAMPLES, ids=lambda value: type(value).__name__)
+def test_status_carries_code_message_and_error_info(error, code, reason):
+    status = to_status(error)
+    assert status.code == code.value[0]
+    assert status.message == str(error)
+    infos = unpacked(status, error_details_pb2.ErrorInfo)
+    if reason is None:
+        assert infos == []
+    else:
+        assert [(i.reason, i.domain) for i in infos] == [(reason, errors.DOMAIN)]
+
+
+@pytest.mark.parametrize(("error", "retriable"), [(CapacityExhausted(10), True), (ShuttingDown(), True),
+                                                  (SessionNotFound("s"), False), (InvalidArgument("f", "d"), False)])
+def test_retry_info_only_where_a_retry_may_succeed(error, retriable):
+    assert bool(unpacked(to_status(error), error_details_pb2.RetryInfo)) == retriable
+
+
+def test_invalid_argument_names_the_field_in_bad_request():
+    status = to_status(InvalidArgument("temperature", "must be in (0, 100]"))
+    [bad_request] = unpacked(status, error_details_pb2.BadRequest)
+    [violation] = bad_request.field_violations
+    assert (violation.field, violation.description) == ("temperature", "must be in (0, 100]")
+    assert "temperature" in status.message and "100" in status.message
+
+
+def test_position_mismatch_carries_the_actual_position():
+    [info] = unpacked(to_status(PositionMismatch("s1", expected=3, actual=5)), error_details_pb2.ErrorInfo)
+    assert info.metadata["actual_position"] == "5"
+    assert info.metadata["expected_position"] == "3"
+
+
+def test_an_unknown_exception_is_internal_without_its_internals(caplog):
+    status = to_status(KeyError("secret internals"))
+    assert status.code == grpc.StatusCode.INTERNAL.value[0]
+    assert "secret" not in status.message
+    assert "secret internals" in caplog.text  # but the server log has it

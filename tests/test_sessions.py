@@ -1,0 +1,121 @@
+"""The session table: ids, owners, removal reasons, the cap, expiry and exact-retry records."""
+
+import time
+
+import numpy as np
+import pytest
+
+from rnnserve.server.batcher import StepAnswer
+from rnnserve.server.errors import (CapacityExhausted, PositionMismatch, SessionEvicted, SessionExpired,
+                                    SessionNotFound)
+from rnnserve.server.prediction import Prediction
+from rnnserve.server.sessions import Removal, SessionTable
+from rnnserve.server.state_pool import StatePool
+
+
+def make_table(max_sessions=4, evict=False, remember=100) -> SessionTable:
+    pool = StatePool({"h": (1, 2)}, limit=max_sessions)
+    return SessionTable(pool, max_sessions=max_sessions, evict_when_full=evict, remember_removed=remember)
+
+
+def step(session, tokens, now=None):
+    answer = StepAnswer(session.position + len(tokens), Prediction([1], [0.5], [-0.7]))
+    session.advance(np.array(tokens, np.int64), answer, time.monotonic() if now is None else now)
+    return answer
+
+
+def test_ids_are_random_and_sessions_start_empty():
+    table = make_table()
+    first, second = table.create("", 60), table.create("", 60)
+    assert first.id != second.id and len(first.id) >= 22  # 128 bits, url-safe base64
+    assert (first.position, second.position) == (0, 0)
+    assert table.get(first.id, "") is first
+
+
+@pytest.mark.parametrize(("reason", "error"), [(Removal.CLOSED, SessionNotFound), (Removal.EXPIRED, SessionExpired),
+                                               (Removal.EVICTED, SessionEvicted)])
+def test_removed_sessions_say_why(reason, error):
+    table = make_table()
+    session = table.create("", 60)
+    table.remove(session, reason)
+    with pytest.raises(error) as caught:
+        table.get(session.id, "")
+    assert type(caught.value) is error
+    with pytest.raises(error):
+        session.ensure_live()
+
+
+def test_forgotten_removals_and_unknown_ids_are_plain_not_found():
+    table = make_table(remember=1)
+    old, new = table.create("", 60), table.create("", 60)
+    table.remove(old, Removal.EXPIRED)
+    table.remove(new, Removal.EXPIRED)
+    for session_id in (old.id, "never-existed"):
+        with pytest.raises(SessionNotFound) as caught:
+            table.get(session_id, "")
+        assert type(caught.value) is SessionNotFound
+
+
+def test_another_owners_session_looks_like_none():
+    table = make_table()
+    session = table.create("alice", 60)
+    with pytest.raises(SessionNotFound) as caught:
+        table.get(session.id, "bob")
+    assert type(caught.value) is SessionNotFound
+
+
+def test_full_table_refuses_or_evicts_the_least_recently_active():
+    refusing = make_table(max_sessions=2)
+    refusing.create("", 60), refusing.create("", 60)
+    with pytest.raises(CapacityExhausted):
+        refusing.create("", 60)
+
+    evicting = make_table(max_sessions=2, evict=True)
+    older, newer = evicting.create("", 60), evicting.create("", 30)
+    step(older, [1])  # now `newer` (another TTL group) is the least recently active
+    evicting.create("", 60)
+    with pytest.raises(SessionEvicted):
+        evicting.get(newer.id, "")
+    assert evicting.get(older.id, "") is older
+
+
+def test_busy_sessions_are_neither_evicted_nor_expired():
+    table = make_table(max_sessions=1, evict=True)
+    session = table.create("", 1)
+    session.line.enter("work in progress")
+    with pytest.raises(CapacityExhausted):
+        table.create("", 1)
+    assert table.expire(time.monotonic() + 10) == 0
+
+
+def test_sweep_expires_per_ttl_in_order_of_activity():
+    table = make_table()
+    now = time.monotonic()
+    short, long, active = table.create("", 10), table.create("", 100), table.create("", 10)
+    step(active, [1], now + 8)
+    assert table.expire(now + 11) == 1
+    with pytest.raises(SessionExpired):
+        table.get(short.id, "")
+    assert table.get(long.id, "") is long and table.get(active.id, "") is active
+    assert table.expire(now + 101) == 2 and len(table) == 0
+
+
+def test_expired_session_is_refused_on_access_before_any_sweep():
+    table = make_table()
+    session = table.create("", 60)
+    session.last_active -= 61
+    with pytest.raises(SessionExpired):
+        table.get(session.id, "")
+    assert len(table) == 0
+
+
+def test_exact_retry_replays_and_anything_else_mismatches():
+    table = make_table()
+    session = table.create("", 60)
+    step(session, [1, 2])
+    answer = step(session, [3])
+    assert session.replay(2, np.array([3])) is answer
+    for expected, tokens in [(2, [4]), (0, [1, 2]), (7, [3])]:
+        with pytest.raises(PositionMismatch) as caught:
+            session.replay(expected, np.array(tokens))
+        assert caught.value.actual == 3
