@@ -1,8 +1,9 @@
 """`python -m bench`: the floors and the reference workloads in one run, and the report.
 
 Order matters on a 2-core machine: each stage has the cores to itself. F1 runs in this process
-before any server exists; the echo server (F2) is stopped before rnnserve-server starts; W5 gets
-a fresh server so that its baseline is a server that never held a session.
+before any server exists; the echo server (F2) is stopped before rnnserve-server starts; M1
+starts its own servers, with metrics and without, one at a time; W5 gets a fresh server so that
+its baseline is a server that never held a session.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rnnserve.server.settings import parse_settings
 
 from bench import plots
 from bench.floors import f1, f2
+from bench.metrics_cost import m1
 from bench.processes import ServerProcess
 from bench.reference import reference_bundle
 from bench.report import Run, machine, write_json, write_markdown
@@ -75,6 +77,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
     with ServerProcess(command, logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, progress)
+    await m1(command, sizes, tokens, logs, results, progress)
     progress(f"W5 memory of {sizes.w5_sessions:,} idle sessions (fresh server)")
     with ServerProcess(command + ["--max-sessions", str(sizes.w5_sessions + 1)], logs / "server-w5.log") as server:
         await w5(server, sizes, tokens, bundle.state_bytes_per_session, results)

@@ -30,6 +30,7 @@ class Sizes:
     w3_window: int = 100  # W3 compares the medians of the first and the last window
     w5_sessions: int = 100_000
     warmup_steps: int = 5  # untimed steps per session before each timed loop
+    metrics_rounds: int = 5  # M1 alternates servers with metrics on and off this many times
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,8 +39,8 @@ class Sizes:
 PRESETS = {
     "full": Sizes(),
     "quick": Sizes(f1_seconds=0.3, f1_min_calls=5, prefill_repeats=3, w1_steps=100, w2_steps=20, w3_steps=400,
-                   w3_window=20, w5_sessions=5_000, warmup_steps=2),
+                   w3_window=20, w5_sessions=5_000, warmup_steps=2, metrics_rounds=3),
     "smoke": Sizes(model=ModelConfig(layers=1, hidden_size=32, embed_size=16), f1_seconds=0.02,
                    f1_min_calls=2, prefill_tokens=50, prefill_repeats=2, w1_steps=10, w2_steps=4, w3_steps=20,
-                   w3_window=5, w5_sessions=50, warmup_steps=1),
+                   w3_window=5, w5_sessions=50, warmup_steps=1, metrics_rounds=1),
 }

@@ -82,7 +82,15 @@ def _w5(get: Lookup, sizes: Sizes) -> Verdict:
                    f"<= 1.3 x raw + 200 MiB = {limit / MiB:,.0f} MiB", figure <= limit)
 
 
-CHECKS = {"W2 stream": _w2_stream, "W2 multi": _w2_multi, "W1": _w1, "W3": _w3, "W4": _w4, "W5": _w5}
+def _m1(get: Lookup, sizes: Sizes) -> Verdict:
+    n = max(sizes.batches)
+    ratios = {transport: get("M1", transport, n, "on_off_ratio") for transport in ("stream", "unary")}
+    return Verdict(f"M1 metrics on, {n} sessions", ", ".join(f"{t} {r:.0%}" for t, r in ratios.items()),
+                   "the same server with metrics off", f"{min(ratios.values()):.0%}", ">= 95% of metrics off",
+                   min(ratios.values()) >= 0.95)
+
+
+CHECKS = {"W2 stream": _w2_stream, "W2 multi": _w2_multi, "W1": _w1, "W3": _w3, "W4": _w4, "W5": _w5, "M1": _m1}
 
 
 def verdicts(rows: list[Row], sizes: Sizes) -> list[Verdict]:

@@ -58,6 +58,13 @@ async def stream_steps(server: Endpoint, count: int, steps: int, warmup: int, to
         return await closed_loop(trips, steps, warmup, server.pid)
 
 
+async def unary_steps(server: Endpoint, count: int, steps: int, warmup: int, tokens: Sequence[int]) -> Timed:
+    """`count` sessions, each stepping with a Step call per step, closed loop."""
+    async with sessions(server.stub, count) as ids:
+        trips = [unary_round_trip(server.stub, i, one_token_at_a_time(tokens)) for i in ids]
+        return await closed_loop(trips, steps, warmup, server.pid)
+
+
 async def w1(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Results) -> None:
     """Latency: one session, one step at a time over its stream."""
     results.add_loop("W1", "stream", 1, await stream_steps(server, 1, sizes.w1_steps, sizes.warmup_steps, tokens))
@@ -69,10 +76,8 @@ async def w2(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Res
         results.add_loop("W2", "stream", count,
                          await stream_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
     for count in sizes.batches:
-        async with sessions(server.stub, count) as ids:
-            trips = [unary_round_trip(server.stub, i, one_token_at_a_time(tokens)) for i in ids]
-            results.add_loop("W2", "unary", count,
-                             await closed_loop(trips, sizes.w2_steps, sizes.warmup_steps, server.pid))
+        results.add_loop("W2", "unary", count,
+                         await unary_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
     count = max(sizes.batches)
     async with sessions(server.stub, count) as ids:
         trip = batch_round_trip(server.stub, ids, one_token_at_a_time(tokens))

@@ -2,20 +2,25 @@
 
 `create_server` returns the server and the port it bound (pass port 0 for an ephemeral one);
 `Server.stop` drains in order: health goes NOT_SERVING, new work is refused UNAVAILABLE, calls
-in flight get the grace period, then the engine's background tasks stop.
+in flight get the grace period, then the engine's background tasks stop. Unless metrics are
+off, the server's metrics live in a registry of its own, served on their own port.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from rnnserve.bundle import Bundle, default_bundle_path, load_bundle
 from rnnserve.server import auth, tls, wire
 from rnnserve.server.convert import RequestReader, ResponseWriter
 from rnnserve.server.engine import Engine
 from rnnserve.server.guard import Guarded
+from rnnserve.server.metrics import Metrics, MetricsEndpoint
 from rnnserve.server.servicer import InferenceServicer
 from rnnserve.server.settings import Settings
 
@@ -23,10 +28,17 @@ SERVICE_NAME = wire.SERVICE.full_name
 
 
 class Server:
-    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer):
+    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer,
+                 metrics_endpoint: MetricsEndpoint | None = None):
         self.grpc_server = grpc_server
         self.engine = engine
         self.health = health_servicer
+        self.metrics_endpoint = metrics_endpoint
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on; None with metrics off."""
+        return None if self.metrics_endpoint is None else self.metrics_endpoint.port
 
     async def start(self) -> None:
         await self.engine.start()
@@ -38,6 +50,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
         await self.engine.stop()
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.close)
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
@@ -49,7 +63,9 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     Call it inside the event loop that will run the server.
     """
     bundle = bundle or load_bundle(settings.bundle or default_bundle_path())
-    engine = Engine(bundle, settings)
+    metrics = Metrics(CollectorRegistry(), bundle, max_batch_size=settings.max_batch_size,
+                      methods=[method.name for method in wire.SERVICE.methods]) if settings.metrics_listen else None
+    engine = Engine(bundle, settings, metrics)
     # Health and reflection stay open to callers without a token: probes have none, and reflection
     # describes only the schema, which ships with the client anyway.
     open_services = (health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -57,10 +73,13 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     grpc_server = grpc.aio.server(interceptors=auth.interceptors(settings.auth_tokens_file, open_services),
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", settings.max_message_bytes)])
-    servicer = InferenceServicer(engine, RequestReader(bundle, settings), ResponseWriter(bundle))
-    wire.add_to_server(Guarded(wire.Parsed(servicer)), grpc_server)
+    servicer = InferenceServicer(engine, RequestReader(bundle, settings), ResponseWriter(bundle),
+                                 on_in_band_error=None if metrics is None else metrics.record_in_band_error)
+    wire.add_to_server(Guarded(wire.Parsed(servicer), on_rpc=None if metrics is None else metrics.record_rpc),
+                       grpc_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server)
     port = tls.add_port(grpc_server, settings)
-    return Server(grpc_server, engine, health_servicer), port
+    endpoint = None if metrics is None else MetricsEndpoint(metrics.registry, settings.metrics_listen)
+    return Server(grpc_server, engine, health_servicer, endpoint), port

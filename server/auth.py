@@ -22,6 +22,8 @@ from pathlib import Path
 
 import grpc
 
+from rnnserve.server.wire import method_handler
+
 MIN_TOKEN_CHARS = 16  # a shorter token is guessable, which is no authentication
 UNAUTHENTICATED_MESSAGE = "missing or unknown bearer token: send metadata 'authorization: Bearer <token>'"
 
@@ -90,10 +92,8 @@ async def _refuse(request: object, context: grpc.aio.ServicerContext) -> None:
 
 
 # A refusal of the same kind as the method it replaces, so that grpc reads no request of a stream first.
-_REFUSALS = {(False, False): grpc.unary_unary_rpc_method_handler(_refuse),
-             (False, True): grpc.unary_stream_rpc_method_handler(_refuse),
-             (True, False): grpc.stream_unary_rpc_method_handler(_refuse),
-             (True, True): grpc.stream_stream_rpc_method_handler(_refuse)}
+_REFUSALS = {(requests, responses): method_handler(_refuse, requests, responses)
+             for requests in (False, True) for responses in (False, True)}
 
 
 class TokenAuthentication(grpc.aio.ServerInterceptor):

@@ -21,12 +21,15 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 
 DEFAULT_TOP_K = 5
 MAX_TEMPERATURE = 100.0
+# A step's prediction divides float32 logits by its temperature; below this, 1/temperature (or the scaled logits)
+# overflows float32 and the probabilities come out NaN. Anything colder is greedy to float32 precision anyway.
+MIN_STEP_TEMPERATURE = 1e-6
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 64
 # Up to this many ids, copying them one by one beats protobuf's conversion to an array, which has a fixed cost
 # several times that of a single step's other checks; past it, the array conversion wins.
 FEW_IDS = 64
-# Session ids (22 characters) and model names come back in NOT_FOUND messages and ErrorInfo; quoting an unbounded
+# Session ids (32 characters) and model names come back in NOT_FOUND messages and ErrorInfo; quoting an unbounded
 # one would let a small request make the server send trailers larger than clients accept (16 KiB by default).
 MAX_NAME_CHARS = 128
 FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -120,8 +123,9 @@ class RequestReader:
     def _temperature(temperature: float) -> float:
         if not temperature:
             return 1.0
-        if not 0.0 < temperature <= MAX_TEMPERATURE:
-            raise InvalidArgument("temperature", f"must be in (0, {MAX_TEMPERATURE:g}] (0 means 1)")
+        if not MIN_STEP_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument("temperature", f"must be in [{MIN_STEP_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+                                                 "(0 means 1)")
         return temperature
 
     @staticmethod

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def record_of(session: Session) -> SessionRecord:
+    """What a snapshot keeps of `session`, its times as wall-clock seconds."""
     last_step = None
     if session.last_answer is not None and len(session.last_tokens) <= LAST_STEP_TOKENS:
         token_ids, probabilities, logprobs = session.last_answer.prediction
@@ -45,10 +46,12 @@ def record_of(session: Session) -> SessionRecord:
 
 
 def restore_record(table: SessionTable, record: SessionRecord) -> Session:
-    last_step = record.last_step
-    if last_step is not None:
-        answer = StepAnswer(record.position, Prediction(last_step.token_ids, last_step.probabilities, last_step.logprobs))
-        last_step = (last_step.start, np.array(last_step.tokens, np.int64), answer)
+    """The session of `record`, back in `table` (its rows are the caller's to fill)."""
+    last_step = None
+    if record.last_step is not None:
+        step = record.last_step
+        answer = StepAnswer(record.position, Prediction(step.token_ids, step.probabilities, step.logprobs))
+        last_step = (step.start, np.array(step.tokens, np.int64), answer)
     return table.restore(record.id, record.owner, record.ttl, record.created, record.last_active, record.position,
                          last_step)
 
@@ -61,7 +64,7 @@ class Durability:
         self.interval_seconds = interval_seconds
         self.table = table
         self.pool = pool
-        self.model = ModelIdentity(bundle.name, bundle.version, bundle.sha256)
+        self.model = ModelIdentity.of(bundle)
         self.rows = {name: array.shape[1:] for name, array in sorted(pool.arrays.items())}
         self._saving = asyncio.Lock()
         self._periodic: asyncio.Task | None = None

@@ -3,7 +3,8 @@
 It wires the pieces on the one straight path (session table -> batcher -> runtime, with the
 state pool between them) and owns their background tasks: the scheduling loop, the sweep
 that frees expired sessions (and gives the pool's unused rows back), and, with a snapshot
-path, `durability`'s restore at start, periodic saves and the save at stop.
+path, `durability`'s restore at start, periodic saves and the save at stop. With metrics, the
+table, the batcher and the engine itself report to them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from rnnserve.bundle import Bundle
-from rnnserve.server.batcher import Batcher, BatchReport, StepAnswer
+from rnnserve.server.batcher import Batcher, StepAnswer
 from rnnserve.server.durability import Durability
 from rnnserve.server.errors import InvalidArgument, ModelNotFound, ShuttingDown
 from rnnserve.server.generate import GeneratedToken, StopStrings, continue_session
+from rnnserve.server.metrics import Metrics
 from rnnserve.server.runtime import Runtime
 from rnnserve.server.sampling import Sampler, SamplingParams
 from rnnserve.server.sessions import Removal, Session, SessionTable
@@ -56,17 +58,21 @@ class GenerateInput:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, settings: Settings, on_batch: Callable[[BatchReport], None] | None = None):
+    def __init__(self, bundle: Bundle, settings: Settings, metrics: Metrics | None = None):
         self.bundle = bundle
         self.settings = settings
+        self.metrics = metrics
         runtime = Runtime(bundle, settings.ort_threads)
         self.pool = StatePool(Batcher.pool_rows(runtime), settings.max_sessions)
         self.table = SessionTable(self.pool, max_sessions=settings.max_sessions,
                                   evict_when_full=settings.when_full == "evict-oldest",
-                                  remember_removed=settings.remember_removed)
+                                  remember_removed=settings.remember_removed, events=metrics)
         self.batcher = Batcher(runtime, self.pool, max_batch_size=settings.max_batch_size,
                                max_batch_tokens=settings.max_batch_tokens,
-                               max_queue_delay_seconds=settings.max_queue_delay_us / 1e6, on_batch=on_batch)
+                               max_queue_delay_seconds=settings.max_queue_delay_us / 1e6,
+                               on_batch=None if metrics is None else metrics.record_batch)
+        if metrics is not None:
+            metrics.watch_sessions(lambda: len(self.table), self.pool.row_bytes, settings.max_sessions)
         self.durability = (Durability(Path(settings.snapshot_path), settings.snapshot_interval_seconds, self.table,
                                       self.pool, bundle) if settings.snapshot_path else None)
         self._tasks: list[asyncio.Task] = []
@@ -118,6 +124,7 @@ class Engine:
 
     async def create_session(self, owner: str, request: CreateInput) -> tuple[Session, StepAnswer | None]:
         """A new session, having read the prompt if there is one; no session is left behind on failure."""
+        arrived = time.perf_counter()
         self._accepting()
         self.model(request.model)
         session = self.table.create(owner, request.ttl_seconds or self.settings.default_ttl_seconds)
@@ -130,6 +137,7 @@ class Engine:
         except BaseException:
             self.table.remove(session, Removal.CLOSED)
             raise
+        self._record_first_prediction(arrived)
         return session, answer
 
     def get_session(self, session_id: str, owner: str) -> Session:
@@ -160,6 +168,7 @@ class Engine:
     async def generate(self, session_id: str, owner: str, request: GenerateInput,
                        send: Callable[[GeneratedToken], Awaitable[None]]) -> None:
         """Read the request's tokens if any, then generate, holding the session throughout."""
+        arrived = time.perf_counter()
         self._accepting()
         session = self.table.get(session_id, owner)
         hold = await self.batcher.hold(session)
@@ -168,6 +177,7 @@ class Engine:
             session.check_position(request.expected_position)
             if request.tokens is not None:
                 await hold.submit(request.tokens)
+                self._record_first_prediction(arrived)
             elif session.position == 0:
                 raise InvalidArgument("token_ids", "the session has read nothing yet: give token_ids or text to "
                                                    "continue from")
@@ -175,3 +185,8 @@ class Engine:
                                    StopStrings(request.stop), send)
         finally:
             hold.release()
+
+    def _record_first_prediction(self, arrived: float) -> None:
+        """A prompt that arrived at `arrived` (time.perf_counter()) now has its prediction."""
+        if self.metrics is not None:
+            self.metrics.record_first_prediction(time.perf_counter() - arrived)

@@ -2,12 +2,15 @@
 
 Applied once to the whole servicer at registration, so no method can be left unguarded; the
 mapping itself is `errors.to_status`. (An aio interceptor would see the call, not the
-handler's exception, and would run on every call.)
+handler's exception, and would run on every call.) Being where every call ends, it is also
+where each call's method, status code and duration are reported to `on_rpc`, for metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from collections.abc import Callable
 
 import grpc
@@ -15,25 +18,40 @@ from grpc_status import rpc_status
 
 from rnnserve.server.errors import to_status
 
+OK, CANCELLED = grpc.StatusCode.OK.value[0], grpc.StatusCode.CANCELLED.value[0]
 
-def _guarded(handler: Callable) -> Callable:
+RpcReport = Callable[[str, int, float], None]  # (method, google.rpc.Code, seconds)
+
+
+def _guarded(handler: Callable, method: str, on_rpc: RpcReport | None) -> Callable:
     @functools.wraps(handler)
     async def guarded(request, context):
+        started, code = time.perf_counter(), OK
         try:
             return await handler(request, context)
         except grpc.aio.AbortError:
+            code = context.code().value[0]
             raise  # the call is already ended with a status
+        except asyncio.CancelledError:
+            code = CANCELLED  # the caller went away or its deadline passed
+            raise
         except Exception as error:  # to_status answers anything, unknown errors as INTERNAL
-            await context.abort_with_status(rpc_status.to_status(to_status(error)))
+            status = to_status(error)
+            code = status.code
+            await context.abort_with_status(rpc_status.to_status(status))
+        finally:
+            if on_rpc is not None:
+                on_rpc(method, code, time.perf_counter() - started)
 
     return guarded
 
 
 class Guarded:
-    """The servicer's methods, each wrapped by `_guarded`."""
+    """The servicer's methods, each wrapped by `_guarded`, reporting each call to `on_rpc` if given."""
 
-    def __init__(self, servicer: object):
+    def __init__(self, servicer: object, on_rpc: RpcReport | None = None):
         self._servicer = servicer
+        self._on_rpc = on_rpc
 
     def __getattr__(self, name: str) -> Callable:
-        return _guarded(getattr(self._servicer, name))
+        return _guarded(getattr(self._servicer, name), name, self._on_rpc)

@@ -12,7 +12,7 @@ import logging
 from datetime import datetime, timezone
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-FORMATS = ("text", "json")
+LOG_FORMATS = ("text", "json")
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,7 +27,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, log_format: str) -> None:
-    """Send the root logger's records to stderr at `level`, formatted as `log_format` ("text" or "json")."""
+    """Send the root logger's records to stderr at `level`, formatted as `log_format` ("text" or "json").
+
+    Like `logging.basicConfig`, it leaves a root logger that already has handlers alone: the
+    embedding program (or pytest) has decided where records go.
+    """
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])

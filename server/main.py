@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from rnnserve.bundle import BundleError
 from rnnserve.server.app import create_server
 from rnnserve.server.auth import TokensFileError
+from rnnserve.server.logs import configure_logging
 from rnnserve.server.settings import Settings, parse_settings
 
 log = logging.getLogger("rnnserve.server")
@@ -22,6 +23,8 @@ async def serve(settings: Settings) -> None:
     bundle = server.engine.bundle
     log.info("serving model %s (%s, %d x %d, sha256 %s) on %s, port %d", bundle.name, bundle.cell,
              bundle.states[0].layers, bundle.states[0].hidden, bundle.sha256[:12], settings.listen, port)
+    if server.metrics_port is not None:
+        log.info("metrics at /metrics on %s, port %d", settings.metrics_listen, server.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -34,7 +37,7 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except (BundleError, OSError, TokensFileError) as err:

@@ -13,10 +13,10 @@ per call, and what can be read when Prometheus scrapes (sessions held, their byt
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
-from wsgiref.simple_server import WSGIServer
 
+import grpc
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector,
                                disable_created_metrics, start_http_server)
 
@@ -24,6 +24,8 @@ from rnnserve.bundle import Bundle
 from rnnserve.server.batcher import BatchReport
 
 PREFIX = "rnnserve"
+CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}  # 5 -> "NOT_FOUND"
+OK = grpc.StatusCode.OK.value[0]
 MODEL_LABELS = ("model", "model_version")
 
 # A step of one session takes tens of microseconds to a few milliseconds; a prefill or a slow
@@ -48,7 +50,9 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
 class Metrics:
     """The server's metrics in `registry`, for one loaded model; each `record_*` is one event."""
 
-    def __init__(self, registry: CollectorRegistry, bundle: Bundle, *, max_batch_size: int):
+    def __init__(self, registry: CollectorRegistry, bundle: Bundle, *, max_batch_size: int,
+                 methods: Sequence[str] = ()):
+        """`methods`: the RPC methods served, whose series start at zero so that rate() sees their first calls."""
         self.registry = registry
         model = {"model": bundle.name, "model_version": bundle.version}
 
@@ -68,6 +72,13 @@ class Metrics:
             f"{PREFIX}_rpc_duration_seconds",
             "RPC latency from arrival to the last response sent; for streaming methods the call's whole life.",
             ("method",), buckets=SECONDS_BUCKETS, registry=registry)
+        # Bound children by (method, code): looking labels up costs more than recording the call.
+        self._rpc_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        for method in methods:
+            self._rpc_child(method, OK)
+        self._in_band_errors = Counter(
+            f"{PREFIX}_in_band_errors", "Steps of Stream and StepBatch calls answered with an error inside a "
+            "response, by gRPC status code; the call itself goes on and ends OK.", ("code",), registry=registry)
         tokens = Counter(f"{PREFIX}_tokens", "Tokens consumed by sessions: kind=step for single-token steps "
                          "(Step, Stream, StepBatch, Generate), kind=prefill for the tokens of longer inputs.",
                          (*MODEL_LABELS, "kind"), registry=registry)
@@ -108,9 +119,22 @@ class Metrics:
         self._state_bytes.set_function(lambda: count() * row_bytes)
         self._limit.set(limit)
 
-    def record_rpc(self, method: str, code: str, seconds: float) -> None:
-        self._rpcs.labels(method, code).inc()
-        self._rpc_seconds.labels(method).observe(seconds)
+    def _rpc_child(self, method: str, code: int) -> tuple[Counter, Histogram]:
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = self._rpcs.labels(method, CODE_NAMES[code]), self._rpc_seconds.labels(method)
+            self._rpc_children[method, code] = children
+        return children
+
+    def record_rpc(self, method: str, code: int, seconds: float) -> None:
+        """A finished call of `method`, answered with status `code` (google.rpc.Code) after `seconds`."""
+        count, duration = self._rpc_child(method, code)
+        count.inc()
+        duration.observe(seconds)
+
+    def record_in_band_error(self, code: int) -> None:
+        """A step of a Stream or StepBatch answered with an error inside a response of a call that goes on."""
+        self._in_band_errors.labels(CODE_NAMES[code]).inc()
 
     def record_batch(self, report: BatchReport) -> None:
         """One model call: the batcher's `on_batch`."""
@@ -146,15 +170,19 @@ def build_labels() -> dict[str, str]:
     return labels
 
 
-def serve_metrics(registry: CollectorRegistry, listen: str) -> WSGIServer:
-    """Serve `registry` at http://<listen>/metrics from a daemon thread; port 0 picks a free port.
+class MetricsEndpoint:
+    """`registry` served at http://<listen>/metrics from a daemon thread; port 0 picks a free port."""
 
-    The returned server's `server_port` is the port bound; `shutdown()` stops it. The `_created`
-    sample of every counter and histogram is left out (a process-wide switch of prometheus-client):
-    in a registry that lives as long as the process, each would repeat its start time and double
-    the series to store.
-    """
-    disable_created_metrics()
-    host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), host.strip("[]"), registry)
-    return server
+    def __init__(self, registry: CollectorRegistry, listen: str):
+        # Each counter's and histogram's `_created` sample would repeat the process's start time
+        # (the registry lives as long as the process) and double the series to store; the switch
+        # is prometheus-client's, process-wide.
+        disable_created_metrics()
+        host, _, port = listen.rpartition(":")
+        self._http, _thread = start_http_server(int(port), host.strip("[]"), registry)
+        self.port: int = self._http.server_port
+
+    def close(self) -> None:
+        """Stop serving; blocks for up to half a second while the serving thread notices."""
+        self._http.shutdown()
+        self._http.server_close()

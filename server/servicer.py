@@ -1,13 +1,15 @@
 """The Inference servicer: protobuf in, engine calls, protobuf out. No state, no policy.
 
 Errors raised here become statuses in `guard` (unary and server-streaming calls); Stream and
-StepBatch answer a failed step in-band, through the same `errors.to_status`, and go on.
+StepBatch answer a failed step in-band, through the same `errors.to_status`, and go on; its
+code is reported to `on_in_band_error`, for metrics, since the call itself ends OK.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -28,10 +30,12 @@ def deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, reader: RequestReader, writer: ResponseWriter):
+    def __init__(self, engine: Engine, reader: RequestReader, writer: ResponseWriter,
+                 on_in_band_error: Callable[[int], None] | None = None):
         self._engine = engine
         self._read = reader
         self._write = writer
+        self._on_in_band_error = on_in_band_error  # called with the google.rpc.Code of each in-band error
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         session, answer = await self._engine.create_session(caller(context), self._read.create(request))
@@ -105,8 +109,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _reply(self, request: pb.StepRequest, reply: asyncio.Future) -> pb.StepResponse:
         """The response to a settled step: its answer, or its error in-band."""
         error = reply.exception()
-        return self._write.step(request, reply.result()) if error is None else \
-            self._write.step_error(request, to_status(error))
+        if error is None:
+            return self._write.step(request, reply.result())
+        status = to_status(error)
+        if self._on_in_band_error is not None:
+            self._on_in_band_error(status.code)
+        return self._write.step_error(request, status)
 
     async def _write_in_order(self, replies: InOrder[pb.StepRequest], context) -> None:
         async for request, reply in replies:

@@ -4,6 +4,9 @@ Nothing else creates, advances or removes sessions. Expiry costs nothing per tok
 sharing a time-to-live expire in the order they were last active, so each TTL keeps its
 sessions in one ordered dict (moving a session to its end on every step is O(1)), and the
 periodic sweep pops expired sessions off the fronts and stops at the first live one.
+
+What happens to sessions (created, removed and why, refused for capacity) is reported to
+`SessionEvents`, which the metrics module implements.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -25,6 +28,16 @@ from rnnserve.server.state_pool import StatePool
 
 if TYPE_CHECKING:
     from rnnserve.server.batcher import StepAnswer
+
+
+class SessionEvents(Protocol):
+    """Where the table reports what happens to sessions, as plain numbers."""
+
+    def record_session_created(self) -> None: ...
+
+    def record_session_ended(self, reason: str, tokens: int, age_seconds: float) -> None: ...
+
+    def record_capacity_refusal(self) -> None: ...
 
 
 class Removal(enum.Enum):
@@ -93,8 +106,10 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self, pool: StatePool, *, max_sessions: int, evict_when_full: bool, remember_removed: int):
+    def __init__(self, pool: StatePool, *, max_sessions: int, evict_when_full: bool, remember_removed: int,
+                 events: SessionEvents | None = None):
         self.pool = pool
+        self.events = events
         self.max_sessions = max_sessions
         self.evict_when_full = evict_when_full
         self.remember_removed = remember_removed
@@ -107,7 +122,11 @@ class SessionTable:
 
     def create(self, owner: str, ttl: float) -> Session:
         now = time.monotonic()
-        return self._add(secrets.token_urlsafe(16), owner, ttl, now, time.time(), now)  # 128 random bits
+        # 128 random bits, in hex: an id never starts with '-', which a shell command would read as a flag
+        session = self._add(secrets.token_hex(16), owner, ttl, now, time.time(), now)
+        if self.events is not None:
+            self.events.record_session_created()
+        return session
 
     def restore(self, session_id: str, owner: str, ttl: float, created_wall: float, last_active_wall: float,
                 position: int, last_step: tuple[int, np.ndarray, StepAnswer] | None) -> Session:
@@ -166,6 +185,8 @@ class SessionTable:
         self._removed[session.id] = reason, session.owner
         if len(self._removed) > self.remember_removed:
             self._removed.popitem(last=False)
+        if self.events is not None:
+            self.events.record_session_ended(reason.value, session.position, time.monotonic() - session.created)
 
     def expire(self, now: float) -> int:
         """Remove every idle session whose time-to-live has passed; return how many."""
@@ -183,6 +204,8 @@ class SessionTable:
     def _make_room(self) -> None:
         victim = self._least_recently_active_idle() if self.evict_when_full else None
         if victim is None:
+            if self.events is not None:
+                self.events.record_capacity_refusal()
             raise CapacityExhausted(self.max_sessions)
         self.remove(victim, Removal.EVICTED)
 

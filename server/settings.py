@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rnnserve.server.logs import LOG_FORMATS
+
 ENV_PREFIX = "RNNSERVE_"
 FULL_POLICIES = ("refuse", "evict-oldest")
 
@@ -30,6 +32,9 @@ class Settings:
     listen: str = _setting(
         "127.0.0.1:50051", "host:port to serve on. Loopback by default because callers are anonymous unless TLS "
         "and tokens are set; use 0.0.0.0:50051 to serve other machines, and port 0 to let the system pick one.")
+    metrics_listen: str = _setting(
+        "", "host:port to serve Prometheus metrics on, at /metrics, e.g. 127.0.0.1:9464 (the container image "
+        "serves them on 0.0.0.0:9464); port 0 lets the system pick one. Empty: no metrics are kept at all.")
     tls_cert: Path | None = _setting(
         None, "PEM certificate (chain) the server presents: serves TLS instead of plaintext. Needs --tls-key.")
     tls_key: Path | None = _setting(
@@ -90,6 +95,9 @@ class Settings:
     log_level: str = _setting(
         "INFO", "Logging level: INFO logs lifecycle events, DEBUG also each session created and closed.",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting(
+        "text", "Log lines as 'text' for people, or 'json' (one object per line) for log collectors.",
+        choices=LOG_FORMATS)
 
     def __post_init__(self) -> None:
         for settings_field in dataclasses.fields(self):

@@ -34,6 +34,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from rnnserve.bundle import Bundle
+
 MAGIC = b"RNNSNAP\0"
 FORMAT_VERSION = 1
 _U32 = struct.Struct("<I")
@@ -53,6 +55,10 @@ class ModelIdentity:
     name: str
     version: str
     sha256: str
+
+    @staticmethod
+    def of(bundle: Bundle) -> ModelIdentity:
+        return ModelIdentity(bundle.name, bundle.version, bundle.sha256)
 
     def describe(self) -> str:
         return f"model {self.name} version {self.version} (graph sha256 {self.sha256[:12]})"

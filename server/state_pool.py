@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 FIRST_CAPACITY = 1024
+SMALLEST_CAPACITY = 64  # `shrink` stops here: smaller arrays would save too little memory to be worth a copy
 
 
 class StatePool:
@@ -64,29 +65,32 @@ class StatePool:
         slot keeps the arrays long: the heap hands out low slots first, so that becomes rare.
         """
         capacity = self.capacity
-        if self._in_use > capacity // 4 or capacity // 2 < FIRST_CAPACITY:
+        if self._in_use > capacity // 4 or capacity // 2 < SMALLEST_CAPACITY:
             return
         free = set(self._free)
         end = self._used
         while end and end - 1 in free:
             end -= 1  # the slots at and above `end` are all free
-        while capacity // 2 >= max(end, FIRST_CAPACITY) and self._in_use <= capacity // 4:
+        while capacity // 2 >= max(end, SMALLEST_CAPACITY) and self._in_use <= capacity // 4:
             capacity //= 2
         if capacity == self.capacity:
             return
-        self.arrays = {name: array[:capacity].copy() for name, array in self.arrays.items()}
-        self._used = min(self._used, capacity)
-        self._free = [slot for slot in self._free if slot < self._used]
+        self._used = end
+        self._free = [slot for slot in self._free if slot < end]
         heapq.heapify(self._free)
+        self._resize(capacity)
 
     def _grow(self) -> None:
         if self.capacity >= self.limit:
             raise RuntimeError(f"state pool is full ({self.limit} rows); the session table should have refused")
-        capacity = min(self.limit, 2 * self.capacity)
+        self._resize(min(self.limit, 2 * self.capacity))
+
+    def _resize(self, capacity: int) -> None:
+        """New arrays of `capacity` rows with the rows handed out so far; the rest are untouched zero pages."""
         for name, old in self.arrays.items():
-            grown = np.zeros((capacity, *old.shape[1:]), np.float32)
-            grown[: len(old)] = old
-            self.arrays[name] = grown
+            resized = np.zeros((capacity, *old.shape[1:]), np.float32)
+            resized[: self._used] = old[: self._used]
+            self.arrays[name] = resized
 
     def gather(self, names: Sequence[str], slots: np.ndarray) -> tuple[np.ndarray, ...]:
         """Copies of the rows at `slots`, one array `[batch, *row_shape]` per name, in order."""

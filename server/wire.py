@@ -29,6 +29,12 @@ _HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
                   (True, True): grpc.stream_stream_rpc_method_handler}
 
 
+def method_handler(behavior: Callable, request_streaming: bool, response_streaming: bool,
+                   **serializers: Callable) -> grpc.RpcMethodHandler:
+    """A grpc method handler of the given kind (unary or streaming requests and responses) for `behavior`."""
+    return _HANDLER_KINDS[request_streaming, response_streaming](behavior, **serializers)
+
+
 def _parser(method: MethodDescriptor) -> Callable[[bytes], Message]:
     message_class = GetMessageClass(method.input_type)
 
@@ -77,8 +83,8 @@ def add_to_server(servicer: object, server: grpc.aio.Server) -> None:
     """Register `servicer`, whose methods take bytes (a guarded `Parsed`), as the Inference service."""
     handlers = {}
     for method in SERVICE.methods:
-        make_handler = _HANDLER_KINDS[method.client_streaming, method.server_streaming]
-        handlers[method.name] = make_handler(getattr(servicer, method.name),
-                                             response_serializer=GetMessageClass(method.output_type).SerializeToString)
+        handlers[method.name] = method_handler(
+            getattr(servicer, method.name), method.client_streaming, method.server_streaming,
+            response_serializer=GetMessageClass(method.output_type).SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)

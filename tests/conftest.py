@@ -12,6 +12,9 @@ from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import CELLS, RunningServer, Unbatched, build_tiny_bundle
 
+# gRPC and metrics on ephemeral loopback ports: every test server keeps metrics, as deployed.
+LOOPBACK = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
+
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Bundle]:
@@ -36,7 +39,7 @@ def start_server(bundle: Bundle) -> Iterator[Callable[..., RunningServer]]:
     started: list[RunningServer] = []
 
     def start(serve: Bundle | None = None, **overrides) -> RunningServer:
-        running = RunningServer(serve or bundle, Settings(listen="127.0.0.1:0", **overrides))
+        running = RunningServer(serve or bundle, Settings(**{**LOOPBACK, **overrides}))
         started.append(running)
         return running
 
@@ -48,7 +51,7 @@ def start_server(bundle: Bundle) -> Iterator[Callable[..., RunningServer]]:
 @pytest.fixture(scope="session")
 def shared_server(bundle: Bundle) -> Iterator[RunningServer]:
     """One server with default settings for the tests that need nothing special."""
-    running = RunningServer(bundle, Settings(listen="127.0.0.1:0"))
+    running = RunningServer(bundle, Settings(**LOOPBACK))
     yield running
     running.stop()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -34,8 +35,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def build_tiny_bundle(cell: str, out_dir: Path) -> Bundle:
-    """A 2-layer, 16-unit model with random weights from a fixed seed: fast to export and to run."""
+def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16) -> Bundle:
+    """A 2-layer, 16-unit model with random weights from a fixed seed: fast to export and to run.
+
+    A larger `hidden_size` makes the state, not Python, dominate a session's memory.
+    """
     import torch
 
     from rnnserve.export.export import export_bundle
@@ -44,8 +48,12 @@ def build_tiny_bundle(cell: str, out_dir: Path) -> Bundle:
 
     torch.manual_seed(1234)
     vocab = Vocabulary.from_text(TINY_TEXT)
-    model = RecurrentLM(ModelConfig(cell, len(vocab), embed_size=8, hidden_size=16, layers=2))
+    model = RecurrentLM(ModelConfig(cell, len(vocab), embed_size=8, hidden_size=hidden_size, layers=2))
     return export_bundle(model, vocab, out_dir, name=f"tiny-{cell}", version="test")
+
+
+async def _task_count() -> int:
+    return len(asyncio.all_tasks())
 
 
 class RunningServer:
@@ -70,6 +78,10 @@ class RunningServer:
     @property
     def engine(self):
         return self.server.engine
+
+    def task_count(self) -> int:
+        """How many asyncio tasks the server's loop holds now: what a task leak would grow."""
+        return self.run(_task_count())
 
     def stop(self, grace: float = 0.0) -> None:
         self.run(self.server.stop(grace))
@@ -133,6 +145,18 @@ def create(stub, **fields) -> str:
 
 def position(stub, session_id: str) -> int:
     return stub.GetSession(pb.GetSessionRequest(session_id=session_id)).position
+
+
+def raw_method(channel: grpc.Channel, method: MethodDescriptor):
+    """The channel's callable for `method` taking its requests, and giving its responses, as bytes."""
+    kind = ("stream" if method.client_streaming else "unary") + ("_stream" if method.server_streaming else "_unary")
+    return getattr(channel, kind)(f"/{method.containing_service.full_name}/{method.name}")
+
+
+def raw_call(channel: grpc.Channel, method: MethodDescriptor, request: bytes, **options):
+    """Call `method` with its request given as bytes (a stream's one message too); its response(s) as bytes."""
+    response = raw_method(channel, method)(iter([request]) if method.client_streaming else request, **options)
+    return list(response) if method.server_streaming else response
 
 
 def assert_prediction(prediction, reference: Unbatched, k: int = 5, temperature: float = 1.0) -> None:

@@ -25,6 +25,10 @@ REQUIRED = {
     ("W3", "stateful"): ((1,), ("first100_p50_us", "last100_p50_us", "last_first_ratio")),
     ("W3", "stateless"): ((1,), ("first100_p50_us", "last100_p50_us", "last_first_ratio")),
     ("W4", "prefill"): ((1,), ("tokens_per_s",)),
+    **{("M1", f"{transport} metrics-{state}"): ((256,), ("tokens_per_s", "server_cpu_us_per_token"))
+       for transport in ("stream", "unary") for state in ("on", "off")},
+    ("M1", "stream"): ((256,), ("on_off_ratio",)),
+    ("M1", "unary"): ((256,), ("on_off_ratio",)),
 }
 W5_METRICS = ("rss_bytes", "baseline_rss_bytes", "raw_state_bytes")
 

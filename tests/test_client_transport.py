@@ -1,8 +1,7 @@
 """TLS, mutual TLS and the bearer token, end to end, against a TLS server that records what it receives.
 
-The rnnserve server listens without TLS (a proxy terminates it in production), so the client's
-side of TLS is checked here against grpc's stock health service behind certificates made for
-the test.
+The client's side is checked here against grpc's stock health service, which shows the metadata
+the client sent; the rnnserve server's own TLS and tokens are tested in test_tls.py and test_auth.py.
 """
 
 import os
@@ -15,27 +14,19 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
+from certificates import Authority
 from rnnserve.client import TLS, Client, Unavailable
 
 COMMAND = str(Path(sys.executable).with_name("rnnserve-client"))
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    """A CA (ca.pem), a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
     folder = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=test-ca", cwd=folder)
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=folder)
-        (folder / f"{name}.ext").write_text(extension + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=folder)
+    authority = Authority(folder, "ca")
+    authority.issue("server", server=True)
+    authority.issue("client")
     return folder
 
 

@@ -178,6 +178,8 @@ def test_invalid_steps_name_the_field_and_change_nothing(stub, fields, field):
     (pb.CreateSessionRequest(ttl_seconds=10**7), "ttl_seconds"),
     (pb.CreateSessionRequest(prompt_text="a", prompt_token_ids=[1]), "prompt_text"),
     (pb.GetSessionRequest(), "session_id"),
+    (pb.GetSessionRequest(session_id="x" * 129), "session_id"),  # quoted back in NOT_FOUND: bounded
+    (pb.CreateSessionRequest(model="m" * 129), "model"),
     (pb.GenerateRequest(session_id="x", max_tokens=0), "max_tokens"),
     (pb.GenerateRequest(session_id="x", max_tokens=5, top_p=1.5), "top_p"),
     (pb.GenerateRequest(session_id="x", max_tokens=5, stop=[""]), "stop"),

@@ -57,3 +57,30 @@ def test_copy_row_forks_and_bytes_round_trip():
     assert len(pool.row_to_bytes(source)) == pool.row_bytes == 4 * (6 + 6 + 5)
     with pytest.raises(ValueError, match="bytes"):
         pool.row_from_bytes(restored, b"\0" * 3)
+
+
+def test_shrink_gives_back_the_free_tail_and_keeps_live_rows(monkeypatch):
+    monkeypatch.setattr(state_pool, "FIRST_CAPACITY", 2)
+    monkeypatch.setattr(state_pool, "SMALLEST_CAPACITY", 2)
+    pool = StatePool(ROWS, limit=64)
+    slots = [pool.allocate() for _ in range(16)]
+    for slot in slots:
+        filled(pool, slot, slot + 1.0)
+    for slot in slots[3:]:
+        pool.free(slot)
+    pool.shrink()
+    assert pool.capacity == 8  # halved once: 3 rows in use would fill more than half of 4
+    assert [float(pool.arrays["h"][slot, 0, 0]) for slot in slots[:3]] == [1.0, 2.0, 3.0]
+    pool.free(slots[0])
+    assert [pool.allocate() for _ in range(3)] == [0, 3, 4]  # the lowest free slot first, then growth
+
+
+def test_a_live_row_near_the_end_keeps_the_arrays(monkeypatch):
+    monkeypatch.setattr(state_pool, "FIRST_CAPACITY", 2)
+    monkeypatch.setattr(state_pool, "SMALLEST_CAPACITY", 2)
+    pool = StatePool(ROWS, limit=64)
+    slots = [pool.allocate() for _ in range(16)]
+    for slot in slots[:-1]:
+        pool.free(slot)
+    pool.shrink()
+    assert pool.capacity == 16

@@ -1,0 +1,30 @@
+# The serving image: rnnserve-server and rnnserve-client with the default model, and no torch.
+# The `train` extra (torch, onnxscript) is only for making bundles; serving needs onnxruntime alone.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY rnnserve rnnserve
+COPY proto proto
+COPY server server
+COPY client client
+COPY export export
+# A plain install (not editable), so the default bundle in rnnserve/models/default is inside the
+# installed package and the sources can go.
+RUN pip install . && rm -rf /src
+
+RUN useradd --system --no-create-home rnnserve
+USER rnnserve
+WORKDIR /home/rnnserve
+
+# gRPC, and Prometheus metrics at /metrics, on every interface of the container: which of them
+# reach the host is decided where the container's ports are published.
+ENV RNNSERVE_LISTEN=0.0.0.0:50051 \
+    RNNSERVE_METRICS_LISTEN=0.0.0.0:9464
+EXPOSE 50051 9464
+CMD ["rnnserve-server"]
