@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -246,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_explain(error, args.address))
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # Whoever read our output stopped (`rnnserve-client generate ... | head`): end quietly, as Unix tools
+        # do, with SIGPIPE's status; stdout goes to /dev/null so that flushing it at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     sys.exit(status)
 
 

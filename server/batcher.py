@@ -228,7 +228,7 @@ class Batcher:
 
     async def _run_batch(self, batch: list[Step]) -> None:
         slots = np.fromiter((step.session.slot for step in batch), np.intp, len(batch))
-        tokens = np.stack([step.tokens for step in batch])  # [batch, time]
+        tokens = np.concatenate([step.tokens for step in batch]).reshape(len(batch), -1)  # [batch, time]
         k = max(step.top_k for step in batch)
         temperatures = np.fromiter((step.temperature for step in batch), np.float32, len(batch))  # [batch]
         queue_wait = time.monotonic() - min(step.queued_at for step in batch)

@@ -27,7 +27,8 @@ MIN_STEP_TEMPERATURE = 1e-6
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 64
 # Up to this many ids, copying them one by one beats protobuf's conversion to an array, which has a fixed cost
-# several times that of a single step's other checks; past it, the array conversion wins.
+# several times that of a single step's other checks; past it, the array conversion wins. A single id, the
+# hot path, makes no array at all: each id's one-token array is made once and shared (read-only).
 FEW_IDS = 64
 # Session ids (32 characters) and model names come back in NOT_FOUND messages and ErrorInfo; quoting an unbounded
 # one would let a small request make the server send trailers larger than clients accept (16 KiB by default).
@@ -41,7 +42,9 @@ class RequestReader:
 
     def __init__(self, bundle: Bundle, settings: Settings):
         self.vocab = bundle.vocab
+        self.vocab_size = len(bundle.vocab)
         self.settings = settings
+        self._one_token = [_read_only(np.array([token], np.int64)) for token in range(self.vocab_size)]
 
     @staticmethod
     def session_id(value: str) -> str:
@@ -76,8 +79,8 @@ class RequestReader:
             raise InvalidArgument("max_tokens", f"must be in [1, {limit}]")
         if request.temperature and not 0.0 < request.temperature <= MAX_TEMPERATURE:
             raise InvalidArgument("temperature", f"must be in (0, {MAX_TEMPERATURE:g}] (0 means greedy)")
-        if request.top_k > len(self.vocab):
-            raise InvalidArgument("top_k", f"at most the vocabulary size, {len(self.vocab)} (0 means no limit)")
+        if request.top_k > self.vocab_size:
+            raise InvalidArgument("top_k", f"at most the vocabulary size, {self.vocab_size} (0 means no limit)")
         if request.top_p and not 0.0 < request.top_p <= 1.0:
             raise InvalidArgument("top_p", "must be in (0, 1] (0 means 1, no limit)")
         if len(request.stop) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in request.stop):
@@ -99,10 +102,12 @@ class RequestReader:
             return self.vocab.encode(text)
         if not ids:
             return None
-        limit, vocab = self.settings.max_input_tokens, len(self.vocab)
-        if len(ids) > limit:
-            raise InvalidArgument(ids_field, f"at most {limit} ids, got {len(ids)}")
-        if len(ids) <= FEW_IDS:
+        count, limit, vocab = len(ids), self.settings.max_input_tokens, self.vocab_size
+        if count == 1 and 0 <= ids[0] < vocab:
+            return self._one_token[ids[0]]
+        if count > limit:
+            raise InvalidArgument(ids_field, f"at most {limit} ids, got {count}")
+        if count <= FEW_IDS:
             values = tuple(ids)
             out_of_range = min(values) < 0 or max(values) >= vocab
             tokens = np.array(values, np.int64)
@@ -114,10 +119,10 @@ class RequestReader:
         return tokens
 
     def _top_k(self, top_k: int) -> int:
-        if top_k > len(self.vocab):
-            raise InvalidArgument("top_k", f"must be in [1, {len(self.vocab)}], the vocabulary size "
+        if top_k > self.vocab_size:
+            raise InvalidArgument("top_k", f"must be in [1, {self.vocab_size}], the vocabulary size "
                                            f"(0 means {DEFAULT_TOP_K})")
-        return top_k or min(DEFAULT_TOP_K, len(self.vocab))
+        return top_k or min(DEFAULT_TOP_K, self.vocab_size)
 
     @staticmethod
     def _temperature(temperature: float) -> float:
@@ -144,18 +149,31 @@ class ResponseWriter:
         self.texts = bundle.vocab.tokens
         self.model_name = bundle.name
 
-    def prediction(self, answer: StepAnswer) -> pb.Prediction:
+    def prediction(self, answer: StepAnswer, into: pb.Prediction) -> None:
+        """Fill `into`, a message inside its response: extending its fields in place costs far less than
+        building a Prediction and having protobuf copy it into the response."""
         token_ids, probabilities, logprobs = answer.prediction
-        return pb.Prediction(token_ids=token_ids, texts=[self.texts[i] for i in token_ids],
-                             probabilities=probabilities, logprobs=logprobs)
+        into.token_ids.extend(token_ids)
+        into.texts.extend([self.texts[i] for i in token_ids])
+        into.probabilities.extend(probabilities)
+        into.logprobs.extend(logprobs)
 
-    def step(self, request: pb.StepRequest, answer: StepAnswer) -> pb.StepResponse:
-        return pb.StepResponse(session_id=request.session_id, position=answer.position,
-                               prediction=self.prediction(answer), request_id=request.request_id)
+    def step(self, request: pb.StepRequest, answer: StepAnswer, into: pb.StepResponse | None = None) -> pb.StepResponse:
+        """The answer to `request`, written into `into` (e.g. a StepBatchResponse's `results.add()`) if given."""
+        response = pb.StepResponse() if into is None else into
+        response.session_id = request.session_id
+        response.position = answer.position
+        response.request_id = request.request_id
+        self.prediction(answer, response.prediction)
+        return response
 
     @staticmethod
-    def step_error(request: pb.StepRequest, status) -> pb.StepResponse:
-        return pb.StepResponse(session_id=request.session_id, error=status, request_id=request.request_id)
+    def step_error(request: pb.StepRequest, status, into: pb.StepResponse | None = None) -> pb.StepResponse:
+        response = pb.StepResponse() if into is None else into
+        response.session_id = request.session_id
+        response.request_id = request.request_id
+        response.error.CopyFrom(status)
+        return response
 
     def session(self, session: Session) -> pb.Session:
         return pb.Session(session_id=session.id, model=self.model_name, position=session.position,
@@ -185,6 +203,11 @@ def _quotable(field: str, value: str) -> str:
     if len(value) > MAX_NAME_CHARS:
         raise InvalidArgument(field, f"at most {MAX_NAME_CHARS} characters, got {len(value)}")
     return value
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def _timestamp(seconds: float) -> Timestamp:

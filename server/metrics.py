@@ -98,6 +98,9 @@ class Metrics:
         self._failed_batches = per_model(Counter, "model_call_failures",
                                          "Model calls that failed; none of their steps was applied.")
         self._created = per_model(Counter, "sessions_created", "Sessions created.")
+        self._restored = per_model(Counter, "sessions_restored",
+                                   "Sessions taken over from the snapshot at start: with sessions_created, what "
+                                   "sessions_active and sessions_ended add up to.")
         ended = Counter(f"{PREFIX}_sessions_ended", "Sessions removed, by reason: closed, expired or evicted.",
                         (*MODEL_LABELS, "reason"), registry=registry)
         self._ended = {reason: ended.labels(**model, reason=reason) for reason in ("closed", "expired", "evicted")}
@@ -152,6 +155,9 @@ class Metrics:
 
     def record_session_created(self) -> None:
         self._created.inc()
+
+    def record_session_restored(self) -> None:
+        self._restored.inc()
 
     def record_session_ended(self, reason: str, tokens: int, age_seconds: float) -> None:
         self._ended[reason].inc()

@@ -39,8 +39,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         session, answer = await self._engine.create_session(caller(context), self._read.create(request))
-        prediction = None if answer is None else self._write.prediction(answer)
-        return pb.CreateSessionResponse(session=self._write.session(session), prediction=prediction)
+        response = pb.CreateSessionResponse(session=self._write.session(session))
+        if answer is not None:
+            self._write.prediction(answer, response.prediction)
+        return response
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
         return self._write.session(self._engine.get_session(self._read.session_id(request.session_id), caller(context)))
@@ -70,12 +72,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         owner, until = caller(context), deadline(context)
         replies = [self._submit_in_band(step, owner, until) for step in request.steps]
         try:
-            if replies:
-                await asyncio.wait(replies)
+            for reply in replies:  # steps run in one model call settle together: one wake-up for them, not one each
+                if not reply.done():
+                    await asyncio.wait((reply,))
         finally:
             for reply in replies:
                 reply.cancel()  # withdraws what has not been applied when the call is cancelled
-        return pb.StepBatchResponse(results=[self._reply(step, reply) for step, reply in zip(request.steps, replies)])
+        response = pb.StepBatchResponse()
+        for step, reply in zip(request.steps, replies):
+            self._reply(step, reply, response.results.add())
+        return response
 
     async def Generate(self, request: pb.GenerateRequest, context) -> None:
         async def send(token: GeneratedToken) -> None:
@@ -106,15 +112,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             refused.set_exception(error)
             return refused
 
-    def _reply(self, request: pb.StepRequest, reply: asyncio.Future) -> pb.StepResponse:
-        """The response to a settled step: its answer, or its error in-band."""
+    def _reply(self, request: pb.StepRequest, reply: asyncio.Future,
+               into: pb.StepResponse | None = None) -> pb.StepResponse:
+        """The response to a settled step, its answer or its error in-band, written into `into` if given."""
         error = reply.exception()
         if error is None:
-            return self._write.step(request, reply.result())
+            return self._write.step(request, reply.result(), into)
         status = to_status(error)
         if self._on_in_band_error is not None:
             self._on_in_band_error(status.code)
-        return self._write.step_error(request, status)
+        return self._write.step_error(request, status, into)
 
     async def _write_in_order(self, replies: InOrder[pb.StepRequest], context) -> None:
         async for request, reply in replies:

@@ -35,6 +35,8 @@ class SessionEvents(Protocol):
 
     def record_session_created(self) -> None: ...
 
+    def record_session_restored(self) -> None: ...
+
     def record_session_ended(self, reason: str, tokens: int, age_seconds: float) -> None: ...
 
     def record_capacity_refusal(self) -> None: ...
@@ -139,6 +141,8 @@ class SessionTable:
         now, wall = time.monotonic(), time.time()
         session = self._add(session_id, owner, ttl, now - (wall - created_wall), created_wall,
                             now - max(0.0, wall - last_active_wall))
+        if self.events is not None:
+            self.events.record_session_restored()
         session.recency.move_to_end(session_id, last=False)
         session.position = position
         if last_step is not None:

@@ -50,6 +50,16 @@ def test_generate_streams_a_reproducible_continuation(cli):
     assert tokens[-1]["finish_reason"] == "length" and tokens[-1]["position"] == 8 + 15
 
 
+def test_a_reader_that_stops_early_ends_generate_quietly(address):
+    env = {**os.environ, "RNNSERVE_ADDRESS": address}
+    reader = subprocess.Popen(["head", "-c", "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    done = subprocess.run([COMMAND, "generate", "the king", "--max-tokens", "3000"], stdout=reader.stdin,
+                          stderr=subprocess.PIPE, text=True, env=env, timeout=60)
+    reader.stdin.close()
+    assert reader.stdout.read() == b"the" and reader.wait(10) == 0
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == ""  # no traceback
+
+
 def test_sessions_create_get_predict_close(cli):
     session_id = cli("sessions", "create", "--prompt", "the").stdout.strip()
     assert json.loads(cli("sessions", "get", session_id, "--json").stdout)["position"] == 3

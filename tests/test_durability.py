@@ -29,6 +29,7 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.vocab import Vocabulary
 from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import TINY_TEXT, RunningServer, assert_fails, create
+from test_metrics import samples, scrape
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 SPLIT = 16  # read before the restart; the rest after it
@@ -162,8 +163,12 @@ def test_a_smaller_cap_after_a_restart_keeps_the_most_recently_active(bundle, st
             step(stub, session_id, "a")
     first.stop()
     with caplog.at_level(logging.INFO, "rnnserve.server.durability"):
-        second = start_server(max_sessions=2, **flags)
+        second = start_server(max_sessions=2, metrics_listen="127.0.0.1:0", **flags)
     assert "restored 2 sessions" in caplog.text and "1 did not fit max_sessions" in caplog.text
+    found = {name: value for (name, _), value in samples(scrape(f"http://127.0.0.1:{second.server.metrics_port}"
+                                                                 "/metrics")).items()}
+    assert (found["rnnserve_sessions_restored_total"], found["rnnserve_sessions_created_total"],
+            found["rnnserve_sessions_active"]) == (2, 0, 2)  # created + restored = active + ended
     with grpc.insecure_channel(second.address) as channel:
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
         assert [stub.GetSession(pb.GetSessionRequest(session_id=s)).position for s in (sessions[0], sessions[2])] == \

@@ -73,6 +73,8 @@ def test_sessions_rpcs_and_info(served, bundle):
     held = [3]
     metrics.watch_sessions(lambda: held[0], row_bytes=1000, limit=50)
     metrics.record_session_created()
+    metrics.record_session_restored()
+    metrics.record_session_restored()
     metrics.record_session_ended("evicted", tokens=17, age_seconds=30.0)
     metrics.record_capacity_refusal()
     metrics.record_rpc("Step", grpc.StatusCode.NOT_FOUND.value[0], 1e-4)
@@ -84,6 +86,7 @@ def test_sessions_rpcs_and_info(served, bundle):
     assert found["rnnserve_session_state_bytes", frozenset(model)] == 4000
     assert found["rnnserve_sessions_limit", frozenset(model)] == 50
     assert found["rnnserve_sessions_created_total", frozenset(model)] == 1
+    assert found["rnnserve_sessions_restored_total", frozenset(model)] == 2
     assert found["rnnserve_sessions_ended_total", frozenset(model | {("reason", "evicted")})] == 1
     assert found["rnnserve_sessions_ended_total", frozenset(model | {("reason", "closed")})] == 0
     assert found["rnnserve_session_length_tokens_sum", frozenset(model)] == 17
