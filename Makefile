@@ -5,7 +5,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check).
 SYSTEM_PACKAGES := prometheus docker-compose
 
-.PHONY: serve test bench train train-quick export proto system-packages
+.PHONY: serve test bench train train-quick export quantize proto system-packages
 
 $(VENV)/.serving: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,8 +36,11 @@ train: $(VENV)/.dev  ## retrain the default model (~100 min on 2 cores), then `m
 train-quick: $(VENV)/.dev  ## the quick configuration (~26 min on 2 cores)
 	$(VENV)/bin/rnnserve-train --preset quick --out runs/quick
 
-export: $(VENV)/.dev  ## write runs/default into the served bundle (rnnserve/models/default)
-	$(VENV)/bin/rnnserve-export --run runs/default
+export: $(VENV)/.dev  ## write runs/default into the served bundle (rnnserve/models/default), quick run beside it
+	$(VENV)/bin/rnnserve-export --run runs/default $(if $(wildcard runs/quick/checkpoint.pt),--compare runs/quick)
+
+quantize: $(VENV)/.dev  ## an int8 copy of the served bundle in runs/default-int8, if it costs <= 0.02 bits/char
+	$(VENV)/bin/rnnserve-quantize --out runs/default-int8
 
 proto: $(VENV)/.dev  ## regenerate the gRPC stubs from proto/
 	$(PY) proto/generate.py

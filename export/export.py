@@ -12,7 +12,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import shutil
 import tempfile
 import time
 import warnings
@@ -25,6 +24,7 @@ import torch
 
 from rnnserve import bundle as bundle_format
 from rnnserve.evaluate import evaluate_bundle
+from rnnserve.export.cost import measure_step_cost
 from rnnserve.export.model import ModelConfig, RecurrentLM
 from rnnserve.vocab import UNKNOWN_ID, Vocabulary
 
@@ -109,24 +109,6 @@ def check_parity(model: RecurrentLM, graph_path: Path, trials: int = 12, seed: i
     return report
 
 
-def measure_step_cost(graph_path: Path, specs, batches=(1, 256), repeats: int = 50) -> dict:
-    """Median time of one single-token step at each batch size, as the server would run it."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
-    cost = {}
-    for batch in batches:
-        feed = {bundle_format.TOKENS_INPUT: np.ones((batch, 1), np.int64),
-                **{s.input: np.zeros((batch, *s.row_shape), np.float32) for s in specs}}
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
-        cost[f"step_us_batch{batch}"] = round(float(np.median(times)) * 1e6, 1)
-    return cost
-
-
 def build_manifest(model: RecurrentLM, vocab: Vocabulary, graph_path: Path, *, name: str, version: str,
                    extra: dict) -> dict:
     config = model.config
@@ -167,17 +149,12 @@ def export_bundle(model: RecurrentLM, vocab: Vocabulary, out_dir: str | Path, *,
         extra["parity"] = check_parity(model, graph_path)
         extra["serving_cost"] = measure_step_cost(graph_path, state_specs(model.config))
         manifest = build_manifest(model, vocab, graph_path, name=name, version=version, extra=extra)
-        (staging / bundle_format.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        bundle_format.write_manifest(staging, manifest)
         if val_ids is not None:
             score = evaluate_bundle(bundle_format.load_bundle(staging), val_ids)
             manifest.setdefault("metrics", {}).update(score.to_dict())
-            (staging / bundle_format.MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        bundle_format.load_bundle(staging)  # the server's own checks, before anything is replaced
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(out_dir))
-    return bundle_format.load_bundle(out_dir)
+            bundle_format.write_manifest(staging, manifest)
+        return bundle_format.install(staging, out_dir)
 
 
 def load_checkpoint(path: Path) -> tuple[RecurrentLM, Vocabulary, dict]:

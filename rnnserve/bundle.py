@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,3 +172,21 @@ def load_bundle(path: str | Path) -> Bundle:
         _check_tensor(signature, state.input, STATE_DTYPE, list(state.row_shape), graph_path)
         _check_tensor(signature, state.output, STATE_DTYPE, list(state.row_shape), graph_path)
     return Bundle(path, manifest, vocab, states)
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def install(staging: Path, out_dir: Path) -> Bundle:
+    """Check a bundle assembled in `staging` with the server's own loader, then move it to `out_dir`.
+
+    Writers assemble a bundle elsewhere and install it last, so that a bundle directory is either
+    complete and valid or absent, never half written.
+    """
+    load_bundle(staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), str(out_dir))
+    return load_bundle(out_dir)

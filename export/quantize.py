@@ -1,0 +1,128 @@
+"""`rnnserve-quantize`: an int8 copy of a bundle, written only if it is nearly as good.
+
+Dynamic quantization (onnxruntime's own) stores the recurrent and output weights as int8 and
+quantizes activations on the fly: a step reads a quarter of the weight bytes, which is what a
+small batch waits on. It costs some accuracy, so the copy is measured against the float bundle
+on the same validation split and refused (nothing written, the numbers printed) when it costs
+more than `--max-bpc-cost` bits per character. Both bundles' step times are measured and
+recorded; whether int8 pays depends on the model's size and the machine (tiny models gain
+nothing), so a slower int8 is reported, not refused. Runs without torch, from a bundle alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from rnnserve import bundle as bundle_format
+from rnnserve.evaluate import evaluate_bundle
+from rnnserve.export.cost import measure_step_cost
+
+MAX_BPC_COST = 0.02  # what issue #2 allows int8 to cost
+QUANTIZED_OPS = ["LSTM", "GRU", "RNN", "MatMul", "Gemm"]  # the recurrence and the output projection
+PARITY_TRIALS = 8
+
+
+class QuantizationRefused(RuntimeError):
+    """The int8 graph costs more accuracy than allowed."""
+
+
+def quantize_graph(source: Path, target: Path) -> None:
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS)
+
+
+def compare_outputs(reference: bundle_format.Bundle, candidate: bundle_format.Bundle, seed: int = 0) -> dict:
+    """Largest differences of logits and states between two graphs on random batches, lengths and states.
+
+    Not a pass/fail check as float export parity is (int8 rounds by design): the report says how far apart
+    the two are, and validation bits per character decide.
+    """
+    sessions = [ort.InferenceSession(str(b.graph_path), providers=["CPUExecutionProvider"])
+                for b in (reference, candidate)]
+    generator = np.random.default_rng(seed)
+    worst = {"logits_max_abs": 0.0, "state_max_abs": 0.0}
+    for _ in range(PARITY_TRIALS):
+        batch, length = int(generator.integers(1, 9)), int(generator.integers(1, 33))
+        feed = {reference.tokens_input: generator.integers(0, len(reference.vocab), (batch, length), dtype=np.int64),
+                **{s.input: (0.5 * generator.standard_normal((batch, *s.row_shape))).astype(np.float32)
+                   for s in reference.states}}
+        (logits, *states), (q_logits, *q_states) = (session.run(None, feed) for session in sessions)
+        worst["logits_max_abs"] = max(worst["logits_max_abs"], float(np.abs(logits - q_logits).max()))
+        for state, q_state in zip(states, q_states, strict=True):
+            worst["state_max_abs"] = max(worst["state_max_abs"], float(np.abs(state - q_state).max()))
+    return {key: round(value, 6) for key, value in worst.items()}
+
+
+def quantize_bundle(source_dir: Path, out_dir: Path, val_ids: np.ndarray,
+                    max_bpc_cost: float = MAX_BPC_COST) -> bundle_format.Bundle:
+    """Write the int8 bundle of `source_dir` to `out_dir`, or raise QuantizationRefused with the numbers."""
+    source = bundle_format.load_bundle(source_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "bundle"
+        shutil.copytree(source_dir, staging)
+        graph_path = staging / bundle_format.GRAPH
+        quantize_graph(source.graph_path, graph_path)
+        manifest = json.loads((staging / bundle_format.MANIFEST).read_text(encoding="utf-8"))
+        manifest["graph"]["sha256"] = bundle_format.sha256_of(graph_path)
+        bundle_format.write_manifest(staging, manifest)
+        candidate = bundle_format.load_bundle(staging)
+
+        float_score, int8_score = evaluate_bundle(source, val_ids), evaluate_bundle(candidate, val_ids)
+        float_cost = measure_step_cost(source.graph_path, source.states)
+        int8_cost = measure_step_cost(candidate.graph_path, candidate.states)
+        report = {"method": "onnxruntime dynamic quantization, int8 weights", "ops": QUANTIZED_OPS,
+                  "float_val_bpc": round(float_score.bits_per_char, 4), "val_bpc": round(int8_score.bits_per_char, 4),
+                  "bpc_cost": round(int8_score.bits_per_char - float_score.bits_per_char, 4),
+                  "float_serving_cost": float_cost, "serving_cost": int8_cost,
+                  "difference_from_float": compare_outputs(source, candidate), "source_sha256": source.sha256}
+        if report["bpc_cost"] > max_bpc_cost:
+            raise QuantizationRefused(f"int8 costs {report['bpc_cost']:.4f} bits per character "
+                                      f"(limit {max_bpc_cost}): {json.dumps(report)}")
+
+        manifest["version"] = f"{source.version}-int8"
+        manifest["metrics"] = {**manifest.get("metrics", {}), **int8_score.to_dict()}
+        manifest["serving_cost"] = int8_cost
+        manifest["quantization"] = report
+        bundle_format.write_manifest(staging, manifest)
+        return bundle_format.install(staging, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rnnserve-quantize",
+        description="Write an int8 copy of a bundle (onnxruntime dynamic quantization) after measuring it against "
+                    "the float bundle: validation bits per character and step time. Nothing is written if it costs "
+                    "more than --max-bpc-cost bits per character.")
+    parser.add_argument("bundle", type=Path, nargs="?", default=bundle_format.default_bundle_path(),
+                        help="the float bundle directory (default: the committed default bundle)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    parser.add_argument("--corpus", default=None,
+                        help="UTF-8 text file or folder whose validation split is measured (default: the default "
+                             "Shakespeare corpus, the split the default bundle was measured on)")
+    parser.add_argument("--max-bpc-cost", type=float, default=MAX_BPC_COST,
+                        help="most validation bits per character int8 may cost (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    from rnnserve.export.corpus import load_corpus
+
+    source = bundle_format.load_bundle(args.bundle)
+    try:
+        bundle = quantize_bundle(args.bundle, args.out, source.vocab.encode(load_corpus(args.corpus).val_text),
+                                 args.max_bpc_cost)
+    except QuantizationRefused as refusal:
+        sys.exit(f"rnnserve-quantize: refused: {refusal}")
+    report = bundle.manifest["quantization"]
+    if report["serving_cost"]["step_us_batch1"] >= report["float_serving_cost"]["step_us_batch1"]:
+        print("note: int8 is not faster than float at batch 1 here; serve the float bundle", file=sys.stderr)
+    print(f"wrote {args.out}: val {report['val_bpc']:.4f} bpc (float {report['float_val_bpc']:.4f}); step at batch 1 "
+          f"{report['serving_cost']['step_us_batch1']:.0f} us (float {report['float_serving_cost']['step_us_batch1']:.0f})"
+          f", at batch 256 {report['serving_cost']['step_us_batch256']:.0f} us "
+          f"(float {report['float_serving_cost']['step_us_batch256']:.0f})")

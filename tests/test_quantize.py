@@ -1,0 +1,64 @@
+"""`rnnserve-quantize`: an int8 bundle that loads and serves, with its report; refused when too costly."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+
+from rnnserve.bundle import load_bundle
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc
+from serving import TINY_TEXT, RunningServer, create
+
+COMMAND = str(Path(sys.executable).with_name("rnnserve-quantize"))
+
+
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TINY_TEXT * 60, encoding="utf-8")  # over the corpus minimum; its last tenth is validation
+    return path
+
+
+def quantize(bundle, out: Path, corpus_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([COMMAND, str(bundle.path), "--out", str(out), "--corpus", str(corpus_path), *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_an_int8_bundle_is_measured_loads_and_serves(bundle, tmp_path):
+    out = tmp_path / "int8"
+    done = quantize(bundle, out, corpus(tmp_path))
+    assert done.returncode == 0, done.stderr
+    quantized = load_bundle(out)  # the server's own checks: sha256, inputs and outputs
+    report = quantized.manifest["quantization"]
+    assert quantized.sha256 != bundle.sha256 and report["source_sha256"] == bundle.sha256
+    assert quantized.version == f"{bundle.version}-int8"
+    assert report["bpc_cost"] == round(report["val_bpc"] - report["float_val_bpc"], 4) and report["bpc_cost"] <= 0.02
+    assert quantized.manifest["metrics"]["val_bpc"] == report["val_bpc"]
+    assert {"step_us_batch1", "step_us_batch256"} <= report["serving_cost"].keys()
+    assert 0 < report["difference_from_float"]["logits_max_abs"] < 1.0  # int8 rounds, but stays close
+    ops = {node.op_type for node in onnx.load(str(quantized.graph_path)).graph.node}
+    assert ops & {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+    server = RunningServer(quantized, Settings(listen="127.0.0.1:0"))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = rnnserve_pb2_grpc.InferenceStub(channel)
+            session_id = create(stub, prompt_text="The quick")
+            prediction = stub.Step(pb.StepRequest(session_id=session_id, text=" ", top_k=5)).prediction
+    finally:
+        server.stop()
+    assert len(prediction.token_ids) == 5 and np.all(np.diff(prediction.probabilities) <= 0)
+
+
+def test_a_costlier_int8_is_refused_and_nothing_is_written(bundle, tmp_path):
+    out = tmp_path / "int8"
+    done = quantize(bundle, out, corpus(tmp_path), "--max-bpc-cost", "-1")  # any cost is too much
+    assert done.returncode != 0 and not out.exists()
+    assert "refused" in done.stderr and "limit -1.0" in done.stderr
+    report = json.loads(done.stderr[done.stderr.index("{"):].strip())
+    assert report["float_val_bpc"] > 0 and report["val_bpc"] > 0
