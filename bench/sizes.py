@@ -30,7 +30,9 @@ class Sizes:
     w3_window: int = 100  # W3 compares the medians of the first and the last window
     w5_sessions: int = 100_000
     warmup_steps: int = 5  # untimed steps per session before each timed loop
-    metrics_rounds: int = 1  # M1 alternates servers with metrics on and off this many times (each ~90 s)
+    # M1 alternates servers with metrics on and off this many times (each ~90 s) and takes the median ratio:
+    # one round swung from 90% to 153% between quiet runs, more than any cost metrics could have.
+    metrics_rounds: int = 3
 
     def to_dict(self) -> dict:
         return asdict(self)
