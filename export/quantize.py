@@ -12,6 +12,7 @@ nothing), so a slower int8 is reported, not refused. Runs without torch, from a 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -70,7 +71,7 @@ def quantize_bundle(source_dir: Path, out_dir: Path, val_ids: np.ndarray,
         shutil.copytree(source_dir, staging)
         graph_path = staging / bundle_format.GRAPH
         quantize_graph(source.graph_path, graph_path)
-        manifest = json.loads((staging / bundle_format.MANIFEST).read_text(encoding="utf-8"))
+        manifest = copy.deepcopy(source.manifest)  # the source's, already read and checked by load_bundle
         manifest["graph"]["sha256"] = bundle_format.sha256_of(graph_path)
         bundle_format.write_manifest(staging, manifest)
         candidate = bundle_format.load_bundle(staging)
