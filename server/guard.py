@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable
 
@@ -17,6 +18,8 @@ import grpc
 from grpc_status import rpc_status
 
 from rnnserve.server.errors import to_status
+
+log = logging.getLogger(__name__)
 
 OK, CANCELLED = grpc.StatusCode.OK.value[0], grpc.StatusCode.CANCELLED.value[0]
 
@@ -35,6 +38,12 @@ def _guarded(handler: Callable, method: str, on_rpc: RpcReport | None) -> Callab
         except asyncio.CancelledError:
             code = CANCELLED  # the caller went away or its deadline passed
             raise
+        except grpc.aio.InternalError as error:
+            # grpc refused to send an answer because the call had ended: the caller's cancel or
+            # deadline reached the write before it reached this task. Its cancel, not our fault.
+            code = CANCELLED
+            log.debug("%s ended before its answer was sent: %s", method, error)
+            raise asyncio.CancelledError from error
         except Exception as error:  # to_status answers anything, unknown errors as INTERNAL
             status = to_status(error)
             code = status.code

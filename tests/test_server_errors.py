@@ -1,5 +1,8 @@
 """Every error type reaches the caller as its status code with machine-readable details."""
 
+import asyncio
+import logging
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -8,6 +11,7 @@ from rnnserve.server import errors
 from rnnserve.server.errors import (CapacityExhausted, InvalidArgument, ModelNotFound, PositionMismatch,
                                     RnnserveError, ServerFault, SessionEvicted, SessionExpired, SessionNotFound,
                                     ShuttingDown, to_status)
+from rnnserve.server.guard import Guarded
 from rnnserve.v1 import rnnserve_pb2
 
 # One instance of every error type, with the code and ErrorInfo reason the caller must see.
@@ -86,3 +90,20 @@ def test_an_unknown_exception_is_internal_without_its_internals(caplog):
     assert status.code == grpc.StatusCode.INTERNAL.value[0]
     assert "secret" not in status.message
     assert "secret internals" in caplog.text  # but the server log has it
+
+
+def test_a_write_refused_because_the_call_ended_is_the_callers_cancel(caplog):
+    """grpc raises its InternalError from `context.write` when the caller's cancel or deadline
+    reached the write before it reached the handler: that call ends CANCELLED, no fault logged."""
+    from grpc._cython import cygrpc  # where grpc's refused-write error lives; raised here as grpc raises it
+
+    class Servicer:
+        async def Stream(self, requests, context):
+            raise cygrpc.ExecuteBatchError('Failed "execute_batch"')
+
+    reports = []
+    guarded = Guarded(Servicer(), on_rpc=lambda method, code, seconds: reports.append((method, code)))
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(guarded.Stream(iter(()), context=None))
+    assert reports == [("Stream", grpc.StatusCode.CANCELLED.value[0])]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
