@@ -30,7 +30,7 @@ EXAMPLES = """\
 examples:
   rnnserve-client health
   rnnserve-client predict "To be, or not to b"
-  rnnserve-client generate "ROMEO:" --max-tokens 200 --temperature 0.8 --seed 1
+  rnnserve-client generate "Now is the winter of " --max-tokens 200 --temperature 0.8 --seed 1
   rnnserve-client interactive
   SID=$(rnnserve-client sessions create --prompt "Once upon")
   rnnserve-client predict " a ti" --session $SID
