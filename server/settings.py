@@ -74,8 +74,8 @@ class Settings:
         0, "How long a step may wait for others to fill its batch. 0 runs whatever is waiting as soon as the model "
         "is free, which batches under load anyway, because steps gather while a call runs.", minimum=0)
     ort_threads: int = _setting(
-        1, "onnxruntime intra-op threads; 0 lets onnxruntime use every core. One leaves a core to the event loop "
-        "that feeds it, the better trade on a 2-core machine.", minimum=0)
+        0, "onnxruntime intra-op threads; 0 gives it one per CPU this process may run on. Its threads sleep "
+        "between calls, so they take no core from the event loop while it has work of its own.", minimum=0)
     grace_seconds: float = _setting(
         10.0, "On SIGTERM or SIGINT, how long calls in flight may take to finish before they are cancelled.",
         minimum=0)
