@@ -56,7 +56,9 @@ def _w2_multi(get: Lookup, sizes: Sizes) -> Verdict:
 def _w1(get: Lookup, sizes: Sizes) -> Verdict:
     figure = get("W1", "stream", 1, "p50_us")
     floor = get("F1", "ort", 1, "p50_us") + get("F2", "echo", 1, "p50_us")
-    return Verdict("W1 median step latency", f"{figure:,.0f} us", f"F1(1) + F2(1): {floor:,.0f} us",
+    paced = get("F1", "ort-paced", 1, "p50_us")  # shown beside the floor: what a model call costs at a served pace
+    return Verdict("W1 median step latency", f"{figure:,.0f} us",
+                   f"F1(1) + F2(1): {floor:,.0f} us (F1(1) 1 ms apart: {paced:,.0f} us)",
                    f"{figure / floor:.2f}x", f"<= floor + 150 us = {floor + 150:,.0f} us", figure <= floor + 150)
 
 

@@ -17,6 +17,7 @@ SESSIONS = (1, 16, 64, 256)
 REQUIRED = {
     ("F1", "ort"): (SESSIONS, ("tokens_per_s", "p50_us")),
     ("F1", "prefill"): ((1,), ("tokens_per_s",)),
+    ("F1", "ort-paced"): ((1,), ("p50_us",)),
     ("F2", "echo"): (SESSIONS, ("messages_per_s", "p50_us")),
     ("W1", "stream"): ((1,), ("p50_us", "p99_us")),
     ("W2", "stream"): (SESSIONS, ("tokens_per_s", "p50_us", "p99_us")),
