@@ -70,7 +70,8 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     # describes only the schema, which ships with the client anyway.
     open_services = (health.SERVICE_NAME, reflection.SERVICE_NAME)
     # Without SO_REUSEPORT a second server on a busy port fails to start instead of silently sharing it.
-    grpc_server = grpc.aio.server(interceptors=auth.interceptors(settings.auth_tokens_file, open_services),
+    on_refused = None if metrics is None else metrics.record_refused_rpc
+    grpc_server = grpc.aio.server(interceptors=auth.interceptors(settings.auth_tokens_file, open_services, on_refused),
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", settings.max_message_bytes)])
     servicer = InferenceServicer(engine, RequestReader(bundle, settings), ResponseWriter(bundle),

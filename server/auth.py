@@ -96,12 +96,21 @@ _REFUSALS = {(requests, responses): method_handler(_refuse, requests, responses)
              for requests in (False, True) for responses in (False, True)}
 
 
-class TokenAuthentication(grpc.aio.ServerInterceptor):
-    """Refuse calls without a known bearer token UNAUTHENTICATED, except to the open services."""
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
 
-    def __init__(self, tokens: Tokens, open_services: Collection[str]):
+
+class TokenAuthentication(grpc.aio.ServerInterceptor):
+    """Refuse calls without a known bearer token UNAUTHENTICATED, except to the open services.
+
+    A refused call never reaches the servicer, whose guard reports every call it ends; so the
+    refusal is reported here, to `on_refused` (method name, status code), for the same metric.
+    """
+
+    def __init__(self, tokens: Tokens, open_services: Collection[str],
+                 on_refused: Callable[[str, int], None] | None = None):
         self._tokens = tokens
         self._open = frozenset(open_services)
+        self._on_refused = on_refused
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -112,14 +121,19 @@ class TokenAuthentication(grpc.aio.ServerInterceptor):
             return handler
         identity = self._tokens.identify(bearer_token(details.invocation_metadata or ()))
         if identity is None:
+            if self._on_refused is not None:
+                self._on_refused(details.method.rpartition("/")[2], UNAUTHENTICATED)
             return _REFUSALS[handler.request_streaming, handler.response_streaming]
         _token_identity.set(identity)
         return handler
 
 
-def interceptors(tokens_file: Path | None, open_services: Collection[str]) -> list[grpc.aio.ServerInterceptor]:
+def interceptors(tokens_file: Path | None, open_services: Collection[str],
+                 on_refused: Callable[[str, int], None] | None = None) -> list[grpc.aio.ServerInterceptor]:
     """The server's interceptors: token authentication when a tokens file is configured."""
-    return [] if tokens_file is None else [TokenAuthentication(Tokens.from_file(tokens_file), open_services)]
+    if tokens_file is None:
+        return []
+    return [TokenAuthentication(Tokens.from_file(tokens_file), open_services, on_refused)]
 
 
 def caller(context: grpc.aio.ServicerContext) -> str:

@@ -135,6 +135,11 @@ class Metrics:
         count.inc()
         duration.observe(seconds)
 
+    def record_refused_rpc(self, method: str, code: int) -> None:
+        """A call of `method` refused with `code` before it reached the service (a missing token):
+        counted with the others; its duration, none of the service's time, is not observed."""
+        self._rpc_child(method, code)[0].inc()
+
     def record_in_band_error(self, code: int) -> None:
         """A step of a Stream or StepBatch answered with an error inside a response of a call that goes on."""
         self._in_band_errors.labels(CODE_NAMES[code]).inc()

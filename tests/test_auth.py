@@ -17,6 +17,7 @@ from rnnserve.server.auth import Tokens, TokensFileError, bearer_token
 from rnnserve.server.main import main
 from rnnserve.server.wire import SERVICE
 from serving import raw_call
+from test_metrics import samples, scrape
 
 ALICE, BOB, ROTATED = "alice-token-0123456789", "bob-token-0123456789", "alice-token-rotated-0123"
 
@@ -95,6 +96,18 @@ def call_every_method(channel: grpc.Channel, metadata) -> dict[str, grpc.StatusC
             codes[method.name] = error.code()
             assert ALICE not in error.details() and "wrong" not in error.details()
     return codes
+
+
+def test_refused_calls_are_counted_with_the_others(start_server, tokens_file):
+    running = start_server(auth_tokens_file=tokens_file)
+    with grpc.insecure_channel(running.address) as channel:
+        call_every_method(channel, ())
+        call_every_method(channel, (("authorization", "Bearer wrong-token-0123456789"),))
+        call_every_method(channel, (("authorization", f"Bearer {ALICE}"),))
+    found = samples(scrape(f"http://127.0.0.1:{running.server.metrics_port}/metrics"))
+    refused = {dict(labels)["method"]: value for (name, labels), value in found.items()
+               if name == "rnnserve_rpcs_total" and ("code", "UNAUTHENTICATED") in labels}
+    assert refused == {method.name: 2 for method in SERVICE.methods}
 
 
 def test_calls_without_a_known_token_are_unauthenticated_except_health_and_reflection(start_server, tokens_file):
