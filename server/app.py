@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from rnnserve.bundle import Bundle, default_bundle_path, load_bundle
-from rnnserve.server import auth, tls, wire
+from rnnserve.server import auth, logs, tls, wire
 from rnnserve.server.convert import RequestReader, ResponseWriter
 from rnnserve.server.engine import Engine
 from rnnserve.server.guard import Guarded
@@ -63,6 +63,7 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     Call it inside the event loop that will run the server.
     """
     bundle = bundle or load_bundle(settings.bundle or default_bundle_path())
+    logs.lower_caller_gone_records()
     metrics = Metrics(CollectorRegistry(), bundle, max_batch_size=settings.max_batch_size,
                       methods=[method.name for method in wire.SERVICE.methods]) if settings.metrics_listen else None
     engine = Engine(bundle, settings, metrics)

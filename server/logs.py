@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
+GRPC_LOGGER = "grpc._cython.cygrpc"
+CALLER_GONE = "ExecuteBatchError raised in core"  # how grpc's record of it begins
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,3 +37,23 @@ def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+class CallerGoneIsNoError(logging.Filter):
+    """grpc.aio logs at ERROR, with a traceback, a call whose final status it could not send
+    because the caller had gone (cancelled, or past its deadline) before grpc itself noticed.
+    That race is grpc's, no handler sees it, and an operator can do nothing about it: the record
+    passes at INFO, without the traceback, so that ERROR keeps meaning a fault of the server."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(CALLER_GONE):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def lower_caller_gone_records() -> None:
+    """Install `CallerGoneIsNoError` on grpc's logger, once however many servers are created."""
+    grpc_logger = logging.getLogger(GRPC_LOGGER)
+    if not any(isinstance(f, CallerGoneIsNoError) for f in grpc_logger.filters):
+        grpc_logger.addFilter(CallerGoneIsNoError())

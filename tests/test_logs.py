@@ -3,7 +3,7 @@
 import json
 import logging
 
-from rnnserve.server.logs import JsonFormatter
+from rnnserve.server.logs import GRPC_LOGGER, JsonFormatter, lower_caller_gone_records
 
 
 def record(message: str, *args: object, exc_info=None) -> logging.LogRecord:
@@ -26,3 +26,18 @@ def test_a_traceback_stays_inside_its_line():
         line = JsonFormatter().format(record("a model call failed", exc_info=(type(error), error, error.__traceback__)))
     assert "\n" not in line
     assert "ValueError: the model call failed" in json.loads(line)["exception"]
+
+
+def test_grpcs_record_of_a_caller_gone_is_info_and_other_errors_stay_errors(caplog):
+    lower_caller_gone_records()
+    lower_caller_gone_records()  # every server created installs it; it must act once
+    grpc_logger = logging.getLogger(GRPC_LOGGER)
+    try:
+        raise RuntimeError('Failed "execute_batch"')
+    except RuntimeError:
+        grpc_logger.exception("ExecuteBatchError raised in core by servicer method [%s]", "/x.Inference/Generate")
+        grpc_logger.exception("Unexpected [%s] raised by servicer method [%s]", "KeyError", "/x.Inference/Step")
+    caller_gone, fault = caplog.records
+    assert (caller_gone.levelname, caller_gone.exc_info) == ("INFO", None)
+    assert "Inference/Generate" in caller_gone.getMessage()
+    assert fault.levelname == "ERROR" and fault.exc_info is not None
