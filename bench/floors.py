@@ -8,6 +8,8 @@ driven by the same closed loop as W2.
 
 from __future__ import annotations
 
+import functools
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -53,24 +55,33 @@ def f1(bundle: Bundle, threads: int, sizes: Sizes, tokens: list[int], results: R
     batch-1 steps 1 ms apart, the pace of served steps, which find less of the weights in cache.
 
     The Runtime is the server's onnxruntime session (threads, optimisations) and nothing else:
-    no sessions, no batcher, no gRPC. `threads` is what the server under test is given.
+    no sessions, no batcher, no gRPC. `threads` is what the server under test is given. Each
+    figure is the median of `sizes.f1_rounds` rounds, taken in turn, so that a passing slowdown
+    of the machine lowers one round of one figure and not the floor.
     """
     runtime = Runtime(bundle, threads)
-    for batch in sizes.batches:
-        step = np.array(tokens[:batch], np.int64).reshape(batch, 1)  # [batch, time=1]
-        states = zero_states(bundle, batch)
-        median = p50(call_times_us(lambda: runtime.run(step, states), sizes.f1_seconds, sizes.f1_min_calls))
-        results.add("F1", "ort", batch, "p50_us", median, "us")
-        results.add("F1", "ort", batch, "tokens_per_s", batch / median * 1e6, "tokens/s")
-        if batch == 1:  # back-to-back calls keep the weights in cache; a server's calls have gaps between them
-            paced = p50(call_times_us(lambda: runtime.run(step, states), sizes.f1_seconds, sizes.f1_min_calls,
-                                      PACED_GAP_SECONDS))
-            results.add("F1", "ort-paced", 1, "p50_us", paced, "us")
-    prompt = np.array(tokens[:sizes.prefill_tokens], np.int64).reshape(1, -1)  # [1, time]
-    states = zero_states(bundle, 1)
-    median = p50(call_times_us(lambda: runtime.run(prompt, states), 0.0, sizes.prefill_repeats))
-    results.add("F1", "prefill", 1, "p50_us", median, "us")
-    results.add("F1", "prefill", 1, "tokens_per_s", sizes.prefill_tokens / median * 1e6, "tokens/s")
+
+    def batch_of(size: int, length: int = 1) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        return np.array(tokens[:size * length], np.int64).reshape(size, length), zero_states(bundle, size)
+
+    def calls_p50(size: int, gap_seconds: float = 0.0) -> float:
+        step, states = batch_of(size)
+        return p50(call_times_us(lambda: runtime.run(step, states), sizes.f1_seconds, sizes.f1_min_calls,
+                                 gap_seconds))
+
+    def prefill_p50() -> float:
+        prompt, states = batch_of(1, sizes.prefill_tokens)
+        return p50(call_times_us(lambda: runtime.run(prompt, states), 0.0, sizes.prefill_repeats))
+
+    # back-to-back calls keep the weights in cache; a server's calls have gaps between them ("ort-paced")
+    figures = {**{("ort", batch): functools.partial(calls_p50, batch) for batch in sizes.batches},
+               ("ort-paced", 1): functools.partial(calls_p50, 1, PACED_GAP_SECONDS), ("prefill", 1): prefill_p50}
+    rounds = [{key: measure() for key, measure in figures.items()} for _ in range(sizes.f1_rounds)]
+    for (variant, batch) in figures:
+        median = statistics.median(found[variant, batch] for found in rounds)
+        results.add("F1", variant, batch, "p50_us", median, "us")
+        tokens_per_call = sizes.prefill_tokens if variant == "prefill" else batch
+        results.add("F1", variant, batch, "tokens_per_s", tokens_per_call / median * 1e6, "tokens/s")
 
 
 async def f2(sizes: Sizes, tokens: list[int], logs: Path, results: Results) -> None:

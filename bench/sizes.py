@@ -22,6 +22,9 @@ class Sizes:
     batches: tuple[int, ...] = (1, 16, 64, 256)  # F1 batch sizes and W2/F2 session counts
     f1_seconds: float = 1.0  # F1 time budget per batch size; at least f1_min_calls calls each
     f1_min_calls: int = 20
+    # F1 runs its batch sizes round-robin this many times and keeps each one's median round: on this shared
+    # machine a single second of batch-256 calls once came out at 11,000 tokens/s against 18,500 minutes later.
+    f1_rounds: int = 3
     prefill_tokens: int = 1000  # F1 prefill and W4 prompt length
     prefill_repeats: int = 20  # F1 prefill and W4 take the median of this many
     w1_steps: int = 500
@@ -40,9 +43,9 @@ class Sizes:
 
 PRESETS = {
     "full": Sizes(),
-    "quick": Sizes(f1_seconds=0.3, f1_min_calls=5, prefill_repeats=3, w1_steps=100, w2_steps=20, w3_steps=400,
+    "quick": Sizes(f1_seconds=0.3, f1_min_calls=5, f1_rounds=1, prefill_repeats=3, w1_steps=100, w2_steps=20, w3_steps=400,
                    w3_window=20, w5_sessions=5_000, warmup_steps=2, metrics_rounds=3),
     "smoke": Sizes(model=ModelConfig(layers=1, hidden_size=32, embed_size=16), f1_seconds=0.02,
-                   f1_min_calls=2, prefill_tokens=50, prefill_repeats=2, w1_steps=10, w2_steps=4, w3_steps=20,
+                   f1_min_calls=2, f1_rounds=1, prefill_tokens=50, prefill_repeats=2, w1_steps=10, w2_steps=4, w3_steps=20,
                    w3_window=5, w5_sessions=50, warmup_steps=1, metrics_rounds=1),
 }
