@@ -116,13 +116,27 @@ def _exit_status(pid: int, seconds: float = 20) -> int | None:
     return None
 
 
+def _where_it_hangs(pid: int, terminal: int) -> str:
+    """What a client that did not exit printed, ending with its threads' stacks (faulthandler on SIGABRT)."""
+    os.kill(pid, signal.SIGABRT)
+    printed = b""
+    while select.select([terminal], [], [], 2)[0]:
+        try:
+            printed += os.read(terminal, 65536)
+        except OSError:  # the terminal closed with the client
+            break
+    return "still running after the quit key; what it printed, its stacks last:\n" + printed.decode(errors="replace")
+
+
 @pytest.mark.parametrize("quit_key", [b"\x04", b"\x03"], ids=["ctrl-d", "ctrl-c"])
 def test_interactive_on_a_terminal_redraws_each_key(address, quit_key):
     # pty.fork makes the terminal the child's controlling terminal, so Ctrl-C sends it SIGINT.
     pid, main = pty.fork()
     if pid == 0:
         try:
-            os.execve(COMMAND, [COMMAND, "interactive"], {**os.environ, "RNNSERVE_ADDRESS": address})
+            # faulthandler: a SIGABRT makes a hung client print where each of its threads is
+            os.execve(COMMAND, [COMMAND, "interactive"],
+                      {**os.environ, "RNNSERVE_ADDRESS": address, "PYTHONFAULTHANDLER": "1"})
         finally:
             os._exit(127)
     status = None
@@ -133,7 +147,7 @@ def test_interactive_on_a_terminal_redraws_each_key(address, quit_key):
             _read_until(main, f"\x1b[K{shown}  →  '".encode())  # the line redrawn, predictions after the arrow
         os.write(main, quit_key)
         status = _exit_status(pid)
-        assert status == 0
+        assert status == 0, _where_it_hangs(pid, main) if status is None else status
     finally:
         if status is None:
             os.kill(pid, signal.SIGKILL)
