@@ -11,6 +11,7 @@ after it are printed: the same loop, easy to script and test.
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 import termios
 import tty
@@ -72,6 +73,9 @@ def run(client: Client, *, top_k: int, model: str | None, json_lines: bool,
 
 def _keys(typed: _Typed, stdin: TextIO, stdout: TextIO) -> None:
     saved = termios.tcgetattr(stdin)
+    # Ctrl-C quits, as the banner says, even when SIGINT came ignored from whoever started us (a
+    # background job, nohup): Python then installs no KeyboardInterrupt of its own.
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     tty.setcbreak(stdin)
     try:
         stdout.write("Type to see the next-token predictions. Backspace erases; Ctrl-D or Ctrl-C quits.\n")
@@ -87,6 +91,7 @@ def _keys(typed: _Typed, stdin: TextIO, stdout: TextIO) -> None:
             _redraw(typed, stdout)
     finally:
         termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        signal.signal(signal.SIGINT, interrupt)
         stdout.write("\n")
 
 

@@ -134,6 +134,9 @@ def test_interactive_on_a_terminal_redraws_each_key(address, quit_key):
     pid, main = pty.fork()
     if pid == 0:
         try:
+            # Started from a background job or nohup, as CI may be, a program inherits SIGINT ignored:
+            # Ctrl-C must quit the interactive client all the same.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             # faulthandler: a SIGABRT makes a hung client print where each of its threads is
             os.execve(COMMAND, [COMMAND, "interactive"],
                       {**os.environ, "RNNSERVE_ADDRESS": address, "PYTHONFAULTHANDLER": "1"})
