@@ -23,6 +23,7 @@ from rnnserve.server.batcher import Batcher, StepAnswer
 from rnnserve.server.durability import Durability
 from rnnserve.server.errors import InvalidArgument, ModelNotFound, ShuttingDown
 from rnnserve.server.generate import GeneratedToken, StopStrings, continue_session
+from rnnserve.server.memory import release_free_memory
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.runtime import Runtime
 from rnnserve.server.sampling import Sampler, SamplingParams
@@ -101,7 +102,8 @@ class Engine:
         while True:
             await asyncio.sleep(self.settings.sweep_seconds)
             expired = self.table.expire(time.monotonic())
-            self.pool.shrink()
+            if self.pool.shrink():
+                release_free_memory()
             if expired:
                 log.info("freed %d expired sessions; %d remain", expired, len(self.table))
 

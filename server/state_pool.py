@@ -57,8 +57,9 @@ class StatePool:
         heapq.heappush(self._free, slot)
         self._in_use -= 1
 
-    def shrink(self) -> None:
-        """Halve the arrays (or more) while at most a quarter of their rows is in use and the upper half is free.
+    def shrink(self) -> bool:
+        """Halve the arrays (or more) while at most a quarter of their rows is in use and the upper half is free;
+        True when they shrank.
 
         Half and a quarter leave room to grow again before another copy, so a table whose size
         hovers around a boundary does not copy back and forth. A long-lived session in a high
@@ -66,7 +67,7 @@ class StatePool:
         """
         capacity = self.capacity
         if self._in_use > capacity // 4 or capacity // 2 < SMALLEST_CAPACITY:
-            return
+            return False
         free = set(self._free)
         end = self._used
         while end and end - 1 in free:
@@ -74,11 +75,12 @@ class StatePool:
         while capacity // 2 >= max(end, SMALLEST_CAPACITY) and self._in_use <= capacity // 4:
             capacity //= 2
         if capacity == self.capacity:
-            return
+            return False
         self._used = end
         self._free = [slot for slot in self._free if slot < end]
         heapq.heapify(self._free)
         self._resize(capacity)
+        return True
 
     def _grow(self) -> None:
         if self.capacity >= self.limit:
