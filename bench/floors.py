@@ -8,7 +8,6 @@ driven by the same closed loop as W2.
 
 from __future__ import annotations
 
-import functools
 import statistics
 import sys
 import time
@@ -50,38 +49,51 @@ def call_times_us(call: Callable[[], object], seconds: float, min_calls: int, ga
     return times
 
 
-def f1(bundle: Bundle, threads: int, sizes: Sizes, tokens: list[int], results: Results) -> None:
+class F1:
     """Single steps at each batch size, and one prefill, through the server's own Runtime; and
     batch-1 steps 1 ms apart, the pace of served steps, which find less of the weights in cache.
 
     The Runtime is the server's onnxruntime session (threads, optimisations) and nothing else:
-    no sessions, no batcher, no gRPC. `threads` is what the server under test is given. Each
-    figure is the median of `sizes.f1_rounds` rounds, taken in turn, so that a passing slowdown
-    of the machine lowers one round of one figure and not the floor.
+    no sessions, no batcher, no gRPC. `threads` is what the server under test is given. The run
+    calls `measure_round` at points spread over it (this shared machine has slow spells of tens
+    of seconds: one read batch 256 at 11,000 tokens/s for a whole round of every size, and 18,500
+    minutes later), and each figure is the median of the rounds.
     """
-    runtime = Runtime(bundle, threads)
 
-    def batch_of(size: int, length: int = 1) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        return np.array(tokens[:size * length], np.int64).reshape(size, length), zero_states(bundle, size)
+    def __init__(self, bundle: Bundle, threads: int, sizes: Sizes, tokens: list[int]):
+        self._bundle, self._sizes, self._tokens = bundle, sizes, tokens
+        self._runtime = Runtime(bundle, threads)
+        self._rounds: list[dict[tuple[str, int], float]] = []
 
-    def calls_p50(size: int, gap_seconds: float = 0.0) -> float:
-        step, states = batch_of(size)
-        return p50(call_times_us(lambda: runtime.run(step, states), sizes.f1_seconds, sizes.f1_min_calls,
-                                 gap_seconds))
+    def measure_round(self) -> None:
+        """One p50 of every figure, unless the run's `f1_rounds` are already taken."""
+        if len(self._rounds) >= self._sizes.f1_rounds:
+            return
+        found = {("ort", batch): self._calls_p50(batch) for batch in self._sizes.batches}
+        # back-to-back calls keep the weights in cache; a server's calls have gaps between them
+        found["ort-paced", 1] = self._calls_p50(1, PACED_GAP_SECONDS)
+        found["prefill", 1] = self._prefill_p50()
+        self._rounds.append(found)
 
-    def prefill_p50() -> float:
-        prompt, states = batch_of(1, sizes.prefill_tokens)
-        return p50(call_times_us(lambda: runtime.run(prompt, states), 0.0, sizes.prefill_repeats))
+    def report(self, results: Results) -> None:
+        for variant, batch in self._rounds[0]:
+            median = statistics.median(found[variant, batch] for found in self._rounds)
+            results.add("F1", variant, batch, "p50_us", median, "us")
+            tokens_per_call = self._sizes.prefill_tokens if variant == "prefill" else batch
+            results.add("F1", variant, batch, "tokens_per_s", tokens_per_call / median * 1e6, "tokens/s")
 
-    # back-to-back calls keep the weights in cache; a server's calls have gaps between them ("ort-paced")
-    figures = {**{("ort", batch): functools.partial(calls_p50, batch) for batch in sizes.batches},
-               ("ort-paced", 1): functools.partial(calls_p50, 1, PACED_GAP_SECONDS), ("prefill", 1): prefill_p50}
-    rounds = [{key: measure() for key, measure in figures.items()} for _ in range(sizes.f1_rounds)]
-    for (variant, batch) in figures:
-        median = statistics.median(found[variant, batch] for found in rounds)
-        results.add("F1", variant, batch, "p50_us", median, "us")
-        tokens_per_call = sizes.prefill_tokens if variant == "prefill" else batch
-        results.add("F1", variant, batch, "tokens_per_s", tokens_per_call / median * 1e6, "tokens/s")
+    def _batch_of(self, size: int, length: int = 1) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        tokens = np.array(self._tokens[:size * length], np.int64).reshape(size, length)
+        return tokens, zero_states(self._bundle, size)
+
+    def _calls_p50(self, size: int, gap_seconds: float = 0.0) -> float:
+        step, states = self._batch_of(size)
+        return p50(call_times_us(lambda: self._runtime.run(step, states), self._sizes.f1_seconds,
+                                 self._sizes.f1_min_calls, gap_seconds))
+
+    def _prefill_p50(self) -> float:
+        prompt, states = self._batch_of(1, self._sizes.prefill_tokens)
+        return p50(call_times_us(lambda: self._runtime.run(prompt, states), 0.0, self._sizes.prefill_repeats))
 
 
 async def f2(sizes: Sizes, tokens: list[int], logs: Path, results: Results) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from rnnserve.server.settings import parse_settings
 
 from bench import plots
-from bench.floors import f1, f2
+from bench.floors import F1, f2
 from bench.metrics_cost import m1
 from bench.processes import ServerProcess
 from bench.reference import reference_bundle
@@ -70,14 +70,20 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     progress("reference bundle")
     bundle = reference_bundle(cache, sizes.model, sizes.model_seed)
     tokens = reference_tokens(sizes)
-    progress("F1 onnxruntime in-process")
-    f1(bundle, parse_settings(server_flags).ort_threads, sizes, tokens, results)
+    f1 = F1(bundle, parse_settings(server_flags).ort_threads, sizes, tokens)
+    progress("F1 onnxruntime in-process, round 1")
+    f1.measure_round()
     progress("F2 grpc.aio echo server")
     await f2(sizes, tokens, logs, results)
     command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
     with ServerProcess(command, logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, progress)
+    progress("F1 onnxruntime in-process, round 2 (full preset)")
+    f1.measure_round()
     await m1(command, sizes, tokens, logs, results, progress)
+    progress("F1 onnxruntime in-process, round 3 (full preset)")
+    f1.measure_round()
+    f1.report(results)
     progress(f"W5 memory of {sizes.w5_sessions:,} idle sessions (fresh server)")
     with ServerProcess(command + ["--max-sessions", str(sizes.w5_sessions + 1)], logs / "server-w5.log") as server:
         await w5(server, sizes, tokens, bundle.state_bytes_per_session, results)

@@ -22,8 +22,7 @@ class Sizes:
     batches: tuple[int, ...] = (1, 16, 64, 256)  # F1 batch sizes and W2/F2 session counts
     f1_seconds: float = 1.0  # F1 time budget per batch size; at least f1_min_calls calls each
     f1_min_calls: int = 20
-    # F1 runs its batch sizes round-robin this many times and keeps each one's median round: on this shared
-    # machine a single second of batch-256 calls once came out at 11,000 tokens/s against 18,500 minutes later.
+    # F1 rounds, spread over the run (at most 3: start, after W1-W4, after M1); each figure is their median
     f1_rounds: int = 3
     prefill_tokens: int = 1000  # F1 prefill and W4 prompt length
     prefill_repeats: int = 20  # F1 prefill and W4 take the median of this many
