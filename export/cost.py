@@ -10,14 +10,18 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnserve import bundle as bundle_format
+from rnnserve.server.runtime import session_options
+from rnnserve.server.settings import Settings
+
+DEFAULT_THREADS = Settings().ort_threads
 
 
 def measure_step_cost(graph_path: Path, specs: Sequence[bundle_format.StateSpec],
                       batches: Sequence[int] = (1, 256), repeats: int = 50) -> dict[str, float]:
-    """Median time of one single-token step at each batch size, as the server would run it."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
+    """Median time of one single-token step at each batch size, with the server's onnxruntime options
+    (its default threads)."""
+    session = ort.InferenceSession(str(graph_path), session_options(DEFAULT_THREADS),
+                                   providers=["CPUExecutionProvider"])
     cost = {}
     for batch in batches:
         feed = {bundle_format.TOKENS_INPUT: np.ones((batch, 1), np.int64),
