@@ -25,11 +25,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from rnnserve.server.errors import RnnserveError, ServerFault
-from rnnserve.server.prediction import Prediction, TopK, top_k
+from rnnserve.server.prediction import Prediction, top_k
 from rnnserve.server.runtime import RunResult, Runtime
 from rnnserve.server.sessions import Session
 from rnnserve.server.state_pool import StatePool
@@ -39,8 +40,10 @@ NEXT_LOGITS = "next_logits"  # the pool's row for the prediction after a session
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class StepAnswer:
+class StepAnswer(NamedTuple):
+    """A committed step's answer. A tuple, not a dataclass: one is made per step on the loop, and a
+    frozen dataclass costs a setattr call per field."""
+
     position: int  # the session's position after the step
     prediction: Prediction
 
@@ -235,25 +238,28 @@ class Batcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            result, top = await loop.run_in_executor(self._executor, self._compute, slots, tokens, k, temperatures)
+            result, predictions = await loop.run_in_executor(self._executor, self._compute, slots, tokens, k,
+                                                             temperatures)
         except Exception:
             log.exception("a model call of %d steps failed; none of them was applied", len(batch))
             self._fail(batch)
             self._report(BatchReport(len(batch), tokens.size, queue_wait, 0.0, time.perf_counter() - started, 0, True))
             return
         compute_seconds = time.perf_counter() - started
-        applied = self._commit(batch, slots, result, top, k)
+        applied = self._commit(batch, slots, result, predictions, k)
         self._report(BatchReport(len(batch), tokens.size, queue_wait, result.seconds, compute_seconds, applied))
 
     def _compute(self, slots: np.ndarray, tokens: np.ndarray, k: int,
-                 temperatures: np.ndarray) -> tuple[RunResult, TopK]:
-        """In the worker thread. Reading rows here is safe: rows of sessions in a running batch change
-        only in `_commit`, which runs on the loop after this returns."""
+                 temperatures: np.ndarray) -> tuple[RunResult, list[Prediction]]:
+        """In the worker thread, with each row's prediction made here rather than on the loop, which
+        has every stream's messages to read and write meanwhile. Reading rows here is safe: rows of
+        sessions in a running batch change only in `_commit`, which runs on the loop after this returns."""
         states = self.pool.gather(self._state_names, slots)  # [batch, layers, hidden] each
         result = self.runtime.run(tokens, states)
-        return result, top_k(result.next_logits, k, 1.0 / temperatures)
+        return result, top_k(result.next_logits, k, 1.0 / temperatures).rows()
 
-    def _commit(self, batch: list[Step], slots: np.ndarray, result: RunResult, top: TopK, k: int) -> int:
+    def _commit(self, batch: list[Step], slots: np.ndarray, result: RunResult, predictions: list[Prediction],
+                k: int) -> int:
         """Apply what ran, except steps withdrawn meanwhile; answer each step and admit its session's next."""
         now = time.monotonic()
         live = [not step.future.done() and (step.deadline is None or now < step.deadline) for step in batch]
@@ -263,12 +269,13 @@ class Batcher:
         else:
             mask = np.array(live)
             self.pool.scatter([*self._state_names, NEXT_LOGITS], slots[mask], [value[mask] for value in values])
-        for step, is_live, prediction in zip(batch, live, top.rows()):
+        for step, is_live, prediction in zip(batch, live, predictions):
             if is_live:
                 if step.top_k < k:
                     prediction = Prediction(*(column[: step.top_k] for column in prediction))
-                answer = StepAnswer(step.session.position + len(step.tokens), prediction)
-                step.session.advance(step.tokens, answer, now)
+                session = step.session
+                answer = StepAnswer(session.position + len(step.tokens), prediction)
+                session.advance(step.tokens, answer, now)
                 step.future.set_result(answer)
             else:
                 step.future.cancel()
