@@ -3,7 +3,8 @@
 It speaks the project's own StepRequest and StepResponse through a generic handler, so the
 messages on the wire are the size the real server's are (a session id and a token in; 5 ids and
 5 probabilities out) and the load generator drives it with the very stub it points at the server.
-What it sustains is what a Python grpc.aio server can do on this machine at best.
+What it sustains is what a Python grpc.aio server can do on this machine at best, on the event
+loop the server under test runs on (`--event-loop`).
 
 Run as its own process: `python bench/echo.py --listen 127.0.0.1:0` prints the port it bound.
 """
@@ -11,10 +12,10 @@ Run as its own process: `python bench/echo.py --listen 127.0.0.1:0` prints the p
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+from rnnserve.server import event_loop
 from rnnserve.v1 import rnnserve_pb2
 
 # A fixed top-5 answer: what the real server computes, here without computing it.
@@ -50,7 +51,10 @@ async def serve(listen: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/echo.py", description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:0", help="address to bind; port 0 picks a free one")
-    asyncio.run(serve(parser.parse_args(argv).listen))
+    parser.add_argument("--event-loop", choices=event_loop.EVENT_LOOPS, default=event_loop.DEFAULT_EVENT_LOOP,
+                        help="the event loop to serve on, as rnnserve-server's flag of that name")
+    args = parser.parse_args(argv)
+    event_loop.run(serve(args.listen), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -98,9 +98,9 @@ class F1:
         return p50(call_times_us(lambda: self._runtime.run(prompt, states), 0.0, self._sizes.prefill_repeats))
 
 
-async def f2(sizes: Sizes, tokens: list[int], logs: Path, results: Results) -> None:
-    """The echo server at each stream count, closed loop, as W2 drives the real one."""
-    with ServerProcess([sys.executable, str(ECHO_SERVER)], logs / "echo.log") as echo:
+async def f2(sizes: Sizes, tokens: list[int], loop: str, logs: Path, results: Results) -> None:
+    """The echo server on the server's event loop `loop` at each stream count, closed loop, as W2 drives the real one."""
+    with ServerProcess([sys.executable, str(ECHO_SERVER), "--event-loop", loop], logs / "echo.log") as echo:
         async with connect(echo) as endpoint:
             for streams in sizes.batches:
                 async with open_streams(endpoint.stub, streams) as calls:

@@ -70,7 +70,8 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     progress("reference bundle")
     bundle = reference_bundle(cache, sizes.model, sizes.model_seed)
     tokens = reference_tokens(sizes)
-    f1 = F1(bundle, parse_settings(server_flags).ort_threads, sizes, tokens)
+    settings = parse_settings(server_flags)
+    f1 = F1(bundle, settings.ort_threads, sizes, tokens)
 
     def f1_round() -> None:  # taken at three points of the run, while the preset wants rounds
         if f1.rounds_left:
@@ -79,7 +80,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
 
     f1_round()
     progress("F2 grpc.aio echo server")
-    await f2(sizes, tokens, logs, results)
+    await f2(sizes, tokens, settings.event_loop, logs, results)
     command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
     with ServerProcess(command, logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, progress)
@@ -107,7 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "committed figures)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="reference bundles and server logs")
     parser.add_argument("--server-args", default="",
-                        help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows --ort-threads)")
+                        help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows --ort-threads, "
+                             "the F2 echo server --event-loop)")
     return parser.parse_args(argv)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from rnnserve.bundle import BundleError
 from rnnserve.server.app import create_server
+from rnnserve.server import event_loop
 from rnnserve.server.auth import TokensFileError
 from rnnserve.server.logs import configure_logging
 from rnnserve.server.settings import Settings, parse_settings
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        event_loop.run(serve(settings), settings.event_loop)
     except (BundleError, OSError, TokensFileError) as err:
         log.error("cannot serve: %s", err)
         sys.exit(2)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rnnserve.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from rnnserve.server.logs import LOG_FORMATS
 
 ENV_PREFIX = "RNNSERVE_"
@@ -76,6 +77,10 @@ class Settings:
     ort_threads: int = _setting(
         0, "onnxruntime intra-op threads; 0 gives it one per CPU this process may run on. Its threads sleep "
         "between calls, so they take no core from the event loop while it has work of its own.", minimum=0)
+    event_loop: str = _setting(
+        DEFAULT_EVENT_LOOP, "The asyncio event loop: 'uvloop' (installed with rnnserve where it builds) runs the "
+        "loop's per-message callbacks in C, about a fifth less CPU per streamed step than 'asyncio', the "
+        "standard library's.", choices=EVENT_LOOPS)
     grace_seconds: float = _setting(
         10.0, "On SIGTERM or SIGINT, how long calls in flight may take to finish before they are cancelled.",
         minimum=0)

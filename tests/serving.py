@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from rnnserve.bundle import Bundle
 from rnnserve.server.app import Server, create_server
+from rnnserve.server.event_loop import loop_factory
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 
@@ -60,7 +61,7 @@ class RunningServer:
     """A started server, its address, and a way to run coroutines on its event loop."""
 
     def __init__(self, bundle: Bundle, settings: Settings):
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory(settings.event_loop)()
         self._thread = threading.Thread(target=self.loop.run_forever, name="rnnserve-test-server", daemon=True)
         self._thread.start()
         self.server, self.port = self.run(self._start(settings, bundle))
