@@ -21,13 +21,13 @@ log = logging.getLogger("rnnserve.server")
 async def serve(settings: Settings) -> None:
     server, port = create_server(settings)
     await server.start()
-    bundle = server.engine.bundle
-    log.info("serving model %s (%s, %d x %d, sha256 %s) on %s, port %d", bundle.name, bundle.cell,
-             bundle.states[0].layers, bundle.states[0].hidden, bundle.sha256[:12], settings.listen, port)
+    bundle, loop = server.engine.bundle, asyncio.get_running_loop()
+    loop_module = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
+    log.info("serving model %s (%s, %d x %d, sha256 %s) on %s, port %d, event loop %s", bundle.name, bundle.cell,
+             bundle.states[0].layers, bundle.states[0].hidden, bundle.sha256[:12], settings.listen, port, loop_module)
     if server.metrics_port is not None:
         log.info("metrics at /metrics on %s, port %d", settings.metrics_listen, server.metrics_port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()

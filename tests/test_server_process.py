@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rnnserve.server.app import SERVICE_NAME
+from rnnserve.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
 
 def test_health_reports_serving_for_the_server_and_the_service(channel):
@@ -38,12 +40,18 @@ def test_the_serving_path_never_imports_torch():
     assert json.loads(result.stdout) == []
 
 
-def test_the_command_serves_until_sigterm_then_stops_cleanly(bundle):
-    environ = {**os.environ, "RNNSERVE_BUNDLE": str(bundle.path)}
+def test_uvloop_is_the_default_event_loop_where_it_is_installed():
+    assert DEFAULT_EVENT_LOOP == "uvloop" and "asyncio" in EVENT_LOOPS  # uvloop is a dependency on Linux
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_the_command_serves_until_sigterm_then_stops_cleanly(bundle, event_loop):
+    environ = {**os.environ, "RNNSERVE_BUNDLE": str(bundle.path), "RNNSERVE_EVENT_LOOP": event_loop}
     process = subprocess.Popen([sys.executable, "-m", "rnnserve.server.main", "--listen", "127.0.0.1:0"],
                                env=environ, stderr=subprocess.PIPE, text=True)
     try:
         started = process.stderr.readline()
+        assert f"event loop {event_loop}" in started  # the loop it runs on, not just the one it was asked for
         port = int(re.search(r"port (\d+)", started).group(1))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
