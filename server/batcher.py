@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rnnserve.server.errors import RnnserveError, ServerFault
-from rnnserve.server.prediction import Prediction, top_k
+from rnnserve.server.prediction import Prediction, Ranker
 from rnnserve.server.runtime import RunResult, Runtime
 from rnnserve.server.sessions import Session
 from rnnserve.server.state_pool import StatePool
@@ -89,6 +89,7 @@ class Batcher:
         self.max_queue_delay_seconds = max_queue_delay_seconds
         self.on_batch = on_batch
         self._state_names = [s.name for s in runtime.bundle.states]
+        self._ranker = Ranker(len(runtime.bundle.vocab))
         self._queues: dict[int, deque[Step]] = {}  # by step length
         self._queued = 0
         self._wakeup: asyncio.Future[None] | None = None
@@ -256,7 +257,7 @@ class Batcher:
         sessions in a running batch change only in `_commit`, which runs on the loop after this returns."""
         states = self.pool.gather(self._state_names, slots)  # [batch, layers, hidden] each
         result = self.runtime.run(tokens, states)
-        return result, top_k(result.next_logits, k, 1.0 / temperatures).rows()
+        return result, self._ranker.top_k(result.next_logits, k, 1.0 / temperatures).rows()
 
     def _commit(self, batch: list[Step], slots: np.ndarray, result: RunResult, predictions: list[Prediction],
                 k: int) -> int:

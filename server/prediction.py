@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
 
-from rnnserve.evaluate import log_softmax
-
+from rnnserve.server.runtime import session_options
 
 class Prediction(NamedTuple):
     """The k most likely next tokens, most likely first (parallel lists)."""
@@ -34,40 +36,42 @@ class TopK(NamedTuple):
                                                self.logprobs.tolist())]
 
 
-# Up to this k, k passes of argmax over the batch beat one argpartition, whose per-row cost dominates
-# on rows this short: batch 256 x 100 tokens at k=5, 52 us against 324 us.
-ARGMAX_PASSES_MAX_K = 8
+class Ranker:
+    """The k most likely next tokens of every row of a batch, each row at its own temperature.
 
-
-def top_k(logits: np.ndarray, k: int, inverse_temperature: np.ndarray) -> TopK:
-    """logits [batch, vocab] float32, inverse_temperature [batch] -> the k most likely per row.
-
-    Temperature does not change which tokens are most likely, only their probabilities, so the
-    ranking is taken once for the whole batch and each row is scaled by its own temperature.
+    A small onnxruntime graph (scale, log-softmax, top-k, exp) rather than numpy: a handful of
+    kernels in one call instead of some 25 numpy calls, which matters right after a model call,
+    when the caches hold the model's weights. Measured at batch 1 just after a reference-model
+    step: 40 us against numpy's 65-70 (warm: 9 against 16); at batch 256 both take 127 us. One
+    thread: the work is too small to be worth waking another.
     """
-    logprobs = log_softmax(logits * inverse_temperature[:, None])  # [batch, vocab]
-    ids = _ranked_by_argmax(logprobs, k) if k <= ARGMAX_PASSES_MAX_K else _ranked_by_partition(logprobs, k)
-    top_logprobs = np.take_along_axis(logprobs, ids, axis=1)
-    return TopK(ids, np.exp(top_logprobs), top_logprobs)
+
+    def __init__(self, vocab_size: int):
+        self._session = ort.InferenceSession(_top_k_graph(vocab_size).SerializeToString(), session_options(1),
+                                             providers=["CPUExecutionProvider"])
+
+    def top_k(self, logits: np.ndarray, k: int, inverse_temperature: np.ndarray) -> TopK:
+        """logits [batch, vocab] float32, inverse_temperature [batch] float32 -> the k most likely per row.
+
+        Ties keep the lower id first (ONNX TopK's rule).
+        """
+        feed = {"logits": logits, "inverse_temperature": inverse_temperature, "k": np.array([k], np.int64)}
+        return TopK(*self._session.run(None, feed))
 
 
-def _ranked_by_argmax(logprobs: np.ndarray, k: int) -> np.ndarray:
-    """[batch, k] ids, most likely first, a pass of argmax per rank (ties: the lower id first)."""
-    remaining = logprobs.copy()
-    rows = np.arange(len(remaining))
-    ids = np.empty((len(remaining), k), np.int64)
-    for rank in range(k):
-        ids[:, rank] = best = remaining.argmax(axis=1)
-        remaining[rows, best] = -np.inf
-    return ids
-
-
-def _ranked_by_partition(logprobs: np.ndarray, k: int) -> np.ndarray:
-    """[batch, k] ids, most likely first: the k best found by argpartition, then sorted."""
-    vocab = logprobs.shape[1]
-    if k < vocab:
-        candidates = np.argpartition(logprobs, vocab - k, axis=1)[:, vocab - k:]  # [batch, k], unordered
-    else:
-        candidates = np.broadcast_to(np.arange(vocab), logprobs.shape)
-    order = np.argsort(-np.take_along_axis(logprobs, candidates, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(candidates, order, axis=1)
+def _top_k_graph(vocab_size: int) -> onnx.ModelProto:
+    """(logits [batch, vocab], inverse_temperature [batch], k [1]) -> (token_ids, probabilities, logprobs) [batch, k]."""
+    nodes = [helper.make_node("Unsqueeze", ["inverse_temperature", "column_axis"], ["inverse_temperature_column"]),
+             helper.make_node("Mul", ["logits", "inverse_temperature_column"], ["scaled_logits"]),
+             helper.make_node("LogSoftmax", ["scaled_logits"], ["all_logprobs"], axis=-1),
+             helper.make_node("TopK", ["all_logprobs", "k"], ["logprobs", "token_ids"], axis=-1, largest=1, sorted=1),
+             helper.make_node("Exp", ["logprobs"], ["probabilities"])]
+    inputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab_size]),
+              helper.make_tensor_value_info("inverse_temperature", TensorProto.FLOAT, ["batch"]),
+              helper.make_tensor_value_info("k", TensorProto.INT64, [1])]
+    outputs = [helper.make_tensor_value_info("token_ids", TensorProto.INT64, ["batch", "k"]),
+               helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", "k"]),
+               helper.make_tensor_value_info("logprobs", TensorProto.FLOAT, ["batch", "k"])]
+    column_axis = helper.make_tensor("column_axis", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(nodes, "top_k", inputs, outputs, [column_axis])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rnnserve.server.prediction import top_k
+from rnnserve.server.prediction import Ranker
 
 
 def per_row(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -13,12 +13,12 @@ def per_row(logits: np.ndarray, temperature: float) -> np.ndarray:
     return probabilities / probabilities.sum()
 
 
-@pytest.mark.parametrize("k", [1, 5, 8, 9, 13])  # both sides of ARGMAX_PASSES_MAX_K
+@pytest.mark.parametrize("k", [1, 5, 8, 9, 13])  # 13: the whole vocabulary
 def test_batched_top_k_equals_per_row(k):
     rng = np.random.default_rng(k)
     logits = (3 * rng.standard_normal((6, 13))).astype(np.float32)  # [batch, vocab]
     temperatures = np.array([1.0, 0.5, 2.0, 100.0, 0.01, 1.0], np.float32)
-    top = top_k(logits, k, 1.0 / temperatures)
+    top = Ranker(13).top_k(logits, k, 1.0 / temperatures)
     for row, prediction in enumerate(top.rows()):
         probabilities = per_row(logits[row], float(temperatures[row]))
         # the k best, best first; tokens whose probabilities tie within float32 may come in either order
@@ -26,3 +26,17 @@ def test_batched_top_k_equals_per_row(k):
         np.testing.assert_allclose(prediction.probabilities, probabilities[prediction.token_ids], atol=1e-6)
         assert len(set(prediction.token_ids)) == k
         np.testing.assert_allclose(np.exp(prediction.logprobs), prediction.probabilities, rtol=1e-5, atol=1e-7)
+
+
+def test_tied_tokens_come_lower_id_first():
+    logits = np.zeros((2, 7), np.float32)
+    logits[1, [2, 5]] = 1.0  # two tied leaders, then five tied followers
+    top = Ranker(7).top_k(logits, 4, np.ones(2, np.float32))
+    assert top.token_ids.tolist() == [[0, 1, 2, 3], [2, 5, 0, 1]]
+
+
+def test_the_coldest_temperature_allowed_is_greedy_and_finite():
+    logits = np.array([[0.5, 2.0, 1.999]], np.float32)
+    top = Ranker(3).top_k(logits, 3, np.array([1.0 / 1e-6], np.float32))  # convert.MIN_STEP_TEMPERATURE
+    assert top.token_ids[0, 0] == 1 and np.isfinite(top.logprobs).all()
+    assert top.probabilities[0, 0] == pytest.approx(1.0)
