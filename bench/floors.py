@@ -53,16 +53,17 @@ class F1:
     """Single steps at each batch size, and one prefill, through the server's own Runtime; and
     batch-1 steps 1 ms apart, the pace of served steps, which find less of the weights in cache.
 
-    The Runtime is the server's onnxruntime session (threads, optimisations) and nothing else:
-    no sessions, no batcher, no gRPC. `threads` is what the server under test is given. The run
+    The Runtime is the server's onnxruntime session (threads, spinning, optimisations) and nothing
+    else: no sessions, no batcher, no gRPC. `threads` and `spinning` are what the server under
+    test is given. The run
     calls `measure_round` at points spread over it (this shared machine has slow spells of tens
     of seconds: one read batch 256 at 11,000 tokens/s for a whole round of every size, and 18,500
     minutes later), and each figure is the median of the rounds.
     """
 
-    def __init__(self, bundle: Bundle, threads: int, sizes: Sizes, tokens: list[int]):
+    def __init__(self, bundle: Bundle, threads: int, spinning: bool, sizes: Sizes, tokens: list[int]):
         self._bundle, self._sizes, self._tokens = bundle, sizes, tokens
-        self._runtime = Runtime(bundle, threads)
+        self._runtime = Runtime(bundle, threads, spinning)
         self._rounds: list[dict[tuple[str, int], float]] = []
 
     @property

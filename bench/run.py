@@ -71,7 +71,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     bundle = reference_bundle(cache, sizes.model, sizes.model_seed)
     tokens = reference_tokens(sizes)
     settings = parse_settings(server_flags)
-    f1 = F1(bundle, settings.ort_threads, sizes, tokens)
+    f1 = F1(bundle, settings.ort_threads, settings.ort_spins, sizes, tokens)
 
     def f1_round() -> None:  # taken at three points of the run, while the preset wants rounds
         if f1.rounds_left:
@@ -108,8 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "committed figures)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="reference bundles and server logs")
     parser.add_argument("--server-args", default="",
-                        help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows --ort-threads, "
-                             "the F2 echo server --event-loop)")
+                        help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows --ort-threads and "
+                             "--ort-spinning, the F2 echo server --event-loop)")
     return parser.parse_args(argv)
 
 

@@ -13,14 +13,15 @@ from rnnserve import bundle as bundle_format
 from rnnserve.server.runtime import session_options
 from rnnserve.server.settings import Settings
 
-DEFAULT_THREADS = Settings().ort_threads
+SERVER_DEFAULTS = Settings()
 
 
 def measure_step_cost(graph_path: Path, specs: Sequence[bundle_format.StateSpec],
                       batches: Sequence[int] = (1, 256), repeats: int = 50) -> dict[str, float]:
     """Median time of one single-token step at each batch size, with the server's onnxruntime options
-    (its default threads)."""
-    session = ort.InferenceSession(str(graph_path), session_options(DEFAULT_THREADS),
+    (its default threads and spinning)."""
+    session = ort.InferenceSession(str(graph_path),
+                                   session_options(SERVER_DEFAULTS.ort_threads, SERVER_DEFAULTS.ort_spins),
                                    providers=["CPUExecutionProvider"])
     cost = {}
     for batch in batches:

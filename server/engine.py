@@ -63,7 +63,7 @@ class Engine:
         self.bundle = bundle
         self.settings = settings
         self.metrics = metrics
-        runtime = Runtime(bundle, settings.ort_threads)
+        runtime = Runtime(bundle, settings.ort_threads, settings.ort_spins)
         self.pool = StatePool(Batcher.pool_rows(runtime), settings.max_sessions)
         self.table = SessionTable(self.pool, max_sessions=settings.max_sessions,
                                   evict_when_full=settings.when_full == "evict-oldest",

@@ -18,7 +18,7 @@ class Core:
     """Runtime, pool, table and batcher, wired as the engine wires them."""
 
     def __init__(self, bundle, **limits):
-        self.runtime = Runtime(bundle, threads=1)
+        self.runtime = Runtime(bundle, threads=1, spinning=False)
         self.pool = StatePool(Batcher.pool_rows(self.runtime), limit=64)
         self.table = SessionTable(self.pool, max_sessions=64, evict_when_full=False, remember_removed=64)
         self.reports: list[BatchReport] = []

@@ -106,7 +106,7 @@ def test_a_snapshot_of_another_model_is_refused_kept_aside_and_never_loaded(bund
 
 
 def test_periodic_snapshots_bound_what_kill_9_loses(bundle, tmp_path):
-    path, rows = tmp_path / "sessions.snap", Batcher.pool_rows(Runtime(bundle, threads=1))
+    path, rows = tmp_path / "sessions.snap", Batcher.pool_rows(Runtime(bundle, threads=1, spinning=False))
     flags = snapshot_flags(path, interval=3.0)
     with serving(bundle, tmp_path / "killed.log", flags) as (server, channel):
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
