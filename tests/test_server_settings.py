@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from rnnserve.server.runtime import session_options
 from rnnserve.server.settings import Settings, build_parser, parse_settings
 
 
@@ -33,6 +34,7 @@ def test_every_field_has_a_flag_an_environment_twin_and_help():
     (["--default-ttl-seconds", "100", "--max-ttl-seconds", "10"], {}, "exceeds max_ttl_seconds"),
     ([], {"RNNSERVE_MAX_SESSIONS": "many"}, "RNNSERVE_MAX_SESSIONS"),
     ([], {"RNNSERVE_WHEN_FULL": "panic"}, "when_full must be one of"),
+    (["--ort-spinning", "sometimes"], {}, "--ort-spinning: invalid choice"),
     ([], {"RNNSERVE_TLS_CERT": "server.pem"}, "tls_cert and tls_key go together"),
     (["--tls-client-ca", "ca.pem"], {}, "tls_client_ca (mutual TLS) needs tls_cert"),
 ])
@@ -40,3 +42,10 @@ def test_bad_values_exit_with_a_message_naming_them(argv, environ, message, caps
     with pytest.raises(SystemExit):
         parse_settings(argv, environ)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "spins"), [("on", "1"), ("off", "0")])
+def test_ort_spinning_reaches_onnxruntime(value, spins):
+    settings = parse_settings([], {"RNNSERVE_ORT_SPINNING": value})
+    options = session_options(settings.ort_threads, settings.ort_spins)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == spins
