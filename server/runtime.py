@@ -31,12 +31,13 @@ def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
     """Sequential execution (the graph is a chain) and all graph optimisations.
 
     `threads` 0 means one per usable CPU: on the 2-core machine, 1.4x the single-thread speed at
-    batch 1 and 1.7x at batch 256. `spinning` lets onnxruntime's threads spin a little while for
-    the next call instead of sleeping at once (onnxruntime's own default). On a virtual machine
-    a sleeping CPU costs every thread that needs it a slow wake-up; measured side by side with the
-    reference model, spinning took W1 from 1,313 to 1,027 us a step, W2 stream at 256 sessions from
-    7,676 to 8,496 tokens/s and a 256-session StepBatch from 19,956 to 21,398, for 0.03 s of CPU in
-    the two idle seconds after a step (0.01 without).
+    batch 1 and 1.7x at batch 256. `spinning` lets onnxruntime's threads spin a short while for
+    the next call instead of sleeping at once. Measured side by side with the reference model on
+    a 2-core virtual machine: spinning took W1 from 1,313 to 1,027-1,068 us a step (waking a
+    sleeping virtual CPU is slow) and a 256-session StepBatch from 20,400-21,000 to 21,200-22,100
+    tokens/s, but at 256 sessions it took unary Step calls from 4,170-4,325 to 2,094-2,337 tokens/s
+    and streams from 8,242-8,657 to 6,662-7,930, because a spinning thread holds a core the event
+    loop needs. Hence off by default.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
