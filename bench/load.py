@@ -87,7 +87,9 @@ def batch_round_trip(stub: rnnserve_pb2_grpc.InferenceStub, session_ids: Sequenc
 
     async def round_trip() -> None:
         token_ids = next(feed)
-        request = rnnserve_pb2.StepBatchRequest(steps=[step_request(s, token_ids) for s in session_ids])
+        request = rnnserve_pb2.StepBatchRequest()
+        for session_id in session_ids:  # built in place: a list of StepRequests would be copied in again
+            request.steps.add(session_id=session_id, token_ids=token_ids)
         for result in (await stub.StepBatch(request)).results:
             check(result)
 
