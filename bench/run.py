@@ -3,7 +3,8 @@
 Order matters on a 2-core machine: each stage has the cores to itself. F1 runs in this process
 before any server exists; the echo server (F2) is stopped before rnnserve-server starts; M1
 starts its own servers, with metrics and without, one at a time; W5 gets a fresh server so that
-its baseline is a server that never held a session.
+its baseline is a server that never held a session. F1 and the loops the targets read most (W1,
+W2 at the most sessions) are measured in rounds spread over the run, each figure their median.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from bench.processes import ServerProcess
 from bench.reference import reference_bundle
 from bench.report import Run, machine, write_json, write_markdown
 from bench.sizes import PRESETS, Sizes
-from bench.stats import Results
+from bench.stats import Results, Rounds
 from bench.targets import verdicts
-from bench.workloads import w1_to_w4, w5
+from bench.workloads import headline_round, w1_to_w4, w5
 
 HERE = Path(__file__).resolve().parent
 TOKEN_SEED = 1
@@ -82,15 +83,28 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     progress("F2 grpc.aio echo server")
     await f2(sizes, tokens, settings.event_loop, logs, results)
     command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
+    rounds, later_rounds = Rounds(), iter(range(2, sizes.headline_rounds + 1))
+
+    async def headline() -> None:  # rounds 2 and 3, while the preset wants them: after M1, after W5
+        number = next(later_rounds, None)
+        if number is not None:
+            progress(f"W1 latency and W2 at {max(sizes.batches)} sessions, round {number} of "
+                     f"{sizes.headline_rounds} (fresh server)")
+            with ServerProcess(command, logs / f"server-round{number}.log") as server:
+                await headline_round(server, sizes, tokens, rounds)
+
     with ServerProcess(command, logs / "server.log") as server:
-        await w1_to_w4(server, sizes, tokens, results, progress)
+        await w1_to_w4(server, sizes, tokens, results, rounds, progress)
     f1_round()
     await m1(command, sizes, tokens, logs, results, progress)
+    await headline()
     f1_round()
     f1.report(results)
     progress(f"W5 memory of {sizes.w5_sessions:,} idle sessions (fresh server)")
     with ServerProcess(command + ["--max-sessions", str(sizes.w5_sessions + 1)], logs / "server-w5.log") as server:
         await w5(server, sizes, tokens, bundle.state_bytes_per_session, results)
+    await headline()
+    rounds.report(results)
     return results, shlex.join([Path(command[0]).name, *command[1:]])
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -62,12 +64,34 @@ class Results:
     def add_loop(self, workload: str, variant: str, sessions: int, timed: Timed,
                  rate_metric: str = "tokens_per_s", rate_unit: str = "tokens/s") -> None:
         """Rate, median and p99 latency of a closed loop, in the names the targets read."""
-        self.add(workload, variant, sessions, rate_metric, timed.tokens_per_s, rate_unit)
-        self.add(workload, variant, sessions, "p50_us", p50(timed.latencies_us), "us")
-        self.add(workload, variant, sessions, "p99_us", p99(timed.latencies_us), "us")
+        self.add_loops(workload, variant, sessions, [timed], rate_metric, rate_unit)
+
+    def add_loops(self, workload: str, variant: str, sessions: int, rounds: list[Timed],
+                  rate_metric: str = "tokens_per_s", rate_unit: str = "tokens/s") -> None:
+        """As `add_loop`, each figure the median of the rounds' (the same closed loop measured at
+        points spread over the run, so that one slow spell of the machine does not make the figure)."""
+
+        def add(metric: str, figure: Callable[[Timed], float], unit: str) -> None:
+            self.add(workload, variant, sessions, metric, statistics.median(map(figure, rounds)), unit)
+
+        add(rate_metric, lambda timed: timed.tokens_per_s, rate_unit)
+        add("p50_us", lambda timed: p50(timed.latencies_us), "us")
+        add("p99_us", lambda timed: p99(timed.latencies_us), "us")
         # Where the cores went: per token, so that the load generator's share can be read off.
-        self.add(workload, variant, sessions, "client_cpu_us_per_token", timed.client_cpu_seconds / timed.tokens * 1e6,
-                 "us")
-        self.add(workload, variant, sessions, "server_cpu_us_per_token", timed.server_cpu_seconds / timed.tokens * 1e6,
-                 "us")
-        self.latencies_us[f"{workload} {variant} S={sessions}"] = timed.latencies_us
+        add("client_cpu_us_per_token", lambda timed: timed.client_cpu_seconds / timed.tokens * 1e6, "us")
+        add("server_cpu_us_per_token", lambda timed: timed.server_cpu_seconds / timed.tokens * 1e6, "us")
+        self.latencies_us[f"{workload} {variant} S={sessions}"] = [us for timed in rounds for us in timed.latencies_us]
+
+
+@dataclass
+class Rounds:
+    """Closed loops measured in rounds spread over the run, reported together at its end as medians."""
+
+    loops: dict[tuple[str, str, int], list[Timed]] = field(default_factory=dict)
+
+    def add(self, workload: str, variant: str, sessions: int, timed: Timed) -> None:
+        self.loops.setdefault((workload, variant, sessions), []).append(timed)
+
+    def report(self, results: Results) -> None:
+        for (workload, variant, sessions), rounds in self.loops.items():
+            results.add_loops(workload, variant, sessions, rounds)

@@ -18,7 +18,7 @@ from bench.load import (Endpoint, RoundTrip, batch_round_trip, closed_loop, conn
                         open_streams, stream_round_trip, unary_round_trip)
 from bench.processes import ServerProcess
 from bench.sizes import Sizes
-from bench.stats import Results, Timed, p50
+from bench.stats import Results, Rounds, Timed, p50
 
 # Sessions are opened and closed this many calls at a time: enough to keep the server busy,
 # few enough that 100,000 creations never pile up as 100,000 pending calls.
@@ -65,24 +65,32 @@ async def unary_steps(server: Endpoint, count: int, steps: int, warmup: int, tok
         return await closed_loop(trips, steps, warmup, server.pid)
 
 
-async def w1(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Results) -> None:
-    """Latency: one session, one step at a time over its stream."""
-    results.add_loop("W1", "stream", 1, await stream_steps(server, 1, sizes.w1_steps, sizes.warmup_steps, tokens))
+async def batch_steps(server: Endpoint, count: int, steps: int, warmup: int, tokens: Sequence[int]) -> Timed:
+    """`count` sessions stepped together, one StepBatch message per step, closed loop."""
+    async with sessions(server.stub, count) as ids:
+        trip = batch_round_trip(server.stub, ids, one_token_at_a_time(tokens))
+        return await closed_loop([trip], steps, warmup, server.pid, count)
+
+
+async def headline(server: Endpoint, sizes: Sizes, tokens: Sequence[int], rounds: Rounds) -> None:
+    """The loops the targets read: W1 (one session, a step at a time over its stream), and W2 at the
+    most sessions, a stream each and all in one StepBatch. Measured in rounds spread over the run."""
+    rounds.add("W1", "stream", 1, await stream_steps(server, 1, sizes.w1_steps, sizes.warmup_steps, tokens))
+    count = max(sizes.batches)
+    rounds.add("W2", "stream", count, await stream_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
+    rounds.add("W2", "multi", count, await batch_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
 
 
 async def w2(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Results) -> None:
-    """Throughput at each session count: a stream per session, a Step call per step, and StepBatch."""
+    """Throughput at each session count, a stream per session and a Step call per step (the most
+    sessions' streams are in `headline`)."""
     for count in sizes.batches:
-        results.add_loop("W2", "stream", count,
-                         await stream_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
+        if count != max(sizes.batches):
+            results.add_loop("W2", "stream", count,
+                             await stream_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
     for count in sizes.batches:
         results.add_loop("W2", "unary", count,
                          await unary_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
-    count = max(sizes.batches)
-    async with sessions(server.stub, count) as ids:
-        trip = batch_round_trip(server.stub, ids, one_token_at_a_time(tokens))
-        results.add_loop("W2", "multi", count,
-                         await closed_loop([trip], sizes.w2_steps, sizes.warmup_steps, server.pid, count))
 
 
 def stateless_round_trip(stub: rnnserve_pb2_grpc.InferenceStub, prefixes: Sequence[Sequence[int]],
@@ -132,14 +140,21 @@ async def w4(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Res
     results.add("W4", "prefill", 1, "tokens_per_s", sizes.prefill_tokens / median * 1e6, "tokens/s")
 
 
-async def w1_to_w4(process: ServerProcess, sizes: Sizes, tokens: Sequence[int], results: Results,
+async def w1_to_w4(process: ServerProcess, sizes: Sizes, tokens: Sequence[int], results: Results, rounds: Rounds,
                    progress: Callable[[str], None]) -> None:
-    """W1-W4 in turn over one channel."""
+    """W1-W4 in turn over one channel, the first round of `headline` first."""
     async with connect(process) as server:
-        for name, workload in (("W1 latency", w1), ("W2 throughput", w2), ("W3 long sessions", w3),
-                               ("W4 prefill", w4)):
+        progress(f"W1 latency and W2 at {max(sizes.batches)} sessions, round 1 of {sizes.headline_rounds}")
+        await headline(server, sizes, tokens, rounds)
+        for name, workload in (("W2 throughput", w2), ("W3 long sessions", w3), ("W4 prefill", w4)):
             progress(name)
             await workload(server, sizes, tokens, results)
+
+
+async def headline_round(process: ServerProcess, sizes: Sizes, tokens: Sequence[int], rounds: Rounds) -> None:
+    """A later round of `headline`, on a server of its own."""
+    async with connect(process) as server:
+        await headline(server, sizes, tokens, rounds)
 
 
 async def w5(process: ServerProcess, sizes: Sizes, tokens: Sequence[int], state_bytes: int, results: Results) -> None:
