@@ -55,10 +55,9 @@ class F1:
 
     The Runtime is the server's onnxruntime session (threads, spinning, optimisations) and nothing
     else: no sessions, no batcher, no gRPC. `threads` and `spinning` are what the server under
-    test is given. The run
-    calls `measure_round` at points spread over it (this shared machine has slow spells of tens
-    of seconds: one read batch 256 at 11,000 tokens/s for a whole round of every size, and 18,500
-    minutes later), and each figure is the median of the rounds.
+    test is given. The run calls `measure_round` at points spread over it (this shared machine
+    has slow spells of tens of seconds: one read batch 256 at 11,000 tokens/s for a whole round
+    of every size, and 18,500 minutes later), and each figure is the median of the rounds.
     """
 
     def __init__(self, bundle: Bundle, threads: int, spinning: bool, sizes: Sizes, tokens: list[int]):
@@ -100,7 +99,8 @@ class F1:
 
 
 async def f2(sizes: Sizes, tokens: list[int], loop: str, logs: Path, results: Results) -> None:
-    """The echo server on the server's event loop `loop` at each stream count, closed loop, as W2 drives the real one."""
+    """The echo server, on the server's event loop `loop`, at each stream count, closed loop, as W2
+    drives the real one."""
     with ServerProcess([sys.executable, str(ECHO_SERVER), "--event-loop", loop], logs / "echo.log") as echo:
         async with connect(echo) as endpoint:
             for streams in sizes.batches:

@@ -122,8 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "committed figures)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="reference bundles and server logs")
     parser.add_argument("--server-args", default="",
-                        help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows --ort-threads and "
-                             "--ort-spinning, the F2 echo server --event-loop)")
+                        help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows "
+                             "--ort-threads and --ort-spinning, the F2 echo server --event-loop)")
     return parser.parse_args(argv)
 
 

@@ -65,7 +65,7 @@ class RequestReader:
         if (len(ids) == 1 and not (request.text or request.top_k or request.temperature)
                 and not request.HasField("expected_position") and 0 <= ids[0] < self.vocab_size):
             return self._plain_steps[ids[0]]
-        tokens = self._tokens(request.token_ids, request.text, ("token_ids", "text"))
+        tokens = self._tokens(ids, request.text, ("token_ids", "text"))
         if tokens is None:
             raise InvalidArgument("token_ids", "give token_ids or text: a step reads at least one token")
         return StepInput(tokens, self._top_k(request.top_k), self._temperature(request.temperature),

@@ -49,8 +49,8 @@ class Ranker:
     """
 
     def __init__(self, vocab_size: int):
-        self._session = ort.InferenceSession(_top_k_graph(vocab_size).SerializeToString(), session_options(1, spinning=False),
-                                             providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(_top_k_graph(vocab_size).SerializeToString(),
+                                             session_options(1, spinning=False), providers=["CPUExecutionProvider"])
 
     def top_k(self, logits: np.ndarray, k: int, inverse_temperature: np.ndarray) -> TopK:
         """logits [batch, vocab] float32, inverse_temperature [batch] float32 -> the k most likely per row.
@@ -62,7 +62,8 @@ class Ranker:
 
 
 def _top_k_graph(vocab_size: int) -> onnx.ModelProto:
-    """(logits [batch, vocab], inverse_temperature [batch], k [1]) -> (token_ids, probabilities, logprobs) [batch, k]."""
+    """(logits [batch, vocab], inverse_temperature [batch], k [1])
+    -> (token_ids, probabilities, logprobs), each [batch, k]."""
     nodes = [helper.make_node("Unsqueeze", ["inverse_temperature", "column_axis"], ["inverse_temperature_column"]),
              helper.make_node("Mul", ["logits", "inverse_temperature_column"], ["scaled_logits"]),
              helper.make_node("LogSoftmax", ["scaled_logits"], ["all_logprobs"], axis=-1),
