@@ -30,10 +30,16 @@ class InOrder(Generic[Request]):
         self._closed = True
         self._wake()
 
-    def cancel_pending(self) -> None:
-        """Withdraw every reply not yet handed out (their steps are then not applied)."""
+    def abandon(self) -> None:
+        """Withdraw every reply not yet handed out (their steps are then not applied) and end the iteration.
+
+        The writer ends after the message it may be writing, never in the middle of one: a write
+        cut off in flight leaves grpc unable to send the call's status.
+        """
         for _, reply in self._pending:
             reply.cancel()
+        self._pending.clear()
+        self.close()
 
     def _wake(self, _: object = None) -> None:
         if self._ready is not None and not self._ready.done():

@@ -60,13 +60,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         replies: InOrder[pb.StepRequest] = InOrder()
         writer = asyncio.create_task(self._write_in_order(replies, context))
         try:
-            async for request in requests:
-                replies.push(request, self._submit_in_band(request, owner))
+            try:
+                async for request in requests:
+                    replies.push(request, self._submit_in_band(request, owner))
+            except Exception:  # a request that does not parse: its status goes out once the writer has stopped
+                replies.abandon()
+                await writer
+                raise
             replies.close()
             await writer
-        finally:
+        finally:  # also when cancelled, the call then over and nothing more to write
             writer.cancel()
-            replies.cancel_pending()
+            replies.abandon()
 
     async def StepBatch(self, request: pb.StepBatchRequest, context) -> pb.StepBatchResponse:
         owner, until = caller(context), deadline(context)

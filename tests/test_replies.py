@@ -35,14 +35,25 @@ def test_replies_come_out_in_push_order_as_they_settle():
     assert asyncio.run(scenario()) == [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
 
 
-def test_cancel_pending_withdraws_what_was_not_handed_out():
+def test_abandon_withdraws_what_was_not_handed_out_and_ends_the_writer_after_its_current_reply():
     async def scenario():
         loop = asyncio.get_running_loop()
         replies: InOrder[int] = InOrder()
-        futures = [loop.create_future() for _ in range(2)]
+        futures = [loop.create_future() for _ in range(3)]
         for index, future in enumerate(futures):
             replies.push(index, future)
-        replies.cancel_pending()
-        return [future.cancelled() for future in futures]
+        futures[0].set_result("a")
+        handed_out = []
 
-    assert asyncio.run(scenario()) == [True, True]
+        async def writer():
+            async for request, _ in replies:
+                handed_out.append(request)
+                await asyncio.sleep(0)  # a write in flight when the stream is abandoned
+
+        task = asyncio.create_task(writer())
+        await asyncio.sleep(0)
+        replies.abandon()
+        await asyncio.wait_for(task, 1)
+        return handed_out, [future.cancelled() for future in futures]
+
+    assert asyncio.run(scenario()) == ([0], [False, True, True])
