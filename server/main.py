@@ -23,8 +23,9 @@ async def serve(settings: Settings) -> None:
     await server.start()
     bundle, loop = server.engine.bundle, asyncio.get_running_loop()
     loop_module = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
-    log.info("serving model %s (%s, %d x %d, sha256 %s) on %s, port %d, event loop %s", bundle.name, bundle.cell,
-             bundle.states[0].layers, bundle.states[0].hidden, bundle.sha256[:12], settings.listen, port, loop_module)
+    log.info("serving model %s (%s, %d x %d, sha256 %s) on %s, port %d, event loop %s, GIL switch interval %d us",
+             bundle.name, bundle.cell, bundle.states[0].layers, bundle.states[0].hidden, bundle.sha256[:12],
+             settings.listen, port, loop_module, round(sys.getswitchinterval() * 1e6))
     if server.metrics_port is not None:
         log.info("metrics at /metrics on %s, port %d", settings.metrics_listen, server.metrics_port)
     stop = asyncio.Event()
@@ -39,6 +40,7 @@ async def serve(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
+    sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)  # process-wide, hence here and not in the server
     try:
         event_loop.run(serve(settings), settings.event_loop)
     except (BundleError, OSError, TokensFileError) as err:

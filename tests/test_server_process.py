@@ -44,14 +44,16 @@ def test_uvloop_is_the_default_event_loop_where_it_is_installed():
     assert DEFAULT_EVENT_LOOP == "uvloop" and "asyncio" in EVENT_LOOPS  # uvloop is a dependency on Linux
 
 
-@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
-def test_the_command_serves_until_sigterm_then_stops_cleanly(bundle, event_loop):
+@pytest.mark.parametrize(("event_loop", "switch_flags", "switch_us"), [("uvloop", [], 100),
+                                                                      ("asyncio", ["--gil-switch-interval-us", "250"], 250)])
+def test_the_command_serves_until_sigterm_then_stops_cleanly(bundle, event_loop, switch_flags, switch_us):
     environ = {**os.environ, "RNNSERVE_BUNDLE": str(bundle.path), "RNNSERVE_EVENT_LOOP": event_loop}
-    process = subprocess.Popen([sys.executable, "-m", "rnnserve.server.main", "--listen", "127.0.0.1:0"],
-                               env=environ, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "rnnserve.server.main", "--listen", "127.0.0.1:0",
+                                *switch_flags], env=environ, stderr=subprocess.PIPE, text=True)
     try:
         started = process.stderr.readline()
         assert f"event loop {event_loop}" in started  # the loop it runs on, not just the one it was asked for
+        assert f"GIL switch interval {switch_us} us" in started  # read back from the running interpreter
         port = int(re.search(r"port (\d+)", started).group(1))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
