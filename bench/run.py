@@ -4,7 +4,8 @@ Order matters on a 2-core machine: each stage has the cores to itself. F1 runs i
 before any server exists; the echo server (F2) is stopped before rnnserve-server starts; M1
 starts its own servers, with metrics and without, one at a time; W5 gets a fresh server so that
 its baseline is a server that never held a session. F1 and the loops the targets read most (W1,
-W2 at the most sessions) are measured in rounds spread over the run, each figure their median.
+W2 at the most sessions, and F2 at one stream and the most, their floors) are measured in rounds
+spread over the run, each figure their median.
 """
 
 from __future__ import annotations
@@ -81,15 +82,17 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
 
     f1_round()
     progress("F2 grpc.aio echo server")
-    await f2(sizes, tokens, settings.event_loop, logs, results)
-    command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
     rounds, later_rounds = Rounds(), iter(range(2, sizes.headline_rounds + 1))
+    await f2(sizes, tokens, settings.event_loop, logs / "echo.log", results, rounds, sizes.batches)
+    command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
 
     async def headline() -> None:  # rounds 2 and 3, while the preset wants them: after M1, after W5
         number = next(later_rounds, None)
         if number is not None:
-            progress(f"W1 latency and W2 at {max(sizes.batches)} sessions, round {number} of "
-                     f"{sizes.headline_rounds} (fresh server)")
+            most = max(sizes.batches)
+            progress(f"F2 at 1 and {most} streams, W1 latency and W2 at {most} sessions, round {number} of "
+                     f"{sizes.headline_rounds} (fresh servers)")
+            await f2(sizes, tokens, settings.event_loop, logs / f"echo-round{number}.log", results, rounds, (1, most))
             with ServerProcess(command, logs / f"server-round{number}.log") as server:
                 await headline_round(server, sizes, tokens, rounds)
 

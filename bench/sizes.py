@@ -24,9 +24,10 @@ class Sizes:
     f1_min_calls: int = 20
     # F1 rounds, spread over the run (at most 3: start, after W1-W4, after M1); each figure is their median
     f1_rounds: int = 3
-    # Rounds of W1 and W2 at the most sessions (stream and StepBatch), spread over the run (at most 3: in W1-W4,
-    # after M1, after W5); each figure is their median. Full runs minutes apart read W2 StepBatch at 16,875 and
-    # 20,676 tokens/s with the same code and the same F1: single loops of a few seconds meet the machine's slow spells.
+    # Rounds of W1 and W2 at the most sessions (stream and StepBatch), and of their floors F2 at 1 and the most
+    # streams, spread over the run (at most 3: in W1-W4, after M1, after W5); each figure is their median. Full
+    # runs minutes apart read W2 StepBatch at 16,875 and 20,676 tokens/s with the same code and the same F1, and
+    # F2 at 256 streams at 14,969 and 18,422: single loops of a few seconds meet the machine's slow spells.
     headline_rounds: int = 3
     prefill_tokens: int = 1000  # F1 prefill and W4 prompt length
     prefill_repeats: int = 20  # F1 prefill and W4 take the median of this many

@@ -51,6 +51,8 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     required = {(w, v, s, m) for (w, v), (counts, metrics) in REQUIRED.items() for s in counts for m in metrics}
     required |= {("W5", "idle", report["run"]["sizes"]["w5_sessions"], m) for m in W5_METRICS}
     assert required - found == set()
+    assert len(found) == len(rows)  # a figure measured in rounds is reported once, as their median
+    assert (tmp_path / "cache" / "logs" / "echo-round2.log").is_file()  # the echo floor measured again for round 2
 
     assert {t["status"] for t in report["targets"]} <= {"met", "SHORT"}  # no target lacks its rows
     assert "| figure | value | floor | ratio | target | status |" in (out / "latest.md").read_text()
