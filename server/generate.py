@@ -1,9 +1,12 @@
 """Continuing a session on the server, token by token, each sent as soon as it is chosen.
 
 The session must end at the last token the client was sent, even when the call is cancelled.
-So each token is sent first and read by the model after, and that read is shielded from
-cancellation: a cancelled call stops at a send, with every token sent already read or being
-read, and none read that was not sent.
+A cancel can interrupt a send after its message went out (the client has the token, the
+handler never learns it was written), so each token is queued for the model before its send
+starts, and its read is shielded from cancellation: a cancelled call's session has read every
+token sent, and at most one more, the one whose send the cancel interrupted. (Sending first and
+reading after left the session a token behind the client when the cancel struck mid-send.) The
+model reads a token while it is being sent, too, instead of after.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ async def continue_session(hold: Hold, pool: StatePool, vocab: Vocabulary, sampl
         token, probability = sampler.choose(pool.row(NEXT_LOGITS, session.slot))  # [vocab]
         text = vocab.token(token)
         finish = Finish.STOP if stops.hit_after(text) else Finish.LENGTH if count == max_tokens else None
-        await send(GeneratedToken(token, text, probability, session.position + 1, finish))
-        await asyncio.shield(hold.submit(np.array([token], np.int64)))
+        generated = GeneratedToken(token, text, probability, session.position + 1, finish)
+        read = hold.submit(np.array([token], np.int64))
+        await send(generated)
+        await asyncio.shield(read)
         if finish is not None:
             return

@@ -1,11 +1,16 @@
 """Generate: greedy equals repeated top-1 steps, seeds reproduce, stop strings stop, cancellation is exact."""
 
+import asyncio
+
 import grpc
 import pytest
 
+from rnnserve.server.generate import StopStrings, continue_session
+from rnnserve.server.sampling import Sampler, SamplingParams
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import assert_prediction, create, error_details, position, slow_model
+from test_batcher import with_core
 
 PROMPT = "The quick brown"
 
@@ -92,3 +97,30 @@ def test_cancelling_leaves_the_session_at_the_last_token_sent(start_server, bund
         reference.feed(reference.top_k(1)[0])
     reference.feed(bundle.vocab.encode("!"))
     assert_prediction(answer.prediction, reference)
+
+
+def test_a_cancel_inside_a_send_whose_message_went_out_leaves_that_token_read(bundle):
+    """The race of the test above, made certain: the client has the third token, and the handler's
+    send is cancelled before it returns. The session must not stay a token behind the client."""
+    async def scenario(core):
+        session = core.session()
+        await core.step(session, bundle.vocab.encode(PROMPT))
+        delivered = []
+
+        async def send(token):
+            delivered.append(token)
+            if len(delivered) == 3:
+                raise asyncio.CancelledError  # written to the wire, yet the await never returned
+
+        hold = await core.batcher.hold(session)
+        try:
+            with pytest.raises(asyncio.CancelledError):
+                await continue_session(hold, core.pool, bundle.vocab, Sampler(SamplingParams()), 50, StopStrings(()),
+                                       send)
+        finally:
+            hold.release()
+        after = await core.step(session, [0])  # waits in the session's line for the generation's last read
+        return delivered, after.position
+
+    delivered, position_after = with_core(bundle, scenario)
+    assert position_after - 1 == delivered[-1].position == len(PROMPT) + 3
