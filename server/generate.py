@@ -5,8 +5,7 @@ A cancel can interrupt a send after its message went out (the client has the tok
 handler never learns it was written), so each token is queued for the model before its send
 starts, and its read is shielded from cancellation: a cancelled call's session has read every
 token sent, and at most one more, the one whose send the cancel interrupted. (Sending first and
-reading after left the session a token behind the client when the cancel struck mid-send.) The
-model reads a token while it is being sent, too, instead of after.
+reading after left the session a token behind the client when the cancel struck mid-send.)
 """
 
 from __future__ import annotations
