@@ -44,7 +44,7 @@ def test_uvloop_is_the_default_event_loop_where_it_is_installed():
     assert DEFAULT_EVENT_LOOP == "uvloop" and "asyncio" in EVENT_LOOPS  # uvloop is a dependency on Linux
 
 
-@pytest.mark.parametrize(("event_loop", "switch_flags", "switch_us"), [("uvloop", [], 100),
+@pytest.mark.parametrize(("event_loop", "switch_flags", "switch_us"), [("uvloop", [], 5000),
                                                                       ("asyncio", ["--gil-switch-interval-us", "250"], 250)])
 def test_the_command_serves_until_sigterm_then_stops_cleanly(bundle, event_loop, switch_flags, switch_us):
     environ = {**os.environ, "RNNSERVE_BUNDLE": str(bundle.path), "RNNSERVE_EVENT_LOOP": event_loop}
