@@ -104,7 +104,7 @@ async def f2(sizes: Sizes, tokens: list[int], loop: str, log: Path, results: Res
     W2 drives the real one. The counts the targets read (one stream and the most) go to `rounds`:
     the run measures them again before each later round of W1 and W2, against which they are read
     (one full run found the echo at 256 streams at 14,969 messages/s, others at 17,000-18,400)."""
-    headline = {1, max(sizes.batches)}
+    headline = {1, sizes.most_sessions}
     with ServerProcess([sys.executable, str(ECHO_SERVER), "--event-loop", loop], log) as echo:
         async with connect(echo) as endpoint:
             for streams in stream_counts:
@@ -112,7 +112,5 @@ async def f2(sizes: Sizes, tokens: list[int], loop: str, log: Path, results: Res
                     trips = [stream_round_trip(call, f"echo-{i}", one_token_at_a_time(tokens))
                              for i, call in enumerate(calls)]
                     timed = await closed_loop(trips, sizes.w2_steps, sizes.warmup_steps, endpoint.pid)
-                if streams in headline:
-                    rounds.add("F2", "echo", streams, timed, "messages_per_s", "messages/s")
-                else:
-                    results.add_loop("F2", "echo", streams, timed, "messages_per_s", "messages/s")
+                record = rounds.add if streams in headline else results.add_loop
+                record("F2", "echo", streams, timed, "messages_per_s", "messages/s")

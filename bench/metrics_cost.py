@@ -25,7 +25,7 @@ TRANSPORTS = {"stream": stream_steps, "unary": unary_steps}
 
 async def m1(command: Sequence[str], sizes: Sizes, tokens: Sequence[int], logs: Path, results: Results,
              progress: Callable[[str], None]) -> None:
-    count = max(sizes.batches)
+    count = sizes.most_sessions
     loops: dict[tuple[str, str], list[Timed]] = defaultdict(list)
     for round_number in range(1, sizes.metrics_rounds + 1):
         for variant, flags in VARIANTS.items():

@@ -89,7 +89,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     async def headline() -> None:  # rounds 2 and 3, while the preset wants them: after M1, after W5
         number = next(later_rounds, None)
         if number is not None:
-            most = max(sizes.batches)
+            most = sizes.most_sessions
             progress(f"F2 at 1 and {most} streams, W1 latency and W2 at {most} sessions, round {number} of "
                      f"{sizes.headline_rounds} (fresh servers)")
             await f2(sizes, tokens, settings.event_loop, logs / f"echo-round{number}.log", results, rounds, (1, most))

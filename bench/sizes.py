@@ -41,6 +41,11 @@ class Sizes:
     # one round swung from 90% to 153% between quiet runs, more than any cost metrics could have.
     metrics_rounds: int = 3
 
+    @property
+    def most_sessions(self) -> int:
+        """The largest session count, where the targets read W2 and F2."""
+        return max(self.batches)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

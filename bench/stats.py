@@ -87,15 +87,14 @@ class Results:
 class Rounds:
     """Closed loops measured in rounds spread over the run, reported together at its end as medians."""
 
-    loops: dict[tuple[str, str, int], list[Timed]] = field(default_factory=dict)
-    rates: dict[tuple[str, str, int], tuple[str, str]] = field(default_factory=dict)  # (metric, unit) of each
+    # by (workload, variant, sessions, rate metric, its unit)
+    loops: dict[tuple[str, str, int, str, str], list[Timed]] = field(default_factory=dict)
 
     def add(self, workload: str, variant: str, sessions: int, timed: Timed,
             rate_metric: str = "tokens_per_s", rate_unit: str = "tokens/s") -> None:
-        key = workload, variant, sessions
-        self.loops.setdefault(key, []).append(timed)
-        self.rates[key] = rate_metric, rate_unit
+        """As `Results.add_loop`, one round of it."""
+        self.loops.setdefault((workload, variant, sessions, rate_metric, rate_unit), []).append(timed)
 
     def report(self, results: Results) -> None:
-        for (workload, variant, sessions), rounds in self.loops.items():
-            results.add_loops(workload, variant, sessions, rounds, *self.rates[workload, variant, sessions])
+        for (workload, variant, sessions, rate_metric, rate_unit), rounds in self.loops.items():
+            results.add_loops(workload, variant, sessions, rounds, rate_metric, rate_unit)

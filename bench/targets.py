@@ -38,7 +38,7 @@ Lookup = Callable[[str, str, int, str], float]
 
 
 def _w2_stream(get: Lookup, sizes: Sizes) -> Verdict:
-    n = max(sizes.batches)
+    n = sizes.most_sessions
     figure, floor = get("W2", "stream", n, "tokens_per_s"), get("F2", "echo", n, "messages_per_s")
     return Verdict(f"W2 stream, {n} sessions", f"{figure:,.0f} tokens/s", f"F2 echo: {floor:,.0f} messages/s",
                    f"{figure / floor:.0%}", ">= 50% of F2 and >= 7,000 tokens/s",
@@ -46,7 +46,7 @@ def _w2_stream(get: Lookup, sizes: Sizes) -> Verdict:
 
 
 def _w2_multi(get: Lookup, sizes: Sizes) -> Verdict:
-    n = max(sizes.batches)
+    n = sizes.most_sessions
     figure, floor = get("W2", "multi", n, "tokens_per_s"), get("F1", "ort", n, "tokens_per_s")
     return Verdict(f"W2 multi, {n} sessions per message", f"{figure:,.0f} tokens/s",
                    f"F1 batch {n}: {floor:,.0f} tokens/s", f"{figure / floor:.0%}", ">= 60% of F1",
@@ -85,7 +85,7 @@ def _w5(get: Lookup, sizes: Sizes) -> Verdict:
 
 
 def _m1(get: Lookup, sizes: Sizes) -> Verdict:
-    n = max(sizes.batches)
+    n = sizes.most_sessions
     ratios = {transport: get("M1", transport, n, "on_off_ratio") for transport in ("stream", "unary")}
     return Verdict(f"M1 metrics on, {n} sessions", ", ".join(f"{t} {r:.0%}" for t, r in ratios.items()),
                    "the same server with metrics off", f"{min(ratios.values()):.0%}", ">= 95% of metrics off",

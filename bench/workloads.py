@@ -76,7 +76,7 @@ async def headline(server: Endpoint, sizes: Sizes, tokens: Sequence[int], rounds
     """The loops the targets read: W1 (one session, a step at a time over its stream), and W2 at the
     most sessions, a stream each and all in one StepBatch. Measured in rounds spread over the run."""
     rounds.add("W1", "stream", 1, await stream_steps(server, 1, sizes.w1_steps, sizes.warmup_steps, tokens))
-    count = max(sizes.batches)
+    count = sizes.most_sessions
     rounds.add("W2", "stream", count, await stream_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
     rounds.add("W2", "multi", count, await batch_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
 
@@ -85,7 +85,7 @@ async def w2(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Res
     """Throughput at each session count, a stream per session and a Step call per step (the most
     sessions' streams are in `headline`)."""
     for count in sizes.batches:
-        if count != max(sizes.batches):
+        if count != sizes.most_sessions:
             results.add_loop("W2", "stream", count,
                              await stream_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
     for count in sizes.batches:
@@ -144,7 +144,7 @@ async def w1_to_w4(process: ServerProcess, sizes: Sizes, tokens: Sequence[int], 
                    progress: Callable[[str], None]) -> None:
     """W1-W4 in turn over one channel, the first round of `headline` first."""
     async with connect(process) as server:
-        progress(f"W1 latency and W2 at {max(sizes.batches)} sessions, round 1 of {sizes.headline_rounds}")
+        progress(f"W1 latency and W2 at {sizes.most_sessions} sessions, round 1 of {sizes.headline_rounds}")
         await headline(server, sizes, tokens, rounds)
         for name, workload in (("W2 throughput", w2), ("W3 long sessions", w3), ("W4 prefill", w4)):
             progress(name)
