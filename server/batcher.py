@@ -33,7 +33,7 @@ from rnnserve.server.errors import RnnserveError, ServerFault
 from rnnserve.server.prediction import Prediction, Ranker
 from rnnserve.server.runtime import RunResult, Runtime
 from rnnserve.server.sessions import Session
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.state_pool import Row, StatePool
 
 NEXT_LOGITS = "next_logits"  # the pool's row for the prediction after a session's last token
 
@@ -88,7 +88,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay_seconds = max_queue_delay_seconds
         self.on_batch = on_batch
-        self._state_names = [s.name for s in runtime.bundle.states]
+        self.state_names = [s.name for s in runtime.bundle.states]
         self._ranker = Ranker(len(runtime.bundle.vocab))
         self._queues: dict[int, deque[Step]] = {}  # by step length
         self._queued = 0
@@ -255,7 +255,7 @@ class Batcher:
         """In the worker thread, with each row's prediction made here rather than on the loop, which
         has every stream's messages to read and write meanwhile. Reading rows here is safe: rows of
         sessions in a running batch change only in `_commit`, which runs on the loop after this returns."""
-        states = self.pool.gather(self._state_names, slots)  # [batch, layers, hidden] each
+        states = self.pool.gather(self.state_names, slots)  # [batch, layers, hidden] each
         result = self.runtime.run(tokens, states)
         return result, self._ranker.top_k(result.next_logits, k, 1.0 / temperatures).rows()
 
@@ -266,10 +266,10 @@ class Batcher:
         live = [not step.future.done() and (step.deadline is None or now < step.deadline) for step in batch]
         values = (*result.states, result.next_logits)
         if all(live):
-            self.pool.scatter([*self._state_names, NEXT_LOGITS], slots, values)
+            self.pool.scatter([*self.state_names, NEXT_LOGITS], slots, values)
         else:
             mask = np.array(live)
-            self.pool.scatter([*self._state_names, NEXT_LOGITS], slots[mask], [value[mask] for value in values])
+            self.pool.scatter([*self.state_names, NEXT_LOGITS], slots[mask], [value[mask] for value in values])
         for step, is_live, prediction in zip(batch, live, predictions):
             if is_live:
                 if step.top_k < k:
@@ -277,6 +277,8 @@ class Batcher:
                 session = step.session
                 answer = StepAnswer(session.position + len(step.tokens), prediction)
                 session.advance(step.tokens, answer, now)
+                if session.history is not None:
+                    session.history.record(step.tokens, self.pool, session.slot)
                 step.future.set_result(answer)
             else:
                 step.future.cancel()
@@ -288,6 +290,37 @@ class Batcher:
             if not step.future.done():
                 step.future.set_exception(ServerFault("the model call failed; nothing was applied, retry the step"))
             self._finish(step)
+
+    # Outside batches -------------------------------------------------------------------------
+
+    async def evaluate(self, tokens: np.ndarray, states: tuple[np.ndarray, ...]) -> RunResult:
+        """One model call that commits nothing (scoring, peeking, replaying a rewind), on the model's thread.
+
+        tokens [batch, time] int64, states [batch, layers, hidden] each. The caller holds the sessions concerned.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self.runtime.run, tokens, states)
+        except Exception:
+            log.exception("a model call of %d rows outside any batch failed", len(tokens))
+            raise ServerFault("the model call failed; nothing was changed, retry") from None
+
+    def states_of(self, rows: Row | None, batch: int = 1) -> tuple[np.ndarray, ...]:
+        """`rows` (None for zeros) as the model's state inputs, repeated `batch` times: [batch, layers, hidden] each."""
+        shapes = {name: self.pool.arrays[name].shape[1:] for name in self.state_names}
+        return tuple(np.zeros((batch, *shapes[name]), np.float32) if rows is None else
+                     np.repeat(rows[name][np.newaxis], batch, axis=0) for name in self.state_names)
+
+    def rows_of(self, result: RunResult, row: int = 0) -> Row:
+        """Row `row` of a model call's result as a session's rows: its state and next-token logits (copies)."""
+        rows = {name: state[row].copy() for name, state in zip(self.state_names, result.states, strict=True)}
+        rows[NEXT_LOGITS] = result.next_logits[row].copy()
+        return rows
+
+    def predict(self, next_logits: np.ndarray, top_k: int, temperature: float) -> Prediction:
+        """The prediction of next-token logits [vocab] that are already at hand: no model call."""
+        scale = np.array([1.0 / temperature], np.float32)
+        return self._ranker.top_k(next_logits[np.newaxis], top_k, scale).rows()[0]
 
     def _report(self, report: BatchReport) -> None:
         if self.on_batch is not None:

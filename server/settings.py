@@ -104,6 +104,24 @@ class Settings:
     snapshot_interval_seconds: float = _setting(
         0.0, "Also write the snapshot this often, so that a crash (kill -9) loses at most this much work. "
         "0: only on SIGTERM or SIGINT.", minimum=0)
+    rewind_depth: int = _setting(
+        32, "How many of its last tokens a session can undo (RewindSession). Each session keeps its token log "
+        "(4 bytes a token) and a checkpoint of its state (one row, 8.5 KiB for the shipped model) every "
+        "--rewind-checkpoint-every tokens back to that depth: about depth/every + 2 rows for a session that has read "
+        "more than the depth, none for one that has read fewer. 0 turns rewinding off and keeps nothing.", minimum=0)
+    rewind_checkpoint_every: int = _setting(
+        32, "Tokens between a session's checkpoints: a rewind replays at most this plus the depth in one model call; "
+        "fewer checkpoints cost less memory and a longer replay.", minimum=1)
+    prefix_cache_entries: int = _setting(
+        1024, "Most prompts whose state the prefix-state cache keeps (least recently used go first), so that a new "
+        "session whose prompt starts with one skips reading that part. 0 turns the cache off; named states are "
+        "kept regardless.", minimum=0)
+    prefix_cache_bytes: int = _setting(
+        64 * 1024 * 1024, "Most bytes the prefix-state cache holds: a state row and the prompt's tokens per entry.",
+        minimum=0)
+    prefix_cache_min_tokens: int = _setting(
+        16, "Shortest prompt whose state is cached: shorter ones are read in about as long as a copy takes.",
+        minimum=1)
     remember_removed: int = _setting(
         65_536, "How many removed session ids are remembered, so that NOT_FOUND can say closed, expired or evicted.",
         minimum=1)
