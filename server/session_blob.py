@@ -77,7 +77,8 @@ def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ..
         raise InvalidArgument(FIELD, f"not an exported rnnserve session (no {MAGIC!r} at its start)")
     version = reader.u32()
     if version != FORMAT_VERSION:
-        raise IncompatibleState(f"the blob has session format version {version}; this server reads {FORMAT_VERSION}")
+        raise IncompatibleState(f"{FIELD}: the blob has session format version {version}; "
+                                f"this server reads {FORMAT_VERSION}")
     if len(blob) < _DIGEST_BYTES or hashlib.sha256(blob[:-_DIGEST_BYTES]).digest() != blob[-_DIGEST_BYTES:]:
         raise InvalidArgument(FIELD, "corrupt or truncated: its sha256 checksum does not match its content")
     try:
@@ -89,10 +90,10 @@ def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ..
     except (ValueError, KeyError, TypeError) as err:
         raise InvalidArgument(FIELD, f"unreadable header ({err})") from None
     if exported.sha256 != model.sha256:
-        raise IncompatibleState(f"the session was exported from {exported.describe()}, but this server serves "
+        raise IncompatibleState(f"{FIELD}: the session was exported from {exported.describe()}, but this server serves "
                                 f"{model.describe()}: its state means nothing to this model")
     if exported_shapes != dict(shapes):
-        raise IncompatibleState(f"the blob has state rows {exported_shapes}; this server's are {dict(shapes)}")
+        raise IncompatibleState(f"{FIELD}: the blob has state rows {exported_shapes}; this server's are {dict(shapes)}")
     rows = reader.row(shapes)
     initial_rows = reader.row(shapes) if header["initial_rows"] else None
     kept = [Checkpoint(at, reader.row(shapes) if has_rows else None) for at, has_rows in checkpoints]
