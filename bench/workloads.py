@@ -43,8 +43,9 @@ async def close_sessions(stub: rnnserve_pb2_grpc.InferenceStub, ids: Sequence[st
 
 
 @asynccontextmanager
-async def sessions(stub: rnnserve_pb2_grpc.InferenceStub, count: int) -> AsyncIterator[list[str]]:
-    ids = await create_sessions(stub, count)
+async def sessions(stub: rnnserve_pb2_grpc.InferenceStub, count: int,
+                   prompt: Sequence[int] = ()) -> AsyncIterator[list[str]]:
+    ids = await create_sessions(stub, count, prompt)
     try:
         yield ids
     finally:
