@@ -20,13 +20,14 @@ from typing import NamedTuple
 import numpy as np
 
 from rnnserve.bundle import Bundle
+from rnnserve.initial_states import load_initial_states
 from rnnserve.server.batcher import Batcher, StepAnswer
 from rnnserve.server.durability import Durability
 from rnnserve.server.errors import InvalidArgument, ModelNotFound, ShuttingDown
 from rnnserve.server.generate import GeneratedToken, StopStrings, continue_session
 from rnnserve.server.memory import release_free_memory
 from rnnserve.server.metrics import Metrics
-from rnnserve.server.named_states import NamedStates
+from rnnserve.server.named_states import NamedStates, shipped_state
 from rnnserve.server.operations import Operations
 from rnnserve.server.prefix_cache import PrefixCache
 from rnnserve.server.runtime import Runtime
@@ -87,7 +88,7 @@ class Engine:
                                on_batch=None if metrics is None else metrics.record_batch)
         self.cache = PrefixCache(bundle.sha256, max_entries=settings.prefix_cache_entries,
                                  max_bytes=settings.prefix_cache_bytes, row_bytes=self.pool.row_bytes, events=metrics)
-        self.states = NamedStates(self.cache)
+        self.states = NamedStates(self.cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)])
         self.operations = Operations(self.table, self.pool, self.batcher, self.cache, self.states,
                                      ModelIdentity.of(bundle), self._accepting)
         if metrics is not None:

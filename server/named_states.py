@@ -10,10 +10,14 @@ started from one shares them until it steps (the pool holds each session's own c
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from rnnserve.bundle import Bundle
+from rnnserve.initial_states import ShippedState
+from rnnserve.server.batcher import NEXT_LOGITS
 from rnnserve.server.errors import InvalidArgument, StateIsShipped, StateNotFound
 from rnnserve.server.prefix_cache import PrefixCache
 from rnnserve.server.state_pool import Row
@@ -31,6 +35,12 @@ class NamedState:
     tokens: np.ndarray | None  # [time] int64, the prompt it is the state after; None when not known
 
 
+def shipped_state(shipped: ShippedState, bundle: Bundle) -> NamedState:
+    """A state shipped in the bundle, as the pool's rows (the state tensors and the next-token logits)."""
+    tokens = bundle.vocab.encode(shipped.prompt) if shipped.prompt else None
+    return NamedState(shipped.name, SHIPPED, {**shipped.states, NEXT_LOGITS: shipped.next_logits}, tokens)
+
+
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument("name", "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'")
@@ -38,9 +48,12 @@ def check_name(name: str) -> str:
 
 
 class NamedStates:
-    def __init__(self, cache: PrefixCache, shipped: list[NamedState] = ()):
+    def __init__(self, cache: PrefixCache, shipped: Sequence[NamedState] = ()):
         self._cache = cache
         self._states = {state.name: state for state in shipped}
+        for state in shipped:
+            if state.tokens is not None:
+                cache.pin(state.tokens, state.rows)
 
     def get(self, name: str) -> NamedState:
         state = self._states.get(name)

@@ -107,8 +107,8 @@ class Settings:
     rewind_depth: int = _setting(
         32, "How many of its last tokens a session can undo (RewindSession). Each session keeps its token log "
         "(4 bytes a token) and a checkpoint of its state (one row, 8.5 KiB for the shipped model) every "
-        "--rewind-checkpoint-every tokens back to that depth: about depth/every + 2 rows for a session that has read "
-        "more than the depth, none for one that has read fewer. 0 turns rewinding off and keeps nothing.", minimum=0)
+        "--rewind-checkpoint-every tokens back to that depth: at most depth/every + 1 rows, none before it has read "
+        "that many tokens. 0 turns rewinding off and keeps nothing.", minimum=0)
     rewind_checkpoint_every: int = _setting(
         32, "Tokens between a session's checkpoints: a rewind replays at most this plus the depth in one model call; "
         "fewer checkpoints cost less memory and a longer replay.", minimum=1)

@@ -268,3 +268,29 @@ def test_a_named_state_is_an_initial_state_and_a_cached_prefix(ops):
                  grpc.StatusCode.INVALID_ARGUMENT, field="name")
     assert_fails(lambda: ops.DeleteState(pb.DeleteStateRequest(name="greeting")), grpc.StatusCode.NOT_FOUND,
                  "STATE_NOT_FOUND")
+
+
+def test_a_state_shipped_in_the_bundle_starts_sessions_and_cannot_be_deleted(bundle, tmp_path, start_server):
+    import shutil
+
+    from rnnserve.bundle import BundleError, load_bundle
+    from rnnserve.initial_states import add_initial_state, load_initial_states
+
+    shutil.copytree(bundle.path, tmp_path / "bundle")
+    shipped = add_initial_state(tmp_path / "bundle", "fox", "The quick brown fox")
+    assert shipped.prompt == "The quick brown fox"
+    running = start_server(load_bundle(tmp_path / "bundle"))
+    with grpc.insecure_channel(running.address) as channel:
+        stub = rnnserve_pb2_grpc.InferenceStub(channel)
+        [listed] = stub.ListStates(pb.ListStatesRequest()).states
+        assert (listed.name, listed.source, listed.prompt_text) == ("fox", "bundle", "The quick brown fox")
+        from_state = stub.CreateSession(pb.CreateSessionRequest(initial_state="fox", prompt_text=" j"))
+        assert from_state.session.position == 2
+        read = stub.CreateSession(pb.CreateSessionRequest(prompt_text="The quick brown fox j"))
+        assert read.cached_prompt_tokens == 19  # its prompt is pinned in the prefix-state cache
+        assert same(from_state.prediction, read.prediction)
+        assert_fails(lambda: stub.DeleteState(pb.DeleteStateRequest(name="fox")), grpc.StatusCode.FAILED_PRECONDITION,
+                     "STATE_IS_SHIPPED")
+    (tmp_path / "bundle" / "states" / "fox.f32").write_bytes(b"\0" * 12)
+    with pytest.raises(BundleError, match="fox"):
+        load_initial_states(load_bundle(tmp_path / "bundle"))
