@@ -40,7 +40,8 @@ def _local(moment: datetime) -> str:
 
 
 def session_details(info: SessionInfo) -> str:
-    fields = {"id": info.id, "model": info.model, "position": info.position, "created": _local(info.created),
+    fields = {"id": info.id, "model": info.model, "position": info.position, "rewindable": info.rewindable,
+              "initial state": info.initial_state or "(zeros)", "created": _local(info.created),
               "last active": _local(info.last_active), "expires": _local(info.expires)}
     return _key_values(fields)
 
