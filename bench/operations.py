@@ -21,7 +21,7 @@ from bench.load import Endpoint, Feed, RoundTrip, connect, one_token_at_a_time, 
 from bench.processes import ServerProcess
 from bench.sizes import Sizes
 from bench.stats import Results, p50, p99
-from bench.workloads import close_sessions, create_sessions, sessions
+from bench.workloads import close_sessions, create_round_trip, create_sessions, sessions
 
 SCORE_CANDIDATES, SCORE_TOKENS = 4, 20  # issue 11's score: 4 candidate continuations of 20 tokens each
 COLD_PROMPT_SEED = 2  # W6's cold prompts; the reference tokens use seed 1
@@ -139,21 +139,6 @@ async def operation_costs(server: Endpoint, sizes: Sizes, tokens: Sequence[int],
     for operation in operations(server.stub, tokens, depth, opened):
         await operation_against_step(server, operation, sizes, tokens, prompt, results)
     await close_sessions(server.stub, opened)
-
-
-def create_round_trip(stub: rnnserve_pb2_grpc.InferenceStub, prompts: Iterator[Sequence[int]], cached: int,
-                      opened: list[str]) -> RoundTrip:
-    """A new session fed the next of `prompts`, up to its first prediction; refused unless `cached` of its
-    tokens came from the prefix-state cache (a W6 that missed, or hit, unseen would measure the wrong thing).
-    The session goes to `opened`, closed after the loop."""
-
-    async def round_trip() -> None:
-        created = await stub.CreateSession(rnnserve_pb2.CreateSessionRequest(prompt_token_ids=next(prompts)))
-        opened.append(created.session.session_id)
-        if created.cached_prompt_tokens != cached:
-            raise RuntimeError(f"{created.cached_prompt_tokens} prompt tokens came from the cache, not {cached}")
-
-    return round_trip
 
 
 def cold_prompts(sizes: Sizes) -> Iterator[list[int]]:

@@ -33,7 +33,7 @@ from bench.report import Run, machine, write_json, write_markdown
 from bench.sizes import PRESETS, Sizes
 from bench.stats import Results, Rounds
 from bench.targets import verdicts
-from bench.workloads import headline_round, w1_to_w4, w5
+from bench.workloads import W1_TO_W4_FLAGS, headline_round, w1_to_w4, w5
 
 HERE = Path(__file__).resolve().parent
 TOKEN_SEED = 1
@@ -107,7 +107,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
             with ServerProcess(command, logs / f"server-round{number}.log") as server:
                 await headline_round(server, sizes, tokens, rounds)
 
-    with ServerProcess(command, logs / "server.log") as server:
+    with ServerProcess([*command, *W1_TO_W4_FLAGS], logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, rounds, progress)
     await operations()
     f1_round()
