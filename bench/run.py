@@ -3,10 +3,10 @@
 Order matters on a 2-core machine: each stage has the cores to itself. F1 runs in this process
 before any server exists; the echo server (F2) is stopped before rnnserve-server starts; M1
 starts its own servers, with metrics and without, one at a time; W5 gets a fresh server so that
-its baseline is a server that never held a session, and the session operations and W6 one that holds
-only theirs. F1 and the loops the targets read most (W1,
-W2 at the most sessions, and F2 at one stream and the most, their floors) are measured in rounds
-spread over the run, each figure their median.
+its baseline is a server that never held a session, and the session operations and W6 one that
+holds only theirs (`--only operations` runs that stage alone). F1 and the loops the targets read
+most (W1, W2 at the most sessions, and F2 at one stream and the most, their floors) are measured
+in rounds spread over the run, each figure their median.
 """
 
 from __future__ import annotations
