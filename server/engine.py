@@ -87,7 +87,8 @@ class Engine:
                                max_queue_delay_seconds=settings.max_queue_delay_us / 1e6,
                                on_batch=None if metrics is None else metrics.record_batch)
         self.cache = PrefixCache(bundle.sha256, max_entries=settings.prefix_cache_entries,
-                                 max_bytes=settings.prefix_cache_bytes, row_bytes=self.pool.row_bytes, events=metrics)
+                                 max_bytes=settings.prefix_cache_bytes, min_tokens=settings.prefix_cache_min_tokens,
+                                 row_bytes=self.pool.row_bytes, events=metrics)
         self.states = NamedStates(self.cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)])
         self.operations = Operations(self.table, self.pool, self.batcher, self.cache, self.states,
                                      ModelIdentity.of(bundle), self._accepting)
@@ -164,7 +165,7 @@ class Engine:
             rest = prompt.tokens[cached:]
             if len(rest):
                 answer = await self.batcher.submit(session, rest, prompt.top_k, prompt.temperature)
-                if initial is None and len(prompt.tokens) >= self.settings.prefix_cache_min_tokens:
+                if initial is None:
                     self.cache.put(prompt.tokens, self.pool.rows(session.slot))
             else:
                 answer = StepAnswer(cached, self.operations.prediction(session, prompt.top_k, prompt.temperature))

@@ -25,12 +25,13 @@ from rnnserve.server.state_pool import Row
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SHIPPED = "bundle"
 REGISTERED = "registered"
+IMPORTED = "imported"  # came with an imported session: that session's own, in no registry
 
 
 @dataclass(frozen=True, slots=True)
 class NamedState:
     name: str
-    source: str  # SHIPPED or REGISTERED
+    source: str  # SHIPPED, REGISTERED or IMPORTED
     rows: Row  # the state and next-token logits
     tokens: np.ndarray | None  # [time] int64, the prompt it is the state after; None when not known
 

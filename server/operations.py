@@ -19,7 +19,7 @@ import numpy as np
 from rnnserve.server.batcher import NEXT_LOGITS, Batcher, StepAnswer
 from rnnserve.server.errors import InvalidArgument, RewindBeyondDepth
 from rnnserve.server.history import Checkpoint, History
-from rnnserve.server.named_states import NamedState, NamedStates
+from rnnserve.server.named_states import IMPORTED, NamedState, NamedStates
 from rnnserve.server.prediction import Prediction
 from rnnserve.server.prefix_cache import PrefixCache
 from rnnserve.server.session_blob import PortableSession, decode, encode
@@ -65,7 +65,7 @@ class Operations:
         self.states = states
         self.model = model
         self._accepting = accepting
-        self._shapes = {name: array.shape[1:] for name, array in pool.arrays.items()}
+        self.shapes = {name: array.shape[1:] for name, array in pool.arrays.items()}
 
     async def _held(self, session_id: str, owner: str, expected_position: int | None):
         """The live session, held (release the hold when done), at the expected position if one is given."""
@@ -181,7 +181,7 @@ class Operations:
                 None if session.initial is None else session.initial.rows,
                 [] if history is None else list(history.checkpoints),
                 [] if history is None else history.tokens)
-            return session, encode(portable, self.model, self._shapes)
+            return session, encode(portable, self.model, self.shapes)
         finally:
             hold.release()
 
@@ -189,11 +189,11 @@ class Operations:
                 temperature: float) -> tuple[Session, Prediction | None]:
         """A new session of `owner` continuing the exported one; nothing is created when the blob is refused."""
         self._accepting()
-        portable = decode(blob, self.model, self._shapes)
+        portable = decode(blob, self.model, self.shapes, len(self.pool.arrays[NEXT_LOGITS][0]))
         session = self.table.create(owner, ttl)
         self.pool.set_rows(session.slot, portable.rows)
         if portable.initial_rows is not None:
-            session.initial = NamedState(portable.initial_state, "imported", portable.initial_rows, None)
+            session.initial = NamedState(portable.initial_state, IMPORTED, portable.initial_rows, None)
         if portable.checkpoints and self.table.rewind_depth:
             session.history = History(self.table.rewind_depth, self.table.rewind_checkpoint_every,
                                       portable.checkpoints, portable.tokens)

@@ -36,10 +36,11 @@ class CachedPrefix:
 
 
 class PrefixCache:
-    def __init__(self, model_sha256: str, *, max_entries: int, max_bytes: int, row_bytes: int,
+    def __init__(self, model_sha256: str, *, max_entries: int, max_bytes: int, min_tokens: int, row_bytes: int,
                  events: CacheEvents | None = None):
         self.model_sha256 = model_sha256
         self.max_entries = max_entries
+        self.min_tokens = min_tokens  # shorter prompts are not cached (nor counted as misses): a copy saves little
         self.max_bytes = max_bytes
         self.row_bytes = row_bytes
         self.events = events
@@ -67,12 +68,13 @@ class PrefixCache:
             if entry is not None:
                 self._report(length)
                 return entry
-        self._report(0)
+        if len(tokens) >= self.min_tokens:
+            self._report(0)
         return None
 
     def put(self, tokens: np.ndarray, rows: Row) -> None:
         """Remember `rows` as the state after `tokens`, then evict down to the bounds."""
-        if not self.max_entries:
+        if not self.max_entries or len(tokens) < self.min_tokens:
             return
         key = self._key(tokens)
         if key in self._pinned or key in self._entries:

@@ -70,8 +70,12 @@ def encode(session: PortableSession, model: ModelIdentity, shapes: Mapping[str, 
     return body + hashlib.sha256(body).digest()
 
 
-def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ...]]) -> PortableSession:
-    """The session in `blob`, checked whole against this server's model and rows; refused with the reason otherwise."""
+def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ...]], vocab_size: int) -> PortableSession:
+    """The session in `blob`, checked whole against this server's model and rows; refused with the reason otherwise.
+
+    The checksum catches damage, not forgery, so everything the server later relies on (positions
+    that add up, token ids it can replay) is checked too: a crafted blob is refused like a damaged one.
+    """
     reader = _Reader(blob)
     if reader.take(len(MAGIC), "the magic") != MAGIC:
         raise InvalidArgument(FIELD, f"not an exported rnnserve session (no {MAGIC!r} at its start)")
@@ -87,22 +91,28 @@ def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ..
         position, tokens = int(header["position"]), int(header["tokens"])
         checkpoints = [(int(at), bool(has_rows)) for at, has_rows in header["checkpoints"]]
         exported_shapes = {name: tuple(shape) for name, shape in header["rows"].items()}
-    except (ValueError, KeyError, TypeError) as err:
+        initial_state, has_initial_rows = str(header["initial_state"]), bool(header["initial_rows"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise InvalidArgument(FIELD, f"unreadable header ({err})") from None
+    positions = [at for at, _ in checkpoints]
+    if min(position, tokens, *positions, 0) < 0 or positions != sorted(positions) or max(positions, default=0) > position:
+        raise InvalidArgument(FIELD, "its position, token count and checkpoints are inconsistent")
     if exported.sha256 != model.sha256:
         raise IncompatibleState(f"{FIELD}: the session was exported from {exported.describe()}, but this server serves "
                                 f"{model.describe()}: its state means nothing to this model")
     if exported_shapes != dict(shapes):
         raise IncompatibleState(f"{FIELD}: the blob has state rows {exported_shapes}; this server's are {dict(shapes)}")
     rows = reader.row(shapes)
-    initial_rows = reader.row(shapes) if header["initial_rows"] else None
+    initial_rows = reader.row(shapes) if has_initial_rows else None
     kept = [Checkpoint(at, reader.row(shapes) if has_rows else None) for at, has_rows in checkpoints]
-    log = array(TOKEN_TYPE, np.frombuffer(reader.take(tokens * _TOKEN_DTYPE.itemsize, "the token log"), _TOKEN_DTYPE))
+    log = np.frombuffer(reader.take(tokens * _TOKEN_DTYPE.itemsize, "the token log"), _TOKEN_DTYPE)
     if reader.offset != len(blob) - _DIGEST_BYTES:
         raise InvalidArgument(FIELD, "has bytes its header does not account for")
     if kept and kept[0].position + len(log) != position:
         raise InvalidArgument(FIELD, "its token log does not lead from its first checkpoint to its position")
-    return PortableSession(position, rows, str(header["initial_state"]), initial_rows, kept, log)
+    if len(log) and not 0 <= log.min() <= log.max() < vocab_size:
+        raise InvalidArgument(FIELD, f"its token log holds ids outside the vocabulary [0, {vocab_size - 1}]")
+    return PortableSession(position, rows, initial_state, initial_rows, kept, array(TOKEN_TYPE, log))
 
 
 class _Reader:

@@ -130,3 +130,18 @@ def test_forked_and_imported_sessions_survive_a_restart(bundle, start_server, tm
         for session in (fork.session_id, imported.session_id):
             assert position(stub, session) == 4
             assert list(step(stub, session, 3).prediction.probabilities) == list(expected.probabilities)
+
+
+def test_a_forged_blob_with_a_valid_checksum_is_still_checked(stub, shared_server):
+    """The checksum catches damage, not forgery: ids the server would replay are checked against the vocabulary."""
+    engine = shared_server.engine
+    session = create(stub, prompt_token_ids=[1, 2, 3])
+    blob = stub.ExportSession(pb.ExportSessionRequest(session_id=session)).state
+    model, shapes = engine.operations.model, engine.operations.shapes
+    portable = session_blob.decode(blob, model, shapes, len(engine.bundle.vocab))
+    portable.tokens[0] = 10_000
+    forged = session_blob.encode(portable, model, shapes)
+    held = len(engine.table)
+    error, _ = assert_fails(lambda: stub.ImportSession(pb.ImportSessionRequest(state=forged)),
+                            grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", field="state")
+    assert "vocabulary" in error.details() and len(engine.table) == held
