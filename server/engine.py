@@ -224,7 +224,7 @@ class Engine:
             if request.tokens is not None:
                 await hold.submit(request.tokens)
                 self._record_first_prediction(arrived)
-            elif session.position == 0:
+            elif not session.has_prediction:
                 raise InvalidArgument("token_ids", "the session has read nothing yet: give token_ids or text to "
                                                    "continue from")
             await continue_session(hold, self.pool, self.bundle.vocab, Sampler(request.sampling), request.max_tokens,

@@ -294,3 +294,14 @@ def test_a_state_shipped_in_the_bundle_starts_sessions_and_cannot_be_deleted(bun
     (tmp_path / "bundle" / "states" / "fox.f32").write_bytes(b"\0" * 12)
     with pytest.raises(BundleError, match="fox"):
         load_initial_states(load_bundle(tmp_path / "bundle"))
+
+
+def test_a_session_from_a_named_state_generates_from_position_zero(ops):
+    prompt = [4, 8, 15, 16, 23, 42 % vocab_size(ops)]
+    ops.RegisterState(pb.RegisterStateRequest(name="numbers", prompt_token_ids=prompt))
+    from_state = create(ops, initial_state="numbers")
+    read = create(ops, prompt_token_ids=prompt)
+    generated = [[token.token_id for token in ops.Generate(pb.GenerateRequest(session_id=session, max_tokens=8))]
+                 for session in (from_state, read)]
+    assert generated[0] == generated[1] and len(generated[0]) == 8
+    assert position(ops, from_state) == 8 and position(ops, read) == len(prompt) + 8
