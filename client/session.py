@@ -36,7 +36,7 @@ _Moved = Union[pb.CreateSessionResponse, pb.RewindSessionResponse, pb.ImportSess
 
 
 def _prediction_of(response: _Moved) -> Prediction | None:
-    """The prediction a response holds; None when the session has read nothing (no prompt, rewound to 0 of zeros)."""
+    """The prediction a response holds; None when the session has read nothing (no prompt, or rewound to 0)."""
     if not response.HasField("prediction"):
         return None
     return Prediction.from_pb(response.prediction, response.session.position)
@@ -98,7 +98,8 @@ class SessionHandle:
             made = [type(self)(self._client, session) for session in response.sessions]
             return made[0] if count is None else made
 
-        return Call("ForkSession", messages.fork(self.id, 1 if count is None else count, ttl, self.position), False, forks)
+        request = messages.fork(self.id, 1 if count is None else count, ttl, self.position)
+        return Call("ForkSession", request, False, forks)
 
     def _reset(self) -> Call[SessionInfo]:
         request = pb.ResetSessionRequest(session_id=self.id, expected_position=self.position)
