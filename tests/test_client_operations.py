@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import time
 
 import numpy as np
 import pytest
 
+from rnnserve.bundle import load_bundle
 from rnnserve.client import (AsyncClient, Client, ContinuationScore, IncompatibleState, InvalidArgument, NamedState,
                              PositionMismatch, Prediction, RewindBeyondDepth, Session, SessionNotFound,
                              StateIsShipped, StateNotFound, Unavailable)
-from rnnserve.server.named_states import SHIPPED
+from rnnserve.initial_states import add_initial_state
 from rnnserve.v1 import rnnserve_pb2 as pb
 from serving import free_port
 
@@ -194,17 +196,18 @@ def test_a_repeated_prompt_is_taken_from_the_cache(client):
         assert again.prediction == first.prediction
 
 
-def test_a_shipped_state_cannot_be_deleted(start_server):
-    running = start_server()
-    with Client(running.address, timeout=10) as client:
-        client.register_state("sonnet", "the quick")
-        # The test bundle ships no states: this one is made to look as a bundle's would.
-        states = running.engine.states
-        states._states["sonnet"] = dataclasses.replace(states.get("sonnet"), source=SHIPPED)
-        with pytest.raises(StateIsShipped) as caught:
-            client.delete_state("sonnet")
-        assert caught.value.reason == "STATE_IS_SHIPPED"
-        assert [(state.name, state.source) for state in client.states()] == [("sonnet", "bundle")]
+def test_a_shipped_state_starts_sessions_and_cannot_be_deleted_or_replaced(bundle, tmp_path, start_server):
+    shutil.copytree(bundle.path, tmp_path / "bundle")
+    add_initial_state(tmp_path / "bundle", "fox", "the quick fox")
+    with Client(start_server(load_bundle(tmp_path / "bundle")).address, timeout=10) as client:
+        assert client.states() == [NamedState("fox", "bundle", 13, "the quick fox")]
+        with client.session(initial_state="fox") as started:
+            assert started.position == 0 and started.info().initial_state == "fox"
+        for refused in (lambda: client.delete_state("fox"), lambda: client.register_state("fox", "a")):
+            with pytest.raises(StateIsShipped) as caught:
+                refused()
+            assert caught.value.reason == "STATE_IS_SHIPPED"
+        assert client.states() == [NamedState("fox", "bundle", 13, "the quick fox")]
 
 
 # Retries -----------------------------------------------------------------------------------------------------------
