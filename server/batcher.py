@@ -81,8 +81,15 @@ def row_limit(max_batch_size: int, max_batch_tokens: int, length: int) -> int:
 
 class Batcher:
     def __init__(self, runtime: Runtime, pool: StatePool, *, max_batch_size: int, max_batch_tokens: int,
-                 max_queue_delay_seconds: float, on_batch: Callable[[BatchReport], None] | None = None):
+                 max_queue_delay_seconds: float, loop_max_tokens: int = 0,
+                 on_batch: Callable[[BatchReport], None] | None = None):
+        """`loop_max_tokens`: a call of at most this many tokens (steps x length), with nothing else waiting,
+        runs on the event loop's own thread instead of the model thread. A lone step then skips two thread
+        hand-offs (to the model thread and back, each a wake-up of a sleeping CPU), which on a virtual machine
+        cost more than the step's own model time; the loop is blocked meanwhile, which is why the bound is
+        small and why a second waiting step sends the call back to the model thread. 0: never."""
         self.runtime = runtime
+        self.loop_max_tokens = loop_max_tokens
         self.pool = pool
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -236,11 +243,13 @@ class Batcher:
         k = max(step.top_k for step in batch)
         temperatures = np.fromiter((step.temperature for step in batch), np.float32, len(batch))  # [batch]
         queue_wait = time.monotonic() - min(step.queued_at for step in batch)
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            result, predictions = await loop.run_in_executor(self._executor, self._compute, slots, tokens, k,
-                                                             temperatures)
+            if tokens.size <= self.loop_max_tokens and not self._queued:
+                result, predictions = self._compute(slots, tokens, k, temperatures)  # a lone small call: see __init__
+            else:
+                result, predictions = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._compute, slots, tokens, k, temperatures)
         except Exception:
             log.exception("a model call of %d steps failed; none of them was applied", len(batch))
             self._fail(batch)
@@ -252,9 +261,10 @@ class Batcher:
 
     def _compute(self, slots: np.ndarray, tokens: np.ndarray, k: int,
                  temperatures: np.ndarray) -> tuple[RunResult, list[Prediction]]:
-        """In the worker thread, with each row's prediction made here rather than on the loop, which
-        has every stream's messages to read and write meanwhile. Reading rows here is safe: rows of
-        sessions in a running batch change only in `_commit`, which runs on the loop after this returns."""
+        """In the worker thread (or, for a lone small call, on the loop: see __init__), with each row's
+        prediction made here rather than on the loop, which has every stream's messages to read and write
+        meanwhile. Reading rows here is safe: rows of sessions in a running batch change only in `_commit`,
+        which runs on the loop after this returns."""
         states = self.pool.gather(self.state_names, slots)  # [batch, layers, hidden] each
         result = self.runtime.run(tokens, states)
         return result, self._ranker.top_k(result.next_logits, k, 1.0 / temperatures).rows()

@@ -43,6 +43,8 @@ class Replay:
 
 
 class History:
+    __slots__ = ("depth", "every", "checkpoints", "tokens")  # one per session: no per-instance dict
+
     def __init__(self, depth: int, every: int, checkpoints: list[Checkpoint], tokens: array):
         self.depth = depth
         self.every = every

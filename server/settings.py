@@ -74,6 +74,11 @@ class Settings:
     max_queue_delay_us: int = _setting(
         0, "How long a step may wait for others to fill its batch. 0 runs whatever is waiting as soon as the model "
         "is free, which batches under load anyway, because steps gather while a call runs.", minimum=0)
+    loop_max_tokens: int = _setting(
+        1, "A model call of at most this many tokens (steps x step length) runs on the event loop's thread when "
+        "nothing else is waiting, skipping the hand-off to the model thread and back: a lone session's step is "
+        "faster, and the loop never blocks for more than such a call. 0 runs every call on the model thread.",
+        minimum=0)
     ort_threads: int = _setting(
         0, "onnxruntime intra-op threads; 0 gives it one per CPU this process may run on.", minimum=0)
     ort_spinning: str = _setting(
