@@ -2,7 +2,9 @@
 
 Both wrap one grpc channel: sessions are context managers that close themselves, steps carry
 the session's position so a retried step is never applied twice, and every failure is an
-`RnnserveError` subclass chosen from the server's machine-readable reason.
+`RnnserveError` subclass chosen from the server's machine-readable reason. A session can also
+be forked, reset, rewound, scored and peeked into without advancing, and exported to continue
+elsewhere (`import_session`); named states (`register_state`) give new sessions a head start.
 """
 
 from rnnserve.client.aio import AsyncClient, AsyncSession, AsyncStepStream

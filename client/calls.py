@@ -25,6 +25,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Call(Generic[T]):
+    """The stub method is named, not held: the sync and asyncio clients each have their own stub."""
+
     rpc: str  # the Inference method's name
     request: Message
     retry_safe: bool  # repeated on UNAVAILABLE only when the server cannot apply it twice (see retry.py)

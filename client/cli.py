@@ -109,6 +109,11 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
                         help="softmax temperature for the shown probabilities (default 1)")
 
 
+def _add_ttl(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--ttl", type=_positive, metavar="SECONDS",
+                        help=f"idle seconds before expiry (default: {default})")
+
+
 def _add_session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session", metavar="ID", help="continue this session (left open) instead of a new one")
     parser.add_argument("--model", help="model to open a new session with (default: the server's default)")
@@ -193,8 +198,7 @@ def _add_sessions(commands: argparse._SubParsersAction, common: argparse.Argumen
     action = _group(commands, common, "sessions", "create, inspect, fork, rewind, move and close sessions by id")
     create = action("create", _session_create, "open a session and print its id (left open)")
     create.add_argument("--prompt", help="text to feed the new session")
-    create.add_argument("--ttl", type=_positive, metavar="SECONDS",
-                        help="idle seconds before it expires (default: the server's)")
+    _add_ttl(create, "the server's")
     create.add_argument("--model", help="model to run (default: the server's default)")
     create.add_argument("--initial-state", metavar="NAME", help="start from this named state instead of zeros")
     on_one = {name: action(name, run, summary) for name, run, summary in (
@@ -206,16 +210,14 @@ def _add_sessions(commands: argparse._SubParsersAction, common: argparse.Argumen
         ("export", _session_export, "write a session to a file that `sessions import` continues from"))}
     for sub in on_one.values():
         sub.add_argument("session", metavar="ID")
-    on_one["fork"].add_argument("--count", type=_positive, default=None, metavar="N", help="how many (default 1)")
-    on_one["fork"].add_argument("--ttl", type=_positive, metavar="SECONDS",
-                                help="idle seconds before the forks expire (default: the source's)")
+    on_one["fork"].add_argument("--count", type=_positive, default=1, metavar="N", help="how many (default 1)")
+    _add_ttl(on_one["fork"], "the source's")
     on_one["rewind"].add_argument("tokens", metavar="N", type=_positive, help="tokens to undo")
     _add_step_options(on_one["rewind"])
     on_one["export"].add_argument("--out", required=True, metavar="FILE", help="file to write (a few KiB)")
     imported = action("import", _session_import, "open a session continuing an exported one and print its id")
     imported.add_argument("state", metavar="FILE", type=_file_bytes, help="as written by `sessions export`")
-    imported.add_argument("--ttl", type=_positive, metavar="SECONDS",
-                          help="idle seconds before it expires (default: the server's)")
+    _add_ttl(imported, "the server's")
 
 
 def _add_states(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -294,7 +296,7 @@ def _session_close(client: Client, args: argparse.Namespace) -> int:
 
 
 def _session_fork(client: Client, args: argparse.Namespace) -> int:
-    forks = client.resume(args.session).fork(args.count or 1, ttl=args.ttl)
+    forks = client.resume(args.session).fork(args.count, ttl=args.ttl)
     _show_each(args, [{"id": fork.id, "position": fork.position} for fork in forks], lambda fork: fork["id"])
     return 0
 

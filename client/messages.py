@@ -30,7 +30,7 @@ def _prompt(prompt: Tokens | None) -> dict:
 
 
 def create_session(model: str | None, prompt: Tokens | None, ttl: int | None, top_k: int,
-                   temperature: float | None, initial_state: str | None = None) -> pb.CreateSessionRequest:
+                   temperature: float | None, initial_state: str | None) -> pb.CreateSessionRequest:
     return pb.CreateSessionRequest(model=model, **_prompt(prompt), ttl_seconds=ttl, top_k=top_k,
                                    temperature=temperature, initial_state=initial_state)
 

@@ -36,7 +36,7 @@ _Moved = Union[pb.CreateSessionResponse, pb.RewindSessionResponse, pb.ImportSess
 
 
 def _prediction_of(response: _Moved) -> Prediction | None:
-    """The prediction a response holds; None when the session has read nothing (no prompt, or rewound to 0)."""
+    """The prediction a response holds; None when nothing predicts yet (no prompt, or back at 0 of zeros)."""
     if not response.HasField("prediction"):
         return None
     return Prediction.from_pb(response.prediction, response.session.position)
@@ -88,7 +88,8 @@ class SessionHandle:
         self.position = response.position
         return GeneratedToken.from_pb(response)
 
-    def _moved(self, session: pb.Session) -> SessionInfo:
+    def _reported(self, session: pb.Session) -> SessionInfo:
+        """The session as an answer describes it; its position is known again if it was not."""
         self.position = session.position
         return SessionInfo.from_pb(session)
 
@@ -103,11 +104,11 @@ class SessionHandle:
 
     def _reset(self) -> Call[SessionInfo]:
         request = pb.ResetSessionRequest(session_id=self.id, expected_position=self.position)
-        return Call("ResetSession", request, is_retry_safe(request), self._moved)
+        return Call("ResetSession", request, is_retry_safe(request), self._reported)
 
     def _rewind(self, tokens: int, top_k: int, temperature: float | None) -> Call[Prediction | None]:
         def rewound(response: pb.RewindSessionResponse) -> Prediction | None:
-            self._moved(response.session)
+            self._reported(response.session)
             return _prediction_of(response)
 
         request = messages.rewind(self.id, tokens, top_k, temperature, self.position)
@@ -127,7 +128,7 @@ class SessionHandle:
 
     def _export(self) -> Call[bytes]:
         def exported(response: pb.ExportSessionResponse) -> bytes:
-            self._moved(response.session)
+            self._reported(response.session)
             return response.state
 
         request = pb.ExportSessionRequest(session_id=self.id, expected_position=self.position)
