@@ -81,7 +81,7 @@ def row_limit(max_batch_size: int, max_batch_tokens: int, length: int) -> int:
 
 class Batcher:
     def __init__(self, runtime: Runtime, pool: StatePool, *, max_batch_size: int, max_batch_tokens: int,
-                 max_queue_delay_seconds: float, loop_max_tokens: int = 0,
+                 max_queue_delay_seconds: float, adaptive_wait_seconds: float = 0.0, loop_max_tokens: int = 0,
                  on_batch: Callable[[BatchReport], None] | None = None):
         """`loop_max_tokens`: a call of at most this many tokens (steps x length), with nothing else waiting,
         runs on the event loop's own thread instead of the model thread. A lone step then skips two thread
@@ -94,6 +94,8 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay_seconds = max_queue_delay_seconds
+        self.adaptive_wait_seconds = adaptive_wait_seconds  # see _fill_delay
+        self._last_batch_steps = 0
         self.on_batch = on_batch
         self.state_names = [s.name for s in runtime.bundle.states]
         self._ranker = Ranker(len(runtime.bundle.vocab))
@@ -211,11 +213,24 @@ class Batcher:
                     timer.cancel()
 
     def _fill_delay(self) -> float:
-        """Seconds to wait for more steps before running what is queued."""
-        if not self.max_queue_delay_seconds or self._queued >= self.max_batch_size:
+        """Seconds to wait for more steps before running what is queued.
+
+        With a fixed delay, the oldest step waits that long for company. With an adaptive wait, steps
+        wait only while fewer are queued than the last call ran: in a closed loop the sessions of the
+        last call come back with their next steps a little apart (unary calls above all), and running
+        the first few alone would split them into many small calls. A lone session's last call was one
+        step, so it never waits; when load falls, one call waits in vain and the next expects fewer.
+        """
+        if self._queued >= self.max_batch_size:
+            return 0.0
+        if self.max_queue_delay_seconds:
+            wait = self.max_queue_delay_seconds
+        elif self.adaptive_wait_seconds and self._queued < self._last_batch_steps:
+            wait = self.adaptive_wait_seconds
+        else:
             return 0.0
         oldest = min(queue[0].queued_at for queue in self._queues.values())
-        return oldest + self.max_queue_delay_seconds - time.monotonic()
+        return oldest + wait - time.monotonic()
 
     def _take(self) -> list[Step]:
         """Up to a call's worth of queued steps of one length, oldest length first, skipping withdrawn ones."""
@@ -238,6 +253,7 @@ class Batcher:
         return batch
 
     async def _run_batch(self, batch: list[Step]) -> None:
+        self._last_batch_steps = len(batch)
         slots = np.fromiter((step.session.slot for step in batch), np.intp, len(batch))
         tokens = np.concatenate([step.tokens for step in batch]).reshape(len(batch), -1)  # [batch, time]
         k = max(step.top_k for step in batch)

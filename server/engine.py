@@ -85,6 +85,7 @@ class Engine:
         self.batcher = Batcher(runtime, self.pool, max_batch_size=settings.max_batch_size,
                                max_batch_tokens=settings.max_batch_tokens,
                                max_queue_delay_seconds=settings.max_queue_delay_us / 1e6,
+                               adaptive_wait_seconds=settings.adaptive_wait_us / 1e6,
                                loop_max_tokens=settings.loop_max_tokens,
                                on_batch=None if metrics is None else metrics.record_batch)
         self.cache = PrefixCache(bundle.sha256, max_entries=settings.prefix_cache_entries,

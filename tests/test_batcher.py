@@ -214,3 +214,23 @@ def test_lone_steps_on_the_loop_equal_the_model_thread_and_keep_order_when_the_p
     on_loop = [name for name in threads if not name.startswith("rnnserve-model")]
     assert on_loop and len(on_loop) < len(threads)  # both paths were taken
     assert threads[-1].startswith("rnnserve-model")  # a prefill of 3 tokens never runs on the loop
+
+
+def test_adaptive_batching_waits_for_the_last_calls_sessions_but_never_for_a_lone_one(bundle):
+    """With an adaptive wait far longer than the test, a call runs only once as many steps as the last call ran
+    are queued (or the queue was empty last time): the wait is never what lets a step through."""
+
+    async def scenario(core):
+        lone = core.session()
+        for token in (1, 2, 3):  # a lone session: its last call was one step, so it never waits
+            await asyncio.wait_for(core.step(lone, [token]), 5)
+        sessions = [core.session() for _ in range(4)]
+        await asyncio.gather(*(core.step(session, [1]) for session in sessions))  # one call of 4
+        first_half = [core.step(session, [2]) for session in sessions[:2]]
+        await asyncio.sleep(0.05)
+        assert not any(future.done() for future in first_half)  # waiting for the other two
+        rest = [core.step(session, [2]) for session in sessions[2:]]
+        await asyncio.wait_for(asyncio.gather(*first_half, *rest), 5)
+        return [report.steps for report in core.reports]
+
+    assert with_core(bundle, scenario, adaptive_wait_seconds=60.0) == [1, 1, 1, 4, 4]
