@@ -92,7 +92,7 @@ class Engine:
                                  max_bytes=settings.prefix_cache_bytes, min_tokens=settings.prefix_cache_min_tokens,
                                  row_bytes=self.pool.row_bytes, events=metrics)
         self.states = NamedStates(self.cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)])
-        self.operations = Operations(self.table, self.pool, self.batcher, self.cache, self.states,
+        self.operations = Operations(self.table, self.pool, self.batcher, self.states,
                                      ModelIdentity.of(bundle), self._accepting)
         if metrics is not None:
             metrics.watch_sessions(lambda: len(self.table), self.pool.row_bytes, settings.max_sessions)

@@ -10,8 +10,9 @@ the batcher's model thread but outside its batches.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,6 @@ from rnnserve.server.errors import InvalidArgument, RewindBeyondDepth
 from rnnserve.server.history import Checkpoint, History
 from rnnserve.server.named_states import IMPORTED, NamedState, NamedStates
 from rnnserve.server.prediction import Prediction
-from rnnserve.server.prefix_cache import PrefixCache
 from rnnserve.server.session_blob import PortableSession, decode, encode
 from rnnserve.server.sessions import Session, SessionTable
 from rnnserve.server.snapshot import ModelIdentity
@@ -56,28 +56,28 @@ def score_rows(next_logits: np.ndarray, logits: np.ndarray, tokens: np.ndarray) 
 
 
 class Operations:
-    def __init__(self, table: SessionTable, pool: StatePool, batcher: Batcher, cache: PrefixCache,
-                 states: NamedStates, model: ModelIdentity, accepting: Callable[[], None]):
+    def __init__(self, table: SessionTable, pool: StatePool, batcher: Batcher, states: NamedStates,
+                 model: ModelIdentity, accepting: Callable[[], None]):
         self.table = table
         self.pool = pool
         self.batcher = batcher
-        self.cache = cache
         self.states = states
         self.model = model
         self._accepting = accepting
         self.shapes = {name: array.shape[1:] for name, array in pool.arrays.items()}
 
-    async def _held(self, session_id: str, owner: str, expected_position: int | None):
-        """The live session, held (release the hold when done), at the expected position if one is given."""
+    @contextlib.asynccontextmanager
+    async def _holding(self, session_id: str, owner: str, expected_position: int | None) -> AsyncIterator[Session]:
+        """The live session, after its earlier work and with no step of it running until the block ends, at the
+        expected position if one is given."""
         session = self.table.get(session_id, owner)
         hold = await self.batcher.hold(session)
         try:
             session.ensure_live()
             session.check_position(expected_position)
-        except BaseException:
+            yield session
+        finally:
             hold.release()
-            raise
-        return session, hold
 
     def prediction(self, session: Session, top_k: int, temperature: float) -> Prediction | None:
         """What the session predicts now, from the logits it holds; None when it has read nothing."""
@@ -90,23 +90,17 @@ class Operations:
     async def fork(self, session_id: str, owner: str, count: int, ttl: float | None,
                    expected_position: int | None) -> list[Session]:
         self._accepting()
-        source, hold = await self._held(session_id, owner, expected_position)
-        try:
+        async with self._holding(session_id, owner, expected_position) as source:
             return self.table.fork(source, count, source.ttl if ttl is None else ttl)
-        finally:
-            hold.release()
 
     async def reset(self, session_id: str, owner: str, expected_position: int | None) -> Session:
         self._accepting()
-        session, hold = await self._held(session_id, owner, expected_position)
-        try:
+        async with self._holding(session_id, owner, expected_position) as session:
             base = session.initial_checkpoint
             self.pool.set_rows(session.slot, base.rows)
             session.history = self.table.new_history(base)
             session.move_to(0, time.monotonic())
             return session
-        finally:
-            hold.release()
 
     # Rewind ------------------------------------------------------------------------------------
 
@@ -114,8 +108,7 @@ class Operations:
                      temperature: float) -> tuple[Session, Prediction | None]:
         """Undo the session's last `tokens`: restore the checkpoint before them, replay the kept tokens up to there."""
         self._accepting()
-        session, hold = await self._held(session_id, owner, expected_position)
-        try:
+        async with self._holding(session_id, owner, expected_position) as session:
             if tokens > session.rewindable:
                 raise RewindBeyondDepth(session.id, tokens, session.rewindable, self.table.rewind_depth)
             target = session.position - tokens
@@ -124,8 +117,6 @@ class Operations:
             session.history.truncate(target)
             session.move_to(target, time.monotonic())
             return session, self.prediction(session, top_k, temperature)
-        finally:
-            hold.release()
 
     async def _replay(self, history: History, position: int) -> Row | None:
         """The rows (state and next-token logits) at `position`, from a checkpoint and the tokens after it."""
@@ -141,8 +132,7 @@ class Operations:
                     expected_position: int | None) -> tuple[int, list[Scored]]:
         """Each continuation's scores from where the session is; candidates of one length share a model call."""
         self._accepting()
-        session, hold = await self._held(session_id, owner, expected_position)
-        try:
+        async with self._holding(session_id, owner, expected_position) as session:
             if not session.has_prediction:
                 raise InvalidArgument("continuations", NOTHING_READ)
             rows = self.pool.rows(session.slot)
@@ -155,26 +145,21 @@ class Operations:
                 for row, i in enumerate(indices):
                     scored[i] = Scored(tokens[row], logprobs[row], ranks[row])
             return session.position, [scored[i] for i in range(len(continuations))]
-        finally:
-            hold.release()
 
     async def peek(self, session_id: str, owner: str, tokens: np.ndarray, top_k: int, temperature: float,
                    expected_position: int | None) -> StepAnswer:
         """What a step of `tokens` would answer, committing nothing."""
         self._accepting()
-        session, hold = await self._held(session_id, owner, expected_position)
-        try:
-            result = await self.batcher.evaluate(tokens[np.newaxis], self.batcher.states_of(self.pool.rows(session.slot)))
+        async with self._holding(session_id, owner, expected_position) as session:
+            states = self.batcher.states_of(self.pool.rows(session.slot))
+            result = await self.batcher.evaluate(tokens[np.newaxis], states)
             return StepAnswer(session.position + len(tokens),
                               self.batcher.predict(result.next_logits[0], top_k, temperature))
-        finally:
-            hold.release()
 
     # Export and import -------------------------------------------------------------------------
 
     async def export(self, session_id: str, owner: str, expected_position: int | None) -> tuple[Session, bytes]:
-        session, hold = await self._held(session_id, owner, expected_position)
-        try:
+        async with self._holding(session_id, owner, expected_position) as session:
             history = session.history
             portable = PortableSession(
                 session.position, self.pool.rows(session.slot), "" if session.initial is None else session.initial.name,
@@ -182,8 +167,6 @@ class Operations:
                 [] if history is None else list(history.checkpoints),
                 [] if history is None else history.tokens)
             return session, encode(portable, self.model, self.shapes)
-        finally:
-            hold.release()
 
     def import_(self, owner: str, blob: bytes, ttl: float, top_k: int,
                 temperature: float) -> tuple[Session, Prediction | None]:

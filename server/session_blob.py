@@ -70,7 +70,8 @@ def encode(session: PortableSession, model: ModelIdentity, shapes: Mapping[str, 
     return body + hashlib.sha256(body).digest()
 
 
-def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ...]], vocab_size: int) -> PortableSession:
+def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ...]],
+           vocab_size: int) -> PortableSession:
     """The session in `blob`, checked whole against this server's model and rows; refused with the reason otherwise.
 
     The checksum catches damage, not forgery, so everything the server later relies on (positions
@@ -95,7 +96,7 @@ def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ..
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise InvalidArgument(FIELD, f"unreadable header ({err})") from None
     positions = [at for at, _ in checkpoints]
-    if min(position, tokens, *positions, 0) < 0 or positions != sorted(positions) or max(positions, default=0) > position:
+    if min(position, tokens, *positions) < 0 or positions != sorted(positions) or positions[-1:] > [position]:
         raise InvalidArgument(FIELD, "its position, token count and checkpoints are inconsistent")
     if exported.sha256 != model.sha256:
         raise IncompatibleState(f"{FIELD}: the session was exported from {exported.describe()}, but this server serves "

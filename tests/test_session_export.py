@@ -115,7 +115,7 @@ def test_imports_count_against_the_cap(start_server):
 
 def test_forked_and_imported_sessions_survive_a_restart(bundle, start_server, tmp_path):
     snapshot = str(tmp_path / "sessions.snap")
-    first = RunningServer(bundle, Settings(listen="127.0.0.1:0", snapshot_path=snapshot))  # stopped here, not at teardown
+    first = RunningServer(bundle, Settings(listen="127.0.0.1:0", snapshot_path=snapshot))  # stopped here, by hand
     with grpc.insecure_channel(first.address) as channel:
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
         source = create(stub, prompt_token_ids=[2, 7, 1, 8])
