@@ -84,6 +84,10 @@ def test_reset_returns_to_zeros_keeping_the_id(client):
         info = session.reset()
         assert (info.id, info.position, info.rewindable, session.position) == (session.id, 0, 0, 0)
         assert session.step("the") == fresh.step("the")
+        session.position = 0  # as if the answer to that step had been lost: resending the reset is refused
+        with pytest.raises(PositionMismatch) as caught:
+            session.reset()
+        assert caught.value.actual_position == 3 == session.info().position
 
 
 def test_rewind_then_step_equals_a_session_that_never_read_the_undone_tokens(client):
@@ -91,6 +95,11 @@ def test_rewind_then_step_equals_a_session_that_never_read_the_undone_tokens(cli
         session.step(" over")
         rewound = session.rewind(7)
         assert session.position == len(PROMPT) - 2 == rewound.position == session.info().position
+        session.position = len(PROMPT) + 5  # as if the answer had been lost and the rewind were resent
+        with pytest.raises(PositionMismatch) as caught:
+            session.rewind(7)
+        assert caught.value.actual_position == len(PROMPT) - 2 == session.info().position  # undone once only
+        session.position = caught.value.actual_position
         with client.session(PROMPT[:-2]) as never:
             assert_close(rewound, never.prediction)
             assert_close(session.step(" fox"), never.step(" fox"))
@@ -259,6 +268,9 @@ def test_the_async_client_does_each_operation_as_the_sync_one(shared_server, cli
                 rewound = await session.rewind(6)
                 position_after_rewind = session.position
                 info = await session.reset()
+                with pytest.raises(RewindBeyondDepth) as caught:
+                    await session.rewind(1)
+                assert caught.value.rewindable == 0  # nothing read since the reset
             imported = await aclient.import_session(blob)
             imported_step = await imported.step(" ov")
             await imported.close()
