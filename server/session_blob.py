@@ -96,7 +96,8 @@ def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ..
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise InvalidArgument(FIELD, f"unreadable header ({err})") from None
     positions = [at for at, _ in checkpoints]
-    if min(position, tokens, *positions) < 0 or positions != sorted(positions) or positions[-1:] > [position]:
+    beyond = positions and positions[-1] > position
+    if min(position, tokens, *positions) < 0 or positions != sorted(positions) or beyond:
         raise InvalidArgument(FIELD, "its position, token count and checkpoints are inconsistent")
     if exported.sha256 != model.sha256:
         raise IncompatibleState(f"{FIELD}: the session was exported from {exported.describe()}, but this server serves "
