@@ -7,6 +7,7 @@ in `render`, so the library, the CLI and its --json output agree on every field.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import sys
@@ -257,12 +258,13 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
-    if args.prompt and not args.json:
-        print(args.prompt, end="", flush=True)  # people read the continuation as part of the text
     with _session(client, args) as session:
-        tokens = session.generate(args.max_tokens, tokens=args.prompt or None, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
-        for token in tokens:
+        tokens = iter(session.generate(args.max_tokens, tokens=args.prompt or None, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop))
+        first = next(tokens, None)  # the request is checked and answered here: a refusal leaves no half-printed line
+        if args.prompt and not args.json:
+            print(args.prompt, end="", flush=True)  # people read the continuation as part of the text
+        for token in itertools.chain([] if first is None else [first], tokens):
             if args.json:
                 print(render.as_json(token), flush=True)
             else:

@@ -225,3 +225,22 @@ def test_rewinding_too_far_and_exporting_to_an_unwritable_file_say_why(cli, tmp_
     assert too_far.returncode == 1 and "REWIND_BEYOND_DEPTH" in too_far.stderr and "Traceback" not in too_far.stderr
     unwritable = cli("sessions", "export", session, "--out", str(tmp_path / "no" / "such" / "dir"), check=False)
     assert unwritable.returncode == 1 and unwritable.stderr.startswith("error: cannot write")
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (("predict", "To be", "--top-k", "99999999999"), "top_k"),
+    (("generate", "To", "--max-tokens", "-5"), "max_tokens"),
+    (("generate", "To", "--max-tokens", "99999999999"), "max_tokens"),
+    (("generate", "To", "--seed", "-1"), "seed"),
+    (("generate", "To", "--top-k", "-2"), "top_k"),
+    (("generate", "To", "--top-p", "nan"), "top_p"),
+    (("sessions", "create", "--ttl", "99999999999"), "ttl_seconds"),
+    (("predict", "To", "--temperature", "nan"), "temperature"),
+])
+def test_values_no_wire_field_can_hold_are_refused_naming_the_field(cli, args, field):
+    """Out of a field's wire range (checked in the client) or of the server's (checked there): one line, no
+    traceback, and generate prints nothing of its prompt before the refusal."""
+    refused = cli(*args, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith(f"error: {field}: ") and "INVALID_ARGUMENT" in refused.stderr
+    assert refused.stdout == ""
