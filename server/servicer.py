@@ -75,6 +75,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def StepBatch(self, request: pb.StepBatchRequest, context) -> pb.StepBatchResponse:
         owner, until = caller(context), deadline(context)
+        self._read.step_batch(request)
         replies = [self._submit_in_band(step, owner, until) for step in request.steps]
         try:
             for reply in replies:  # steps run in one model call settle together: one wake-up for them, not one each

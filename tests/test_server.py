@@ -105,12 +105,12 @@ def test_a_failed_step_is_answered_in_band_and_the_stream_goes_on(stub):
 def test_step_batch_answers_each_step_at_its_index(stub, bundle, unbatched):
     sessions = [create(stub) for _ in range(5)]
     steps = [pb.StepRequest(session_id=s, token_ids=[i + 1], request_id=i) for i, s in enumerate(sessions)]
-    steps.insert(2, pb.StepRequest(session_id=sessions[0], top_k=10_000, text="x"))  # a bad step among good ones
-    steps.append(pb.StepRequest(session_id=sessions[0], token_ids=[9]))  # the same session twice: in order
+    refused = create(stub, prompt_text="ab")
+    steps.insert(2, pb.StepRequest(session_id=refused, top_k=10_000, text="x"))  # a bad step among good ones
     results = stub.StepBatch(pb.StepBatchRequest(steps=steps)).results
     assert len(results) == len(steps)
     assert status_details(results[2].error)[1] == ["top_k"]
-    assert results[-1].position == 2 and results[0].position == 1
+    assert results[0].position == 1 and position(stub, refused) == 2
     for index, session_id in enumerate(sessions[1:], start=1):
         reference = unbatched(bundle)
         reference.feed([index + 1])
