@@ -208,9 +208,12 @@ class ResponseWriter:
         return response
 
     @staticmethod
-    def step_error(request: pb.StepRequest, status, into: pb.StepResponse | None = None) -> pb.StepResponse:
+    def step_error(request: pb.StepRequest, status, position: int,
+                   into: pb.StepResponse | None = None) -> pb.StepResponse:
+        """The in-band answer to a failed step: its status, and `position`, where the session stands."""
         response = pb.StepResponse() if into is None else into
         response.session_id = request.session_id
+        response.position = position
         response.request_id = request.request_id
         response.error.CopyFrom(status)
         return response

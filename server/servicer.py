@@ -58,7 +58,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Stream(self, requests, context) -> None:
         owner = caller(context)
         replies: InOrder[pb.StepRequest] = InOrder()
-        writer = asyncio.create_task(self._write_in_order(replies, context))
+        writer = asyncio.create_task(self._write_in_order(replies, owner, context))
         try:
             try:
                 async for request in requests:
@@ -86,7 +86,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 reply.cancel()  # withdraws what has not been applied when the call is cancelled
         response = pb.StepBatchResponse()
         for step, reply in zip(request.steps, replies):
-            self._reply(step, reply, response.results.add())
+            self._reply(step, reply, owner, response.results.add())
         return response
 
     async def Generate(self, request: pb.GenerateRequest, context) -> None:
@@ -118,7 +118,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             refused.set_exception(error)
             return refused
 
-    def _reply(self, request: pb.StepRequest, reply: asyncio.Future,
+    def _reply(self, request: pb.StepRequest, reply: asyncio.Future, owner: str,
                into: pb.StepResponse | None = None) -> pb.StepResponse:
         """The response to a settled step, its answer or its error in-band, written into `into` if given."""
         error = reply.exception()
@@ -127,8 +127,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         status = to_status(error)
         if self._on_in_band_error is not None:
             self._on_in_band_error(status.code)
-        return self._write.step_error(request, status, into)
+        return self._write.step_error(request, status, self._position(request.session_id, owner), into)
 
-    async def _write_in_order(self, replies: InOrder[pb.StepRequest], context) -> None:
+    def _position(self, session_id: str, owner: str) -> int:
+        """Where `owner`'s session stands now, for the answer to its failed step; 0 when it has no such session.
+
+        Read when the answer is written: on a Stream it counts the steps answered before it (and a later
+        step of the same session, if that one has already been applied).
+        """
+        try:
+            return self._engine.get_session(session_id, owner).position
+        except RnnserveError:
+            return 0
+
+    async def _write_in_order(self, replies: InOrder[pb.StepRequest], owner: str, context) -> None:
         async for request, reply in replies:
-            await context.write(self._reply(request, reply))
+            await context.write(self._reply(request, reply, owner))
