@@ -100,7 +100,8 @@ class Durability:
                       refusal, kept)
             return
         restored, expired, over_cap = self._load(snapshot)
-        log.info("restored %d sessions from %s (written %s); %d had expired meanwhile, %d did not fit max_sessions",
+        log.info("restored %d sessions from %s (written %s); %d had expired meanwhile, %d did not fit max_sessions "
+                 "or max_sessions_per_identity",
                  restored, self.path, time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(snapshot.header.written_at)),
                  expired, over_cap)
 
@@ -111,10 +112,13 @@ class Durability:
         for records, rows in snapshot.chunks():
             live = [i for i, record in enumerate(records) if record.last_active + record.ttl > now]
             expired += len(records) - len(live)
-            live = live[: self.table.max_sessions - len(self.table)]
-            slots = np.fromiter((restore_record(self.table, records[i]).slot for i in live), np.intp, len(live))
-            self.pool.scatter(list(self.rows), slots, [array[live] for array in rows])
-            restored += len(live)
+            fitting, slots = [], []
+            for i in live:
+                if self.table.admits(records[i].owner):  # records come most recently active first: those are kept
+                    fitting.append(i)
+                    slots.append(restore_record(self.table, records[i]).slot)
+            self.pool.scatter(list(self.rows), np.array(slots, np.intp), [array[fitting] for array in rows])
+            restored += len(fitting)
         return restored, expired, snapshot.sessions - restored - expired
 
     # Saving ------------------------------------------------------------------------------------
