@@ -112,13 +112,12 @@ class Durability:
         for records, rows in snapshot.chunks():
             live = [i for i, record in enumerate(records) if record.last_active + record.ttl > now]
             expired += len(records) - len(live)
-            fitting, slots = [], []
-            for i in live:
-                if self.table.admits(records[i].owner):  # records come most recently active first: those are kept
-                    fitting.append(i)
-                    slots.append(restore_record(self.table, records[i]).slot)
-            self.pool.scatter(list(self.rows), np.array(slots, np.intp), [array[fitting] for array in rows])
-            restored += len(fitting)
+            owners = [records[i].owner for i in live]
+            live = [live[k] for k in self.table.owners.admitted(owners)]  # each owner's most recently active
+            live = live[: self.table.max_sessions - len(self.table)]
+            slots = np.fromiter((restore_record(self.table, records[i]).slot for i in live), np.intp, len(live))
+            self.pool.scatter(list(self.rows), slots, [array[live] for array in rows])
+            restored += len(live)
         return restored, expired, snapshot.sessions - restored - expired
 
     # Saving ------------------------------------------------------------------------------------

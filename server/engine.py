@@ -66,8 +66,8 @@ class Engine:
         runtime = Runtime(bundle, settings.ort_threads, settings.ort_spins)
         self.pool = StatePool(Batcher.pool_rows(runtime), settings.max_sessions)
         self.table = SessionTable(self.pool, max_sessions=settings.max_sessions,
-                                  evict_when_full=settings.when_full == "evict-oldest",
                                   max_sessions_per_owner=settings.max_sessions_per_identity,
+                                  evict_when_full=settings.when_full == "evict-oldest",
                                   remember_removed=settings.remember_removed, events=metrics)
         self.batcher = Batcher(runtime, self.pool, max_batch_size=settings.max_batch_size,
                                max_batch_tokens=settings.max_batch_tokens,

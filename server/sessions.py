@@ -15,15 +15,16 @@ import enum
 import heapq
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from rnnserve.server.errors import (CapacityExhausted, IdentityQuotaExhausted, PositionMismatch, SessionEvicted,
-                                    SessionExpired, SessionNotFound)
+from rnnserve.server.errors import (CapacityExhausted, PositionMismatch, SessionEvicted, SessionExpired,
+                                    SessionNotFound)
 from rnnserve.server.lines import Line
+from rnnserve.server.quotas import OwnerQuota
 from rnnserve.server.state_pool import StatePool
 
 if TYPE_CHECKING:
@@ -113,8 +114,7 @@ class SessionTable:
         self.pool = pool
         self.events = events
         self.max_sessions = max_sessions
-        self.max_sessions_per_owner = max_sessions_per_owner  # 0: no cap
-        self._owned: Counter[str] = Counter()  # owner -> sessions held, counted on add and remove only
+        self.owners = OwnerQuota(max_sessions_per_owner)
         self.evict_when_full = evict_when_full
         self.remember_removed = remember_removed
         self._sessions: dict[str, Session] = {}
@@ -151,23 +151,15 @@ class SessionTable:
             session.last_start, session.last_tokens, session.last_answer = last_step
         return session
 
-    def admits(self, owner: str) -> bool:
-        """Whether a session of `owner` fits without evicting any: under the cap and under the owner's."""
-        return len(self._sessions) < self.max_sessions and not self._owner_full(owner)
-
-    def _owner_full(self, owner: str) -> bool:
-        return bool(self.max_sessions_per_owner) and self._owned[owner] >= self.max_sessions_per_owner
-
     def _add(self, session_id: str, owner: str, ttl: float, created: float, created_wall: float,
              last_active: float) -> Session:
-        if self._owner_full(owner):  # checked first: an owner at its own cap must not evict anyone's session
-            raise IdentityQuotaExhausted(self.max_sessions_per_owner)
+        self.owners.check(owner)  # first: an owner at its own cap must not evict anyone's session
         if len(self._sessions) >= self.max_sessions:
             self._make_room()
         recency = self._by_ttl.setdefault(ttl, OrderedDict())
         session = Session(session_id, self.pool.allocate(), owner, ttl, created, created_wall, last_active, recency)
         self._sessions[session_id] = recency[session_id] = session
-        self._owned[owner] += 1
+        self.owners.added(owner)
         return session
 
     def by_recency(self) -> list[Session]:
@@ -197,9 +189,7 @@ class SessionTable:
         if not session.recency:
             del self._by_ttl[session.ttl]
         self.pool.free(session.slot)
-        self._owned[session.owner] -= 1
-        if not self._owned[session.owner]:
-            del self._owned[session.owner]  # so that the counts follow the owners holding sessions now
+        self.owners.removed(session.owner)
         session.removed = reason
         self._removed[session.id] = reason, session.owner
         if len(self._removed) > self.remember_removed:

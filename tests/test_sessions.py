@@ -90,6 +90,8 @@ def test_an_owner_at_its_cap_is_refused_and_evicts_nobody(evict):
     assert all(table.get(s.id, s.owner) is s for s in (*alice, bob)) and len(table) == 3
     table.remove(alice[0], Removal.CLOSED)
     assert table.create("alice", 60).owner == "alice"  # a place of its own, freed by its own close
+    # as a restore counts: alice is at her cap, bob has room for one more, carol for two
+    assert table.owners.admitted(["alice", "bob", "bob", "alice", "carol"]) == [1, 4]
     expired = make_table(per_owner=1)
     session = expired.create("carol", 1)
     assert expired.expire(time.monotonic() + 2) == 1 and expired.create("carol", 1).owner == "carol"
