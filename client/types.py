@@ -65,7 +65,7 @@ class ContinuationScore:
 
     @classmethod
     def from_pb(cls, score: pb.ContinuationScore) -> ContinuationScore:
-        return cls(list(score.token_ids), list(score.texts), [_float32(logp) for logp in score.logprobs],
+        return cls(list(score.token_ids), list(score.texts), list(score.logprobs),
                    list(score.ranks), score.total_logprob)
 
 
