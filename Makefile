@@ -17,8 +17,8 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.serving
 	$(PIP) -e '.[train,dev]'
 	touch $@
 
-serve: $(VENV)/.serving  ## serve the committed default model on 127.0.0.1:50051
-	$(VENV)/bin/rnnserve-server
+serve: $(VENV)/.serving  ## serve the committed default model: gRPC on 127.0.0.1:50051, HTTP and the playground on 127.0.0.1:8080
+	$(VENV)/bin/rnnserve-server --http-listen 127.0.0.1:8080
 
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -1,0 +1,158 @@
+"""The Starlette application: one endpoint per row of `routes.ROUTES`, all made by `rpc_endpoint`.
+
+Each endpoint checks the caller as gRPC's interceptor does (the same `auth.Tokens`, from the
+`Authorization: Bearer` header; else the client certificate), parses the JSON body into the
+route's request message, runs the servicer's own method, and answers its response as JSON, or
+its error as `status.error_body` with the matching HTTP code. Every request is measured with
+the RPC its route runs as `method` and the HTTP status as `code`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry
+from google.rpc import status_pb2
+from grpc_health.v1 import health_pb2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route as StarletteRoute
+from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
+
+from rnnserve.server.auth import UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, Tokens, bearer_token
+from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.metrics import HttpMetrics
+from rnnserve.server.settings import Settings
+from rnnserve.server.web import sse
+from rnnserve.server.web.calls import Aborted, HttpContext, parse, run, status_of, to_json
+from rnnserve.server.web.face import PEER_IDENTITIES, WebFace
+from rnnserve.server.web.routes import ROUTES, Route
+from rnnserve.server.web.status import error_body, error_headers, http_code
+
+METHOD = "rnnserve.method"  # the scope key naming, for metrics, what a request ran
+
+
+class Gate:
+    """Who calls: the token's identity when tokens are configured, else the TLS client certificate's."""
+
+    def __init__(self, tokens: Tokens | None):
+        self._tokens = tokens
+
+    def identities(self, request: Request, open_route: bool = False) -> list[bytes] | None:
+        if self._tokens is None or open_route:
+            return request.scope.get("state", {}).get(PEER_IDENTITIES)
+        identity = self._tokens.identify(bearer_token(request.headers.items()))
+        if identity is None:
+            raise Aborted(status_pb2.Status(code=UNAUTHENTICATED, message=UNAUTHENTICATED_MESSAGE))
+        return [identity.encode()]
+
+
+def error_response(error: Exception) -> JSONResponse:
+    status = status_of(error)
+    return JSONResponse(error_body(status), http_code(status), headers=error_headers(status))
+
+
+async def json_body(request: Request) -> object:
+    """The decoded body; None for an empty one (every field at its default)."""
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        raise InvalidArgument("request", f"the body is not JSON: {error}") from None
+
+
+def wants_events(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "") or request.query_params.get("stream") == "true"
+
+
+def error_event(error: Exception) -> str:
+    return sse.encode(error_body(status_of(error)), "error")
+
+
+async def streamed(handler: Callable, message: Message | list[Message], identities: list[bytes] | None,
+                   events: bool) -> Response:
+    """A server-streaming call's responses as events, or as one JSON array once the call has ended."""
+    if events:
+        async def produce(send: sse.Send) -> None:
+            async def write(response: Message) -> None:
+                await send(to_json(response))
+
+            await run(handler, message, HttpContext(identities, write))
+
+        return await sse.event_stream(produce, error_event)
+    responses: list[dict] = []
+
+    async def collect(response: Message) -> None:
+        responses.append(to_json(response))
+
+    await run(handler, message, HttpContext(identities, collect))
+    return JSONResponse(responses)
+
+
+def rpc_endpoint(route: Route, handler: Callable, gate: Gate) -> Callable:
+    async def endpoint(request: Request) -> Response:
+        request.scope[METHOD] = route.name
+        try:
+            identities = gate.identities(request, route.open)
+            body = await json_body(request) if route.verb == "POST" else None
+            message = parse(route, body if body is not None else ([] if route.method.client_streaming else {}),
+                            request.path_params)
+            if route.method.server_streaming:
+                return await streamed(handler, message, identities, wants_events(request))
+            response = await run(handler, message, HttpContext(identities))
+        except Exception as error:  # noqa: BLE001  (every failure is answered: errors.to_status maps it)
+            return error_response(error)
+        unready = route.unready_is_503 and response.status != health_pb2.HealthCheckResponse.SERVING
+        return JSONResponse(to_json(response), 503 if unready else 200)
+
+    endpoint.__name__ = route.name
+    return endpoint
+
+
+class Measured:
+    """ASGI middleware: each finished request reported to `metrics` with its method and HTTP code."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics):
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started, code = time.perf_counter(), 500
+
+        async def sending(message: AsgiMessage) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, sending)
+        finally:
+            self._metrics.record(scope.get(METHOD, "other"), code, time.perf_counter() - started)
+
+
+def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: HttpMetrics | None,
+               more_routes: Sequence[BaseRoute] = ()) -> ASGIApp:
+    """The app for `servicers` (by full service name), checking `tokens` if given; `more_routes` are
+    pages of the face's own (OpenAPI, completions, the playground)."""
+    gate = Gate(tokens)
+    routes = [StarletteRoute(route.path, rpc_endpoint(route, getattr(servicers[route.service], route.name), gate),
+                             methods=[route.verb]) for route in ROUTES]
+    app: ASGIApp = Starlette(routes=[*routes, *more_routes])
+    return app if metrics is None else Measured(app, metrics)
+
+
+def create_face(settings: Settings, servicers: Mapping[str, object], registry: CollectorRegistry | None) -> WebFace:
+    """The HTTP face for `settings.http_listen`, bound now; its metrics in `registry` (None: metrics off)."""
+    tokens = None if settings.auth_tokens_file is None else Tokens.from_file(settings.auth_tokens_file)
+    metrics = None if registry is None else HttpMetrics(registry)
+    return WebFace(create_app(servicers, tokens, metrics), settings)

@@ -1,0 +1,107 @@
+"""A route's RPC run on the very servicer object that grpc calls, with a stand-in for grpc's context.
+
+The servicer reads three things of a call: who calls (`auth.caller`, through `peer_identities`),
+its deadline (`time_remaining`), and, for a stream, `write`; grpc's health servicer also ends
+calls with `abort`. `HttpContext` gives exactly those, so HTTP runs the gRPC handlers themselves
+and no behaviour exists twice. Requests and responses are protobuf messages in protobuf's JSON
+mapping (field names as in the .proto).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from google.rpc import status_pb2
+
+from rnnserve.server.errors import InvalidArgument, to_status
+from rnnserve.server.web.routes import Route
+
+Write = Callable[[Message], Awaitable[None]]
+
+
+class Aborted(Exception):
+    """A call ended with a status of its own (grpc's health servicer aborts; a missing token)."""
+
+    def __init__(self, status: status_pb2.Status):
+        super().__init__(status.message)
+        self.status = status
+
+
+def status_of(error: BaseException) -> status_pb2.Status:
+    """What the caller receives for `error`: `errors.to_status`, the one mapping gRPC uses too."""
+    return error.status if isinstance(error, Aborted) else to_status(error)
+
+
+class HttpContext:
+    """What an HTTP call gives the servicer in place of grpc.aio.ServicerContext."""
+
+    def __init__(self, identities: list[bytes] | None, write: Write | None = None):
+        self._identities = identities
+        self._write = write
+
+    def peer_identities(self) -> list[bytes] | None:
+        """The caller's identity, the token's name or the client certificate's, as `auth.caller` reads it."""
+        return self._identities
+
+    @staticmethod
+    def time_remaining() -> float | None:
+        return None  # HTTP carries no deadline; a caller that gives up closes the connection, which cancels
+
+    async def write(self, message: Message) -> None:
+        await self._write(message)
+
+    @staticmethod
+    async def abort(code: grpc.StatusCode, details: str = "", *_: object) -> None:
+        raise Aborted(status_pb2.Status(code=code.value[0], message=details or code.name))
+
+
+def to_json(message: Message) -> dict:
+    """A message in protobuf's JSON mapping, with .proto field names and every field shown, zeros included."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def parse(route: Route, body: object, path_params: Mapping[str, str]) -> Message | list[Message]:
+    """The route's request (a list of them for a client-streaming method) from a decoded JSON body."""
+    message_class = GetMessageClass(route.method.input_type)
+    if route.method.client_streaming:
+        if not isinstance(body, list):
+            raise InvalidArgument("request", f"a JSON array of {route.method.input_type.name} messages")
+        return [_parse_one(message_class, item, {}) for item in body]
+    if not isinstance(body, dict):
+        raise InvalidArgument("request", f"a JSON object: the {route.method.input_type.name} message")
+    return _parse_one(message_class, body, {**path_params, **route.fixed})
+
+
+def _parse_one(message_class: type[Message], body: object, fields: Mapping[str, object]) -> Message:
+    if not isinstance(body, dict):
+        raise InvalidArgument("request", f"each request is a JSON object: a {message_class.DESCRIPTOR.name}")
+    for name, value in fields.items():
+        if name in body and body[name] != value:
+            raise InvalidArgument(name, f"the path gives {value!r}; the body may repeat it but not differ")
+    try:
+        return json_format.ParseDict({**body, **fields}, message_class())
+    except json_format.ParseError as error:
+        raise InvalidArgument("request", str(error)) from None  # names the field and what is wrong with it
+
+
+async def run(handler: Callable, request: Message | list[Message], context: HttpContext) -> Message | None:
+    """Call a servicer method as grpc would: a request stream as an async iterator, and the responses
+    of an async-generator method written to the context."""
+    if isinstance(request, list):
+        request = _stream(request)
+    if inspect.isasyncgenfunction(handler):
+        async for response in handler(request, context):
+            await context.write(response)
+        return None
+    return await handler(request, context)
+
+
+async def _stream(requests: list[Message]) -> AsyncIterator[Message]:
+    for request in requests:
+        yield request
