@@ -27,7 +27,7 @@ from rnnserve.server.auth import UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, Token
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.metrics import HttpMetrics
 from rnnserve.server.settings import Settings
-from rnnserve.server.web import sse
+from rnnserve.server.web import openapi, sse
 from rnnserve.server.web.calls import Aborted, HttpContext, parse, run, status_of, to_json
 from rnnserve.server.web.face import PEER_IDENTITIES, WebFace
 from rnnserve.server.web.routes import ROUTES, Route
@@ -145,8 +145,15 @@ def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: 
     """The app for `servicers` (by full service name), checking `tokens` if given; `more_routes` are
     pages of the face's own (OpenAPI, completions, the playground)."""
     gate = Gate(tokens)
+    spec = openapi.document(ROUTES)
+
+    async def openapi_json(request: Request) -> Response:
+        request.scope[METHOD] = "OpenAPI"
+        return JSONResponse(spec)
+
     routes = [StarletteRoute(route.path, rpc_endpoint(route, getattr(servicers[route.service], route.name), gate),
                              methods=[route.verb]) for route in ROUTES]
+    routes.append(StarletteRoute("/openapi.json", openapi_json, methods=["GET"]))
     app: ASGIApp = Starlette(routes=[*routes, *more_routes])
     return app if metrics is None else Measured(app, metrics)
 
