@@ -17,13 +17,26 @@ from google.protobuf import json_format
 from google.protobuf.message_factory import GetMessageClass
 from grpc_status import rpc_status
 
+from conftest import LOOPBACK
+from rnnserve.server.settings import Settings
 from rnnserve.server.web.calls import to_json
 from rnnserve.server.web.routes import INFERENCE, ROUTES
 from rnnserve.server.web.status import CODES
 from rnnserve.v1 import rnnserve_pb2
+from serving import RunningServer
 
 SERVICE = rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"]
 ROUTE_OF = {route.name: route for route in ROUTES if route.service == INFERENCE}
+
+
+ALICE, BOB = "token-of-alice-0123456789", "token-of-bob-0123456789"
+
+
+def serve_both_faces(bundle, folder) -> RunningServer:
+    """A server with both faces on loopback ports, checking the tokens of ALICE and BOB."""
+    tokens = folder / "tokens"
+    tokens.write_text(f"{ALICE} alice\n{BOB} bob\n")
+    return RunningServer(bundle, Settings(**LOOPBACK, http_listen="127.0.0.1:0", auth_tokens_file=tokens))
 
 
 @dataclass

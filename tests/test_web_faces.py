@@ -11,20 +11,15 @@ import secrets
 
 import pytest
 
-from conftest import LOOPBACK
-from faces import Failed, GrpcFace, HttpFace
-from rnnserve.server.settings import Settings
-from serving import RunningServer, Unbatched
+from faces import ALICE, BOB, Failed, GrpcFace, HttpFace, serve_both_faces
+from serving import Unbatched
 
-ALICE, BOB = "token-of-alice-0123456789", "token-of-bob-0123456789"
 TIMESTAMPS = ("created", "last_active", "expires")
 
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
-    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
-    tokens.write_text(f"{ALICE} alice\n{BOB} bob\n")
-    running = RunningServer(bundle, Settings(**LOOPBACK, http_listen="127.0.0.1:0", auth_tokens_file=tokens))
+    running = serve_both_faces(bundle, tmp_path_factory.mktemp("tokens"))
     yield running
     running.stop()
 

@@ -13,6 +13,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 
 from conftest import LOOPBACK
 from rnnserve.server.settings import Settings
+from rnnserve.server.web.completions import OPENAPI_PATHS
 from rnnserve.server.web.openapi import document
 from rnnserve.server.web.routes import ROUTES
 from serving import RunningServer
@@ -34,7 +35,7 @@ def base_url(web_server) -> str:
 
 def test_the_served_document_has_every_route_and_the_request_fields(base_url):
     served = httpx.get(f"{base_url}/openapi.json").json()
-    assert served == document(ROUTES)
+    assert served == document(ROUTES, OPENAPI_PATHS)
     assert {(path, verb) for path, operations in served["paths"].items() for verb in operations} >= \
         {(route.path, route.verb.lower()) for route in ROUTES}
     step = served["components"]["schemas"]["rnnserve_v1_StepRequest"]["properties"]
@@ -45,7 +46,7 @@ def test_the_served_document_has_every_route_and_the_request_fields(base_url):
 
 # schemathesis's pytest plugin does not run under pytest 9 (it reads a private field of the node), so the
 # operations are parametrised here and each is driven through Hypothesis directly, as the plugin would.
-OPERATIONS = [result.ok() for result in schemathesis.openapi.from_dict(document(ROUTES)).get_all_operations()]
+OPERATIONS = [result.ok() for result in schemathesis.openapi.from_dict(document(ROUTES, OPENAPI_PATHS)).get_all_operations()]
 
 
 # Invalid requests for every operation with a body; the others take only strings in their paths, which

@@ -9,7 +9,6 @@ the RPC its route runs as `method` and the HTTP status as `code`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -24,14 +23,13 @@ from starlette.routing import BaseRoute, Route as StarletteRoute
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
 from rnnserve.server.auth import UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, Tokens, bearer_token
-from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.metrics import HttpMetrics
 from rnnserve.server.settings import Settings
-from rnnserve.server.web import openapi, sse
-from rnnserve.server.web.calls import Aborted, HttpContext, parse, run, status_of, to_json
+from rnnserve.server.web import completions, openapi, sse
+from rnnserve.server.web.calls import Aborted, HttpContext, json_body, parse, run, to_json
 from rnnserve.server.web.face import PEER_IDENTITIES, WebFace
-from rnnserve.server.web.routes import ROUTES, Route
-from rnnserve.server.web.status import error_body, error_headers, http_code
+from rnnserve.server.web.routes import INFERENCE, ROUTES, Route
+from rnnserve.server.web.status import error_event, error_response
 
 METHOD = "rnnserve.method"  # the scope key naming, for metrics, what a request ran
 
@@ -51,28 +49,8 @@ class Gate:
         return [identity.encode()]
 
 
-def error_response(error: Exception) -> JSONResponse:
-    status = status_of(error)
-    return JSONResponse(error_body(status), http_code(status), headers=error_headers(status))
-
-
-async def json_body(request: Request) -> object:
-    """The decoded body; None for an empty one (every field at its default)."""
-    raw = await request.body()
-    if not raw.strip():
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError as error:
-        raise InvalidArgument("request", f"the body is not JSON: {error}") from None
-
-
 def wants_events(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "") or request.query_params.get("stream") == "true"
-
-
-def error_event(error: Exception) -> str:
-    return sse.encode(error_body(status_of(error)), "error")
 
 
 async def streamed(handler: Callable, message: Message | list[Message], identities: list[bytes] | None,
@@ -145,7 +123,7 @@ def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: 
     """The app for `servicers` (by full service name), checking `tokens` if given; `more_routes` are
     pages of the face's own (OpenAPI, completions, the playground)."""
     gate = Gate(tokens)
-    spec = openapi.document(ROUTES)
+    spec = openapi.document(ROUTES, completions.OPENAPI_PATHS)
 
     async def openapi_json(request: Request) -> Response:
         request.scope[METHOD] = "OpenAPI"
@@ -154,6 +132,8 @@ def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: 
     routes = [StarletteRoute(route.path, rpc_endpoint(route, getattr(servicers[route.service], route.name), gate),
                              methods=[route.verb]) for route in ROUTES]
     routes.append(StarletteRoute("/openapi.json", openapi_json, methods=["GET"]))
+    routes.append(StarletteRoute("/v1/completions", completions.Completions(servicers[INFERENCE], gate.identities,
+                                                                            METHOD).endpoint, methods=["POST"]))
     app: ASGIApp = Starlette(routes=[*routes, *more_routes])
     return app if metrics is None else Measured(app, metrics)
 

@@ -10,6 +10,7 @@ mapping (field names as in the .proto).
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
@@ -17,6 +18,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from google.rpc import status_pb2
+from starlette.requests import Request
 
 from rnnserve.server.errors import InvalidArgument, to_status
 from rnnserve.server.web.routes import Route
@@ -105,3 +107,14 @@ async def run(handler: Callable, request: Message | list[Message], context: Http
 async def _stream(requests: list[Message]) -> AsyncIterator[Message]:
     for request in requests:
         yield request
+
+
+async def json_body(request: Request) -> object:
+    """The decoded body; None for an empty one (every field at its default)."""
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        raise InvalidArgument("request", f"the body is not JSON: {error}") from None

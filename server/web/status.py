@@ -9,6 +9,10 @@ import math
 import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
+from starlette.responses import JSONResponse
+
+from rnnserve.server.web import sse
+from rnnserve.server.web.calls import status_of
 
 # google/rpc/code.proto gives each code its HTTP equivalent.
 HTTP_CODES = {
@@ -56,3 +60,14 @@ def error_headers(status: status_pb2.Status) -> dict[str, str]:
     if status.code == grpc.StatusCode.UNAUTHENTICATED.value[0]:
         headers["WWW-Authenticate"] = "Bearer"
     return headers
+
+
+def error_response(error: Exception) -> JSONResponse:
+    """The answer to a call that failed with `error`, mapped as gRPC maps it (`errors.to_status`)."""
+    status = status_of(error)
+    return JSONResponse(error_body(status), http_code(status), headers=error_headers(status))
+
+
+def error_event(error: Exception) -> str:
+    """The last event of a stream that failed with `error`, after events went out."""
+    return sse.encode(error_body(status_of(error)), "error")
