@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
-# Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check).
-SYSTEM_PACKAGES := prometheus docker-compose
+# Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check),
+# chromium (the playground's browser test, driven by Playwright).
+SYSTEM_PACKAGES := prometheus docker-compose chromium
 
 .PHONY: serve test bench train train-quick export quantize proto system-packages
 

@@ -10,7 +10,8 @@ the RPC its route runs as `method` and the HTTP status as `code`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from collections.abc import Callable, Mapping
 
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
@@ -18,8 +19,9 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route as StarletteRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route as StarletteRoute
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
 from rnnserve.server.auth import UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, Tokens, bearer_token
@@ -31,6 +33,7 @@ from rnnserve.server.web.face import PEER_IDENTITIES, WebFace
 from rnnserve.server.web.routes import INFERENCE, ROUTES, Route
 from rnnserve.server.web.status import error_event, error_response
 
+STATIC = Path(__file__).parent / "static"
 METHOD = "rnnserve.method"  # the scope key naming, for metrics, what a request ran
 
 
@@ -118,10 +121,15 @@ class Measured:
             self._metrics.record(scope.get(METHOD, "other"), code, time.perf_counter() - started)
 
 
-def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: HttpMetrics | None,
-               more_routes: Sequence[BaseRoute] = ()) -> ASGIApp:
-    """The app for `servicers` (by full service name), checking `tokens` if given; `more_routes` are
-    pages of the face's own (OpenAPI, completions, the playground)."""
+async def playground(request: Request) -> Response:
+    """The playground page (static/): plain HTML, CSS and JavaScript over the routes above."""
+    request.scope[METHOD] = "Playground"
+    return FileResponse(STATIC / "index.html")
+
+
+def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: HttpMetrics | None) -> ASGIApp:
+    """The app for `servicers` (by full service name), checking `tokens` if given: a route per row of the
+    table, then the face's own pages: its OpenAPI document, /v1/completions and the playground."""
     gate = Gate(tokens)
     spec = openapi.document(ROUTES, completions.OPENAPI_PATHS)
 
@@ -129,12 +137,15 @@ def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: 
         request.scope[METHOD] = "OpenAPI"
         return JSONResponse(spec)
 
-    routes = [StarletteRoute(route.path, rpc_endpoint(route, getattr(servicers[route.service], route.name), gate),
-                             methods=[route.verb]) for route in ROUTES]
-    routes.append(StarletteRoute("/openapi.json", openapi_json, methods=["GET"]))
-    routes.append(StarletteRoute("/v1/completions", completions.Completions(servicers[INFERENCE], gate.identities,
-                                                                            METHOD).endpoint, methods=["POST"]))
-    app: ASGIApp = Starlette(routes=[*routes, *more_routes])
+    answer_completions = completions.Completions(servicers[INFERENCE], gate.identities, METHOD).endpoint
+    app: ASGIApp = Starlette(routes=[
+        *(StarletteRoute(route.path, rpc_endpoint(route, getattr(servicers[route.service], route.name), gate),
+                         methods=[route.verb]) for route in ROUTES),
+        StarletteRoute("/openapi.json", openapi_json, methods=["GET"]),
+        StarletteRoute("/v1/completions", answer_completions, methods=["POST"]),
+        StarletteRoute("/", playground, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ])
     return app if metrics is None else Measured(app, metrics)
 
 
