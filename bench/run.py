@@ -31,6 +31,7 @@ from bench.report import Run, machine, write_json, write_markdown
 from bench.sizes import PRESETS, Sizes
 from bench.stats import Results, Rounds
 from bench.targets import verdicts
+from bench.web import web
 from bench.workloads import headline_round, w1_to_w4, w5
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +99,9 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
 
     with ServerProcess(command, logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, rounds, progress)
+    progress("HTTP face: W2 over HTTP/JSON at 1 and 64 sessions, time to first token over SSE and gRPC (fresh server)")
+    with ServerProcess(command + ["--http-listen", "127.0.0.1:0"], logs / "server-http.log") as server:
+        await web(server, sizes, tokens, results)
     f1_round()
     await m1(command, sizes, tokens, logs, results, progress)
     await headline()
