@@ -4,6 +4,7 @@ TLS and client certificates over HTTPS, and its flag."""
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import grpc
 import httpx
@@ -14,6 +15,7 @@ from certificates import Authority
 from faces import Failed, GrpcFace, HttpFace, read_events
 from rnnserve.server.settings import parse_settings
 from rnnserve.server.web.face import bind
+from rnnserve.server.web.routes import ROUTES
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 
@@ -139,3 +141,9 @@ def test_a_session_closed_over_http_is_closed_to_grpc(start_server):
         grpc_face.call("GetSession", {"session_id": created})
     assert closed.value.status == "NOT_FOUND" and "was closed" in closed.value.message
     grpc_face.close(), http_face.close()
+
+
+def test_the_readme_lists_every_route():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f"{route.verb} {route.path}" for route in ROUTES if f"`{route.verb} {route.path}`" not in readme]
+    assert missing == []
