@@ -51,7 +51,7 @@ def test_a_stream_that_fails_before_its_first_event_answers_its_http_status(star
 
 
 def test_http_codes_and_headers(start_server):
-    running = start_server(**HTTP, max_sessions=1)
+    running = start_server(**HTTP, max_sessions=1, max_message_bytes=1000)
     with client(running) as http:
         first = session(http)
         full = http.post("/v1/sessions", json={})
@@ -65,7 +65,12 @@ def test_http_codes_and_headers(start_server):
             answer = http.post(f"/v1/sessions/{first}/step", content=body)
             assert answer.status_code == 400, body
             assert answer.json()["error"]["details"][1]["field_violations"][0]["field"] == "request"
-        assert http.get("/v1/sessions").status_code == 405
+        too_large = http.post(f"/v1/sessions/{first}/step", json={"text": "a" * 1000})
+        assert too_large.status_code == 400 and "--max-message-bytes" in too_large.json()["error"]["message"]
+        wrong_verb, no_route = http.get("/v1/sessions"), http.get("/v2/nothing")
+        assert (wrong_verb.status_code, wrong_verb.json()["error"]["status"]) == (405, "UNIMPLEMENTED")
+        assert wrong_verb.headers["allow"] == "POST"
+        assert (no_route.status_code, no_route.json()["error"]["status"]) == (404, "NOT_FOUND")
         assert http.get(f"/v1/sessions/{first}").json()["position"] == "3"  # no mistake changed it
 
 

@@ -10,14 +10,15 @@ the RPC its route runs as `method` and the HTTP status as `code`.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from google.protobuf.message import Message
-from prometheus_client import CollectorRegistry
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route as StarletteRoute
@@ -76,12 +77,12 @@ async def streamed(handler: Callable, message: Message | list[Message], identiti
     return JSONResponse(responses)
 
 
-def rpc_endpoint(route: Route, handler: Callable, gate: Gate) -> Callable:
+def rpc_endpoint(route: Route, handler: Callable, gate: Gate, max_body_bytes: int) -> Callable:
     async def endpoint(request: Request) -> Response:
         request.scope[METHOD] = route.name
         try:
             identities = gate.identities(request, route.open)
-            body = await json_body(request) if route.verb == "POST" else None
+            body = await json_body(request, max_body_bytes) if route.verb == "POST" else None
             message = parse(route, body if body is not None else ([] if route.method.client_streaming else {}),
                             request.path_params)
             if route.method.server_streaming:
@@ -121,15 +122,25 @@ class Measured:
             self._metrics.record(scope.get(METHOD, "other"), code, time.perf_counter() - started)
 
 
+async def no_route(request: Request, error: HTTPException) -> Response:
+    """Starlette's own refusals (no such path, or not with this verb) in the same JSON as every error."""
+    status = "NOT_FOUND" if error.status_code == 404 else "UNIMPLEMENTED"
+    return JSONResponse({"error": {"code": error.status_code, "status": status, "details": [],
+                                   "message": f"{request.method} {request.url.path}: {error.detail}"}},
+                        error.status_code, headers=error.headers)
+
+
 async def playground(request: Request) -> Response:
     """The playground page (static/): plain HTML, CSS and JavaScript over the routes above."""
     request.scope[METHOD] = "Playground"
     return FileResponse(STATIC / "index.html")
 
 
-def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: HttpMetrics | None) -> ASGIApp:
+def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: HttpMetrics | None,
+               max_body_bytes: int) -> ASGIApp:
     """The app for `servicers` (by full service name), checking `tokens` if given: a route per row of the
-    table, then the face's own pages: its OpenAPI document, /v1/completions and the playground."""
+    table, then the face's own pages: its OpenAPI document, /v1/completions and the playground. A body
+    over `max_body_bytes` is refused, as gRPC refuses a message over --max-message-bytes."""
     gate = Gate(tokens)
     spec = openapi.document(ROUTES, completions.OPENAPI_PATHS)
 
@@ -137,15 +148,16 @@ def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: 
         request.scope[METHOD] = "OpenAPI"
         return JSONResponse(spec)
 
-    answer_completions = completions.Completions(servicers[INFERENCE], gate.identities, METHOD).endpoint
+    answer_completions = completions.Completions(servicers[INFERENCE], gate.identities, METHOD,
+                                                 max_body_bytes).endpoint
     app: ASGIApp = Starlette(routes=[
-        *(StarletteRoute(route.path, rpc_endpoint(route, getattr(servicers[route.service], route.name), gate),
-                         methods=[route.verb]) for route in ROUTES),
+        *(StarletteRoute(route.path, rpc_endpoint(route, getattr(servicers[route.service], route.name), gate,
+                                                  max_body_bytes), methods=[route.verb]) for route in ROUTES),
         StarletteRoute("/openapi.json", openapi_json, methods=["GET"]),
         StarletteRoute("/v1/completions", answer_completions, methods=["POST"]),
         StarletteRoute("/", playground, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ])
+    ], exception_handlers={HTTPException: no_route})
     return app if metrics is None else Measured(app, metrics)
 
 
@@ -153,4 +165,4 @@ def create_face(settings: Settings, servicers: Mapping[str, object], registry: C
     """The HTTP face for `settings.http_listen`, bound now; its metrics in `registry` (None: metrics off)."""
     tokens = None if settings.auth_tokens_file is None else Tokens.from_file(settings.auth_tokens_file)
     metrics = None if registry is None else HttpMetrics(registry)
-    return WebFace(create_app(servicers, tokens, metrics), settings)
+    return WebFace(create_app(servicers, tokens, metrics, settings.max_message_bytes), settings)

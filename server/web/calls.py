@@ -109,9 +109,14 @@ async def _stream(requests: list[Message]) -> AsyncIterator[Message]:
         yield request
 
 
-async def json_body(request: Request) -> object:
-    """The decoded body; None for an empty one (every field at its default)."""
-    raw = await request.body()
+async def json_body(request: Request, max_bytes: int) -> object:
+    """The decoded body, read up to `max_bytes` and no further; None for an empty one (every field at its default)."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise InvalidArgument("request", f"the body is larger than {max_bytes} bytes, the server's "
+                                             f"--max-message-bytes")
     if not raw.strip():
         return None
     try:

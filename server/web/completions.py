@@ -160,16 +160,18 @@ def _choice(tokens: list[pb.GenerateResponse], finish: str | None, logprobs: boo
 class Completions:
     """The endpoint, over the Inference servicer, for callers identified by `identities(request)`."""
 
-    def __init__(self, servicer: object, identities: Callable[[Request], list[bytes] | None], method_key: str):
+    def __init__(self, servicer: object, identities: Callable[[Request], list[bytes] | None], method_key: str,
+                 max_body_bytes: int):
         self._servicer = servicer
         self._identities = identities
         self._method_key = method_key
+        self._max_body_bytes = max_body_bytes
 
     async def endpoint(self, request: Request) -> Response:
         request.scope[self._method_key] = "Completions"
         try:
             context = HttpContext(self._identities(request))
-            completion = read(await json_body(request) or {})
+            completion = read(await json_body(request, self._max_body_bytes) or {})
             created = await self._servicer.CreateSession(completion.create, context)
             completion.generate.session_id = created.session.session_id
             head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
