@@ -113,6 +113,13 @@ async def open_streams(stub: rnnserve_pb2_grpc.InferenceStub,
         raise StepFailed(f"streams ended with {sorted({c.name for c in codes})}")
 
 
+async def time_us(round_trip: RoundTrip) -> float:
+    """One round trip's latency in microseconds."""
+    start = time.perf_counter_ns()
+    await round_trip()
+    return (time.perf_counter_ns() - start) / 1e3
+
+
 async def closed_loop(round_trips: Sequence[RoundTrip], steps: int, warmup: int, server_pid: int,
                       tokens_per_trip: int = 1) -> Timed:
     """Every round trip `steps` times concurrently, each waiting for its previous answer.
@@ -125,9 +132,7 @@ async def closed_loop(round_trips: Sequence[RoundTrip], steps: int, warmup: int,
 
     async def drive(round_trip: RoundTrip, count: int, latencies: list[float]) -> None:
         for _ in range(count):
-            start = time.perf_counter_ns()
-            await round_trip()
-            latencies.append((time.perf_counter_ns() - start) / 1e3)
+            latencies.append(await time_us(round_trip))
 
     await asyncio.gather(*(drive(r, warmup, []) for r in round_trips))
     latencies: list[float] = []

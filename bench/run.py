@@ -3,9 +3,10 @@
 Order matters on a 2-core machine: each stage has the cores to itself. F1 runs in this process
 before any server exists; the echo server (F2) is stopped before rnnserve-server starts; M1
 starts its own servers, with metrics and without, one at a time; W5 gets a fresh server so that
-its baseline is a server that never held a session. F1 and the loops the targets read most (W1,
-W2 at the most sessions, and F2 at one stream and the most, their floors) are measured in rounds
-spread over the run, each figure their median.
+its baseline is a server that never held a session, and the session operations and W6 one that
+holds only theirs (`--only operations` runs that stage alone). F1 and the loops the targets read
+most (W1, W2 at the most sessions, and F2 at one stream and the most, their floors) are measured
+in rounds spread over the run, each figure their median.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rnnserve.server.settings import parse_settings
 from bench import plots
 from bench.floors import F1, f2
 from bench.metrics_cost import m1
+from bench.operations import session_operations
 from bench.processes import ServerProcess
 from bench.reference import reference_bundle
 from bench.report import Run, machine, write_json, write_markdown
@@ -32,7 +34,7 @@ from bench.sizes import PRESETS, Sizes
 from bench.stats import Results, Rounds
 from bench.targets import verdicts
 from bench.web import web
-from bench.workloads import headline_round, w1_to_w4, w5
+from bench.workloads import W1_TO_W4_FLAGS, headline_round, w1_to_w4, w5
 
 HERE = Path(__file__).resolve().parent
 TOKEN_SEED = 1
@@ -66,14 +68,24 @@ def server_command(bundle_path: Path, flags: list[str]) -> list[str]:
     return [executable, "--bundle", str(bundle_path), "--listen", "127.0.0.1:0", *flags]
 
 
-async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: Progress) -> tuple[Results, str]:
-    """Every floor and workload in turn; returns the results and the server command used."""
+async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: Progress,
+                  only: str | None) -> tuple[Results, str]:
+    """Every floor and workload in turn, or the `only` stage; returns the results and the server command used."""
     results = Results()
     logs = cache / "logs"
     progress("reference bundle")
     bundle = reference_bundle(cache, sizes.model, sizes.model_seed)
     tokens = reference_tokens(sizes)
     settings = parse_settings(server_flags)
+    command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
+    shown = shlex.join([Path(command[0]).name, *command[1:]])
+
+    async def operations() -> None:
+        await session_operations(command, sizes, tokens, settings.rewind_depth, logs, results, progress)
+
+    if only == "operations":
+        await operations()
+        return results, shown
     f1 = F1(bundle, settings.ort_threads, settings.ort_spins, sizes, tokens)
 
     def f1_round() -> None:  # taken at three points of the run, while the preset wants rounds
@@ -85,7 +97,6 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     progress("F2 grpc.aio echo server")
     rounds, later_rounds = Rounds(), iter(range(2, sizes.headline_rounds + 1))
     await f2(sizes, tokens, settings.event_loop, logs / "echo.log", results, rounds, sizes.batches)
-    command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
 
     async def headline() -> None:  # rounds 2 and 3, while the preset wants them: after M1, after W5
         number = next(later_rounds, None)
@@ -97,10 +108,12 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
             with ServerProcess(command, logs / f"server-round{number}.log") as server:
                 await headline_round(server, sizes, tokens, rounds)
 
-    with ServerProcess(command, logs / "server.log") as server:
+    with ServerProcess([*command, *W1_TO_W4_FLAGS], logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, rounds, progress)
+    await operations()
     progress("HTTP face: W2 over HTTP/JSON at 1 and 64 sessions, time to first token over SSE and gRPC (fresh server)")
-    with ServerProcess(command + ["--http-listen", "127.0.0.1:0"], logs / "server-http.log") as server:
+    http_command = [*command, *W1_TO_W4_FLAGS, "--http-listen", "127.0.0.1:0"]
+    with ServerProcess(http_command, logs / "server-http.log") as server:
         await web(server, sizes, tokens, results)
     f1_round()
     await m1(command, sizes, tokens, logs, results, progress)
@@ -112,7 +125,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
         await w5(server, sizes, tokens, bundle.state_bytes_per_session, results)
     await headline()
     rounds.report(results)
-    return results, shlex.join([Path(command[0]).name, *command[1:]])
+    return results, shown
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -123,6 +136,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preset.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
                         help="a tiny model and tiny counts, for tests (seconds)")
     parser.set_defaults(preset="full")
+    parser.add_argument("--only", choices=["operations"], default=None,
+                        help="run one stage alone: 'operations' is each session operation against a plain step and "
+                             "W6 (cached prompts against cold), on a server of their own; its figures go to "
+                             "<cache>/<preset>-operations unless --out says where, never over bench/results, and "
+                             "no plots are drawn")
     parser.add_argument("--out", type=Path, default=None,
                         help="where latest.json, latest.md and the plots go (default: bench/results for a full "
                              "run, bench/.cache/<preset> otherwise, so that a smoke run never replaces "
@@ -137,20 +155,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sizes, server_flags = PRESETS[args.preset], shlex.split(args.server_args)
-    out = args.out or (HERE / "results" if args.preset == "full" else args.cache / args.preset)
+    label = f"{args.preset}-{args.only}" if args.only else args.preset  # a partial run never replaces the figures
+    out = args.out or (HERE / "results" if label == "full" else args.cache / label)
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress()
     load_before = os.getloadavg()
     progress(f"{args.preset} run on {os.cpu_count()} cores, load average {load_before[0]:.2f}")
-    results, server = asyncio.run(measure(sizes, server_flags, args.cache, progress))
-    run = Run(args.preset, shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]),
+    results, server = asyncio.run(measure(sizes, server_flags, args.cache, progress, args.only))
+    run = Run(label, shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]),
               server, sizes, progress.seconds, machine(load_before, os.getloadavg()), results.rows,
               verdicts(results.rows, sizes))
     write_json(run, out / "latest.json")
     write_markdown(run, out / "latest.md")
-    plots.throughput(results.rows, out / "throughput.png")
-    plots.latency(results, sizes.batches, out / "latency.png")
-    progress(f"wrote {out}/latest.json, latest.md, throughput.png, latency.png")
+    if args.only:
+        progress(f"wrote {out}/latest.json, latest.md")
+    else:
+        plots.throughput(results.rows, out / "throughput.png")
+        plots.latency(results, sizes.batches, out / "latency.png")
+        progress(f"wrote {out}/latest.json, latest.md, throughput.png, latency.png")
     for verdict in run.verdicts:
         print(f"  {verdict.status:7} {verdict.name}: {verdict.figure}; {verdict.floor}; ratio {verdict.ratio}; "
               f"target {verdict.target}")

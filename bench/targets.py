@@ -1,4 +1,4 @@
-"""The targets of issue 4, each a figure read against its floor from the same run.
+"""The targets of issue 4 (and W6's of issue 11), each a figure read against its floor from the same run.
 
 They mirror ../shared/tools/targets.py (which reads the committed latest.json) so that a run
 says at once where it stands, and latest.md shows every figure beside its floor and ratio.
@@ -84,6 +84,13 @@ def _w5(get: Lookup, sizes: Sizes) -> Verdict:
                    f"<= 1.3 x raw + 200 MiB = {limit / MiB:,.0f} MiB", figure <= limit)
 
 
+def _w6(get: Lookup, sizes: Sizes) -> Verdict:
+    cached, cold = get("W6", "cached", 1, "p50_us"), get("W6", "cold", 1, "p50_us")
+    ratio = get("W6", "cached", 1, "cold_cached_ratio")
+    return Verdict(f"W6 first prediction, {sizes.prefill_tokens:,}-token prompt cached", f"{cached:,.0f} us",
+                   f"cold prefill: {cold:,.0f} us", f"{ratio:.1f}x faster", ">= 20x faster than cold", ratio >= 20)
+
+
 def _m1(get: Lookup, sizes: Sizes) -> Verdict:
     n = sizes.most_sessions
     ratios = {transport: get("M1", transport, n, "on_off_ratio") for transport in ("stream", "unary")}
@@ -92,7 +99,8 @@ def _m1(get: Lookup, sizes: Sizes) -> Verdict:
                    min(ratios.values()) >= 0.95)
 
 
-CHECKS = {"W2 stream": _w2_stream, "W2 multi": _w2_multi, "W1": _w1, "W3": _w3, "W4": _w4, "W5": _w5, "M1": _m1}
+CHECKS = {"W2 stream": _w2_stream, "W2 multi": _w2_multi, "W1": _w1, "W3": _w3, "W4": _w4, "W5": _w5, "W6": _w6,
+          "M1": _m1}
 
 
 def verdicts(rows: list[Row], sizes: Sizes) -> list[Verdict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 
 from rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
@@ -20,6 +20,9 @@ from bench.processes import ServerProcess
 from bench.sizes import Sizes
 from bench.stats import Results, Rounds, Timed, p50
 
+# The server of W1-W4 keeps no prefix-state cache, so that W3's stateless baseline reads every prefix whole;
+# W1, W2 and W4 send no prompt, which is all the cache serves.
+W1_TO_W4_FLAGS = ["--prefix-cache-entries", "0"]
 # Sessions are opened and closed this many calls at a time: enough to keep the server busy,
 # few enough that 100,000 creations never pile up as 100,000 pending calls.
 WAVE = 256
@@ -43,8 +46,9 @@ async def close_sessions(stub: rnnserve_pb2_grpc.InferenceStub, ids: Sequence[st
 
 
 @asynccontextmanager
-async def sessions(stub: rnnserve_pb2_grpc.InferenceStub, count: int) -> AsyncIterator[list[str]]:
-    ids = await create_sessions(stub, count)
+async def sessions(stub: rnnserve_pb2_grpc.InferenceStub, count: int,
+                   prompt: Sequence[int] = ()) -> AsyncIterator[list[str]]:
+    ids = await create_sessions(stub, count, prompt)
     try:
         yield ids
     finally:
@@ -93,18 +97,20 @@ async def w2(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Res
                          await unary_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
 
 
-def stateless_round_trip(stub: rnnserve_pb2_grpc.InferenceStub, prefixes: Sequence[Sequence[int]],
-                         opened: list[str]) -> RoundTrip:
-    """A stateless server's step: a fresh session fed the whole prefix as its prompt.
+def create_round_trip(stub: rnnserve_pb2_grpc.InferenceStub, prompts: Iterator[Sequence[int]], cached: int,
+                      opened: list[str]) -> RoundTrip:
+    """A new session fed the next of `prompts`, up to its first prediction (W3's stateless step, W6).
 
-    The session is closed only after the loop (its id goes to `opened`), so that the timed call
-    is the prefill alone.
+    Refused unless `cached` of its tokens came from the prefix-state cache: a prompt that missed,
+    or hit, unseen would measure the wrong thing. The session is closed only after the loop (its
+    id goes to `opened`), so that the timed call is the creation alone.
     """
-    pending = iter(prefixes)
 
     async def round_trip() -> None:
-        request = rnnserve_pb2.CreateSessionRequest(prompt_token_ids=next(pending))
-        opened.append((await stub.CreateSession(request)).session.session_id)
+        created = await stub.CreateSession(rnnserve_pb2.CreateSessionRequest(prompt_token_ids=next(prompts)))
+        opened.append(created.session.session_id)
+        if created.cached_prompt_tokens != cached:
+            raise RuntimeError(f"{created.cached_prompt_tokens} prompt tokens came from the cache, not {cached}")
 
     return round_trip
 
@@ -115,12 +121,14 @@ async def w3(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Res
     The stateless baseline runs only the two windows: steps between them change nothing for a
     server that keeps no state, and re-running every prefix of 2,000 tokens would take minutes.
     No warm-up: positions must start at 1, and a median over the window absorbs the first step.
+    A stateless step is a new session fed the whole prefix, on a server without the prefix-state
+    cache (W1_TO_W4_FLAGS), which would have it read only the token after the previous prefix.
     """
     window, steps = sizes.w3_window, sizes.w3_steps
     stateful = (await stream_steps(server, 1, steps, 0, tokens)).latencies_us
     lengths = [*range(1, window + 1), *range(steps - window + 1, steps + 1)]
     opened: list[str] = []
-    trip = stateless_round_trip(server.stub, [tokens[:n] for n in lengths], opened)
+    trip = create_round_trip(server.stub, (tokens[:n] for n in lengths), 0, opened)
     stateless = (await closed_loop([trip], len(lengths), 0, server.pid)).latencies_us
     await close_sessions(server.stub, opened)
     for variant, latencies in (("stateful", stateful), ("stateless", stateless)):

@@ -2,20 +2,25 @@
 
 Both wrap one grpc channel: sessions are context managers that close themselves, steps carry
 the session's position so a retried step is never applied twice, and every failure is an
-`RnnserveError` subclass chosen from the server's machine-readable reason.
+`RnnserveError` subclass chosen from the server's machine-readable reason. A session can also
+be forked, reset, rewound, scored and peeked into without advancing, and exported to continue
+elsewhere (`import_session`); named states (`register_state`) give new sessions a head start.
 """
 
 from rnnserve.client.aio import AsyncClient, AsyncSession, AsyncStepStream
 from rnnserve.client.connection import TLS
-from rnnserve.client.errors import (CapacityExhausted, DeadlineExceeded, FieldViolation, InvalidArgument,
-                                    ModelNotFound, NotFound, PositionMismatch, RnnserveError, SessionEvicted,
-                                    SessionExpired, SessionNotFound, Unauthenticated, Unavailable)
+from rnnserve.client.errors import (CapacityExhausted, DeadlineExceeded, FieldViolation, IncompatibleState,
+                                    InvalidArgument, ModelNotFound, NotFound, PositionMismatch, RewindBeyondDepth,
+                                    RnnserveError, SessionEvicted, SessionExpired, SessionNotFound, StateIsShipped,
+                                    StateNotFound, Unauthenticated, Unavailable)
 from rnnserve.client.sync import Client, Session, StepStream
-from rnnserve.client.types import Candidate, GeneratedToken, ModelInfo, Prediction, SessionInfo
+from rnnserve.client.types import (Candidate, ContinuationScore, GeneratedToken, ModelInfo, NamedState, Prediction,
+                                   SessionInfo)
 
 __all__ = [
-    "AsyncClient", "AsyncSession", "AsyncStepStream", "Candidate", "CapacityExhausted", "Client", "DeadlineExceeded",
-    "FieldViolation", "GeneratedToken", "InvalidArgument", "ModelInfo", "ModelNotFound", "NotFound",
-    "PositionMismatch", "Prediction", "RnnserveError", "Session", "SessionEvicted", "SessionExpired", "SessionInfo",
-    "SessionNotFound", "StepStream", "TLS", "Unauthenticated", "Unavailable",
+    "AsyncClient", "AsyncSession", "AsyncStepStream", "Candidate", "CapacityExhausted", "Client",
+    "ContinuationScore", "DeadlineExceeded", "FieldViolation", "GeneratedToken", "IncompatibleState",
+    "InvalidArgument", "ModelInfo", "ModelNotFound", "NamedState", "NotFound", "PositionMismatch", "Prediction",
+    "RewindBeyondDepth", "RnnserveError", "Session", "SessionEvicted", "SessionExpired", "SessionInfo",
+    "SessionNotFound", "StateIsShipped", "StateNotFound", "StepStream", "TLS", "Unauthenticated", "Unavailable",
 ]

@@ -16,19 +16,22 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
 
-from rnnserve.client import messages
+from rnnserve.client import calls, messages
+from rnnserve.client.calls import Call
 from rnnserve.client.connection import ClientBase
 from rnnserve.client.errors import RnnserveError, SessionNotFound, error_from_rpc, raising_rnnserve_errors
 from rnnserve.client.messages import DEFAULT_TOP_K, Tokens
 from rnnserve.client.session import SessionHandle, Target, answer, batch_request, batch_results, is_retry_safe, \
     step_request
-from rnnserve.client.types import GeneratedToken, ModelInfo, Prediction, SessionInfo
+from rnnserve.client.types import ContinuationScore, GeneratedToken, ModelInfo, NamedState, Prediction, SessionInfo
 from rnnserve.v1 import rnnserve_pb2 as pb
+
+T = TypeVar("T")
 
 
 class AsyncClient(ClientBase):
@@ -53,11 +56,16 @@ class AsyncClient(ClientBase):
             except grpc.RpcError as error:
                 await asyncio.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
 
+    async def _call(self, call: Call[T], timeout: float | None) -> T:
+        response = await self._unary(getattr(self._inference, call.rpc), call.request, timeout,
+                                     retry_safe=call.retry_safe)
+        return call.result(response)
+
     def session(self, prompt: Tokens | None = None, *, ttl: int | None = None, model: str | None = None,
-                top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+                top_k: int = DEFAULT_TOP_K, temperature: float | None = None, initial_state: str | None = None,
                 timeout: float | None = None) -> OpeningSession:
         """As `Client.session`: `session = await client.session()`, or `async with client.session() as session`."""
-        request = messages.create_session(model, prompt, ttl, top_k, temperature)
+        request = messages.create_session(model, prompt, ttl, top_k, temperature, initial_state)
         return OpeningSession(self._open_session(request, timeout))
 
     async def _open_session(self, request: pb.CreateSessionRequest, timeout: float | None) -> AsyncSession:
@@ -68,6 +76,21 @@ class AsyncClient(ClientBase):
         """As `Client.resume`: a session opened earlier, at the position the server reports."""
         request = pb.GetSessionRequest(session_id=session_id)
         return AsyncSession(self, await self._unary(self._inference.GetSession, request, timeout, retry_safe=True))
+
+    async def import_session(self, state: bytes, *, ttl: int | None = None, top_k: int = DEFAULT_TOP_K,
+                             temperature: float | None = None, timeout: float | None = None) -> AsyncSession:
+        """As `Client.import_session`: not retried."""
+        return await self._call(AsyncSession._import(self, state, ttl, top_k, temperature), timeout)
+
+    async def register_state(self, name: str, prompt: Tokens, *, timeout: float | None = None) -> NamedState:
+        """As `Client.register_state`: not retried."""
+        return await self._call(calls.register_state(name, prompt), timeout)
+
+    async def states(self, *, timeout: float | None = None) -> list[NamedState]:
+        return await self._call(calls.list_states(), timeout)
+
+    async def delete_state(self, name: str, *, timeout: float | None = None) -> None:
+        await self._call(calls.delete_state(name), timeout)
 
     def stream(self, *, timeout: float | None = None) -> AsyncStepStream:
         """As `Client.stream`: one Stream call for the steps of any number of sessions."""
@@ -128,6 +151,33 @@ class AsyncSession(SessionHandle):
         request = pb.GetSessionRequest(session_id=self.id)
         return SessionInfo.from_pb(await self._client._unary(self._client._inference.GetSession, request, timeout,
                                                              retry_safe=True))
+
+    async def fork(self, count: int | None = None, *, ttl: int | None = None,
+                   timeout: float | None = None) -> AsyncSession | list[AsyncSession]:
+        """As `Session.fork`: one session, or a list of `count`; never retried."""
+        return await self._client._call(self._fork(count, ttl), timeout)
+
+    async def reset(self, *, timeout: float | None = None) -> SessionInfo:
+        """As `Session.reset`."""
+        return await self._client._call(self._reset(), timeout)
+
+    async def rewind(self, tokens: int, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+                     timeout: float | None = None) -> Prediction | None:
+        """As `Session.rewind`: the prediction at the new position, None at position 0 of zeros."""
+        return await self._client._call(self._rewind(tokens, top_k, temperature), timeout)
+
+    async def score(self, *continuations: Tokens, timeout: float | None = None) -> list[ContinuationScore]:
+        """As `Session.score`: the session does not advance."""
+        return await self._client._call(self._score(continuations), timeout)
+
+    async def peek(self, tokens: Tokens, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+                   timeout: float | None = None) -> Prediction:
+        """As `Session.peek`: the session does not advance."""
+        return await self._client._call(self._peek(tokens, top_k, temperature), timeout)
+
+    async def export(self, *, timeout: float | None = None) -> bytes:
+        """As `Session.export`."""
+        return await self._client._call(self._export(), timeout)
 
     async def close(self, *, timeout: float | None = None) -> None:
         """As `Session.close`: a session that is already gone counts as closed."""

@@ -7,6 +7,7 @@ in `render`, so the library, the CLI and its --json output agree on every field.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from rnnserve.client.errors import RnnserveError, Unavailable
 from rnnserve.client.messages import DEFAULT_TOP_K
 from rnnserve.client.retry import RetryPolicy
 from rnnserve.client.sync import Client, Session
+from rnnserve.client.types import Prediction
 
 DESCRIPTION = """\
 Talk to an rnnserve server: a recurrent language model that keeps each session's state in
@@ -34,7 +36,13 @@ examples:
   rnnserve-client interactive
   SID=$(rnnserve-client sessions create --prompt "Once upon")
   rnnserve-client predict " a ti" --session $SID
+  rnnserve-client score $SID "me" "ny" "ger"
+  rnnserve-client sessions fork $SID --count 2
+  rnnserve-client sessions rewind $SID 3
+  rnnserve-client sessions export $SID --out session.bin
   rnnserve-client sessions close $SID
+  rnnserve-client states register intro "Once upon a time"
+  rnnserve-client sessions create --initial-state intro
   rnnserve-client --json models
 
 Connection options may come before or after the command."""
@@ -76,11 +84,35 @@ def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**defaults, **vars(args)})
 
 
+def _positive(text: str) -> int:
+    """An argument that must be a whole number of at least 1: refused with a usage line, not a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _file_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {error.strerror}") from None
+
+
 def _add_step_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
+    parser.add_argument("--top-k", type=_positive, default=DEFAULT_TOP_K, metavar="K",
                         help="how many candidates to show (default 5)")
     parser.add_argument("--temperature", type=float, default=None, metavar="T",
                         help="softmax temperature for the shown probabilities (default 1)")
+
+
+def _add_ttl(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--ttl", type=_positive, metavar="SECONDS",
+                        help=f"idle seconds before expiry (default: {default})")
 
 
 def _add_session_options(parser: argparse.ArgumentParser) -> None:
@@ -93,11 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnserve-client", description=DESCRIPTION, epilog=EXAMPLES,
                                      parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-
-    def command(name: str, run: Callable[[Client, argparse.Namespace], int], summary: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=summary, description=summary)
-        sub.set_defaults(run=run)
-        return sub
+    command = _adder(commands, common)
 
     predict = command("predict", _predict, "show the most likely next tokens after TEXT")
     predict.add_argument("text", metavar="TEXT", help="text to feed (a new session starts from nothing)")
@@ -127,19 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     interact.add_argument("--top-k", type=int, default=3, metavar="K", help="how many candidates to show (default 3)")
     interact.add_argument("--model", help="model to use (default: the server's default)")
 
-    summary = "create, inspect and close sessions by id"
-    sessions = commands.add_parser("sessions", parents=[common], help=summary, description=summary)
-    actions = sessions.add_subparsers(title="actions", metavar="ACTION", required=True)
-    create = actions.add_parser("create", parents=[common], help="open a session and print its id (left open)")
-    create.add_argument("--prompt", help="text to feed the new session")
-    create.add_argument("--ttl", type=int, help="idle seconds before it expires (default: the server's)")
-    create.add_argument("--model", help="model to run (default: the server's default)")
-    create.set_defaults(run=_session_create)
-    for name, run, summary in (("get", _session_get, "show a session's position and times"),
-                               ("close", _session_close, "close a session and free its state")):
-        action = actions.add_parser(name, parents=[common], help=summary)
-        action.add_argument("session", metavar="ID")
-        action.set_defaults(run=run)
+    score = command("score", _score, "how likely each TEXT is to follow session ID (which does not advance)")
+    score.add_argument("session", metavar="ID")
+    score.add_argument("texts", metavar="TEXT", nargs="+", help="a candidate continuation")
+
+    peek = command("peek", _peek, "the prediction after TEXT, without feeding it to session ID")
+    peek.add_argument("session", metavar="ID")
+    peek.add_argument("text", metavar="TEXT")
+    _add_step_options(peek)
+
+    _add_sessions(commands, common)
+    _add_states(commands, common)
 
     models = command("models", _models, "list the loaded models, or describe one")
     models.add_argument("name", metavar="NAME", nargs="?")
@@ -149,8 +175,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+Run = Callable[[Client, argparse.Namespace], int]
+Adder = Callable[[str, Run, str], argparse.ArgumentParser]
+
+
+def _adder(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> Adder:
+    """What adds a command that runs `run`, taking the connection options, with `summary` as its help."""
+    def add(name: str, run: Run, summary: str) -> argparse.ArgumentParser:
+        sub = subparsers.add_parser(name, parents=[common], help=summary, description=summary)
+        sub.set_defaults(run=run)
+        return sub
+
+    return add
+
+
+def _group(commands: argparse._SubParsersAction, common: argparse.ArgumentParser, name: str, summary: str) -> Adder:
+    """A command with actions of its own (`sessions create`); returns what adds one action."""
+    group = commands.add_parser(name, parents=[common], help=summary, description=summary)
+    return _adder(group.add_subparsers(title="actions", metavar="ACTION", required=True), common)
+
+
+def _add_sessions(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    action = _group(commands, common, "sessions", "create, inspect, fork, rewind, move and close sessions by id")
+    create = action("create", _session_create, "open a session and print its id (left open)")
+    create.add_argument("--prompt", help="text to feed the new session")
+    _add_ttl(create, "the server's")
+    create.add_argument("--model", help="model to run (default: the server's default)")
+    create.add_argument("--initial-state", metavar="NAME", help="start from this named state instead of zeros")
+    on_one = {name: action(name, run, summary) for name, run, summary in (
+        ("get", _session_get, "show a session's position, times and how far it can rewind"),
+        ("close", _session_close, "close a session and free its state"),
+        ("fork", _session_fork, "copy a session (state and position) into new ones and print their ids"),
+        ("reset", _session_reset, "take a session back to position 0 of its initial state"),
+        ("rewind", _session_rewind, "undo a session's last N tokens and show the prediction there"),
+        ("export", _session_export, "write a session to a file that `sessions import` continues from"))}
+    for sub in on_one.values():
+        sub.add_argument("session", metavar="ID")
+    on_one["fork"].add_argument("--count", type=_positive, default=1, metavar="N", help="how many (default 1)")
+    _add_ttl(on_one["fork"], "the source's")
+    on_one["rewind"].add_argument("tokens", metavar="N", type=_positive, help="tokens to undo")
+    _add_step_options(on_one["rewind"])
+    on_one["export"].add_argument("--out", required=True, metavar="FILE", help="file to write (a few KiB)")
+    imported = action("import", _session_import, "open a session continuing an exported one and print its id")
+    imported.add_argument("state", metavar="FILE", type=_file_bytes, help="as written by `sessions export`")
+    _add_ttl(imported, "the server's")
+
+
+def _add_states(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    action = _group(commands, common, "states", "list, register and delete named states sessions can start from")
+    action("list", _states_list, "list the named states, shipped and registered")
+    register = action("register", _states_register, "name the state after TEXT (replacing one of that name)")
+    register.add_argument("name", metavar="NAME")
+    register.add_argument("text", metavar="TEXT")
+    delete = action("delete", _states_delete, "forget a registered state")
+    delete.add_argument("name", metavar="NAME")
+
+
 def _show(args: argparse.Namespace, value: Any, as_text: Callable[[Any], str]) -> None:
     print(render.as_json(value) if args.json else as_text(value))
+
+
+def _show_each(args: argparse.Namespace, values: list, as_row: Callable[[Any], str], header: str | None = None) -> None:
+    """Several values: one JSON object per line, or one row each under `header`."""
+    rows = [render.as_json(value) for value in values] if args.json else [as_row(value) for value in values]
+    print("\n".join(rows if args.json or header is None else [header, *rows]))
 
 
 @contextmanager
@@ -170,12 +258,13 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
-    if args.prompt and not args.json:
-        print(args.prompt, end="", flush=True)  # people read the continuation as part of the text
     with _session(client, args) as session:
-        tokens = session.generate(args.max_tokens, tokens=args.prompt or None, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
-        for token in tokens:
+        tokens = iter(session.generate(args.max_tokens, tokens=args.prompt or None, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop))
+        first = next(tokens, None)  # the request is checked and answered here: a refusal leaves no half-printed line
+        if args.prompt and not args.json:
+            print(args.prompt, end="", flush=True)  # people read the continuation as part of the text
+        for token in itertools.chain([] if first is None else [first], tokens):
             if args.json:
                 print(render.as_json(token), flush=True)
             else:
@@ -191,7 +280,7 @@ def _interactive(client: Client, args: argparse.Namespace) -> int:
 
 
 def _session_create(client: Client, args: argparse.Namespace) -> int:
-    session = client.session(args.prompt, ttl=args.ttl, model=args.model)
+    session = client.session(args.prompt, ttl=args.ttl, model=args.model, initial_state=args.initial_state)
     _show(args, session.info(), lambda info: info.id)  # the bare id, for SID=$(rnnserve-client sessions create)
     return 0
 
@@ -205,6 +294,71 @@ def _session_close(client: Client, args: argparse.Namespace) -> int:
     session = client.resume(args.session)  # raises SessionNotFound: closing a wrong id must not pass silently
     session.close()
     _show(args, {"id": session.id, "closed": True}, lambda closed: f"closed {closed['id']}")
+    return 0
+
+
+def _session_fork(client: Client, args: argparse.Namespace) -> int:
+    forks = client.resume(args.session).fork(args.count, ttl=args.ttl)
+    _show_each(args, [{"id": fork.id, "position": fork.position} for fork in forks], lambda fork: fork["id"])
+    return 0
+
+
+def _session_reset(client: Client, args: argparse.Namespace) -> int:
+    _show(args, client.resume(args.session).reset(), lambda info: f"reset {info.id} to position 0")
+    return 0
+
+
+def _session_rewind(client: Client, args: argparse.Namespace) -> int:
+    session = client.resume(args.session)
+    prediction = session.rewind(args.tokens, top_k=args.top_k, temperature=args.temperature)
+    _show(args, prediction or Prediction(session.position, []), render.prediction_table)
+    return 0
+
+
+def _session_export(client: Client, args: argparse.Namespace) -> int:
+    session = client.resume(args.session)
+    state = session.export()
+    try:
+        with open(args.out, "wb") as file:
+            file.write(state)
+    except OSError as error:
+        sys.exit(f"error: cannot write {args.out!r}: {error.strerror}")
+    exported = {"id": session.id, "position": session.position, "file": args.out, "bytes": len(state)}
+    _show(args, exported, lambda e: f"exported {e['id']} at position {e['position']} to {e['file']} "
+                                    f"({e['bytes']} bytes)")
+    return 0
+
+
+def _session_import(client: Client, args: argparse.Namespace) -> int:
+    _show(args, client.import_session(args.state, ttl=args.ttl).info(), lambda info: info.id)  # as create
+    return 0
+
+
+def _score(client: Client, args: argparse.Namespace) -> int:
+    _show_each(args, client.resume(args.session).score(*args.texts), render.score_row, render.SCORE_HEADER)
+    return 0
+
+
+def _peek(client: Client, args: argparse.Namespace) -> int:
+    prediction = client.resume(args.session).peek(args.text, top_k=args.top_k, temperature=args.temperature)
+    _show(args, prediction, render.prediction_table)
+    return 0
+
+
+def _states_list(client: Client, args: argparse.Namespace) -> int:
+    _show_each(args, client.states(), render.state_row, render.STATE_HEADER)
+    return 0
+
+
+def _states_register(client: Client, args: argparse.Namespace) -> int:
+    state = client.register_state(args.name, args.text)
+    _show(args, state, lambda s: f"registered {s.name} ({s.prompt_tokens} tokens)")
+    return 0
+
+
+def _states_delete(client: Client, args: argparse.Namespace) -> int:
+    client.delete_state(args.name)
+    _show(args, {"name": args.name, "deleted": True}, lambda deleted: f"deleted {deleted['name']}")
     return 0
 
 

@@ -44,9 +44,14 @@ class RnnserveError(Exception):
         self.retry_after = retry_after
         self.field_violations = field_violations
 
+    def _metadata_int(self, key: str) -> int | None:
+        """A number the server put in ErrorInfo.metadata (where every value is a string); None if absent."""
+        value = self.metadata.get(key)
+        return int(value) if value is not None else None
+
 
 class NotFound(RnnserveError):
-    """The named session or model does not exist here."""
+    """The named session, model or state does not exist here."""
 
 
 class SessionNotFound(NotFound):
@@ -74,8 +79,27 @@ class PositionMismatch(RnnserveError):
 
     @property
     def actual_position(self) -> int | None:
-        value = self.metadata.get("actual_position")
-        return int(value) if value is not None else None
+        return self._metadata_int("actual_position")
+
+
+class RewindBeyondDepth(RnnserveError):
+    """More tokens to undo than the server keeps for the session; `rewindable` is how many it can undo now."""
+
+    @property
+    def rewindable(self) -> int | None:
+        return self._metadata_int("rewindable")
+
+
+class IncompatibleState(RnnserveError):
+    """An exported session of another model or format version: import it where the same bundle is served."""
+
+
+class StateNotFound(NotFound):
+    """No named state by that name (`states()` lists those there are)."""
+
+
+class StateIsShipped(RnnserveError):
+    """The named state ships with the model's bundle: only registered states can be deleted or replaced."""
 
 
 class CapacityExhausted(RnnserveError):
@@ -103,6 +127,10 @@ _BY_REASON: dict[str, type[RnnserveError]] = {
     "INVALID_ARGUMENT": InvalidArgument,
     "CAPACITY_EXHAUSTED": CapacityExhausted,
     "SHUTTING_DOWN": Unavailable,
+    "REWIND_BEYOND_DEPTH": RewindBeyondDepth,
+    "INCOMPATIBLE_STATE": IncompatibleState,
+    "STATE_NOT_FOUND": StateNotFound,
+    "STATE_IS_SHIPPED": StateIsShipped,
 }
 
 # For statuses without an ErrorInfo: transport failures, deadlines, other servers and proxies.

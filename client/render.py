@@ -10,7 +10,7 @@ import dataclasses
 import json
 from datetime import datetime
 
-from rnnserve.client.types import ModelInfo, Prediction, SessionInfo
+from rnnserve.client.types import ContinuationScore, ModelInfo, NamedState, Prediction, SessionInfo
 
 
 def token(text: str) -> str:
@@ -24,6 +24,8 @@ def as_json(value: object) -> str:
 
 
 def prediction_table(prediction: Prediction) -> str:
+    if not prediction.candidates:  # a session rewound to position 0 of zeros
+        return f"position {prediction.position}: nothing read, so nothing predicted"
     rows = [f"{'rank':>4}  {'token':<8} {'probability':>11}  {'logprob':>8}  {'id':>5}"]
     rows += [f"{rank:>4}  {token(c.text):<8} {c.probability:>11.2%}  {c.logprob:>8.3f}  {c.id:>5}"
              for rank, c in enumerate(prediction.candidates, 1)]
@@ -35,12 +37,30 @@ def prediction_inline(prediction: Prediction) -> str:
     return "  ".join(f"{token(c.text)} {c.probability:.0%}" for c in prediction.candidates)
 
 
+SCORE_HEADER = f"{'logprob':>9}  {'per token':>9}  {'ranks':<16} text"
+
+
+def score_row(score: ContinuationScore) -> str:
+    """A candidate's total and per-token log-probability (per token compares candidates of unequal length)."""
+    ranks = ",".join(map(str, score.ranks))
+    return f"{score.total_logprob:>9.3f}  {score.total_logprob / len(score.token_ids):>9.3f}  {ranks:<16} " \
+           f"{token(score.text)}"
+
+
+STATE_HEADER = f"{'name':<24} {'source':<10} {'tokens':>6}  prompt"
+
+
+def state_row(state: NamedState) -> str:
+    return f"{state.name:<24} {state.source:<10} {state.prompt_tokens:>6}  {token(state.prompt_text)}"
+
+
 def _local(moment: datetime) -> str:
     return moment.astimezone().isoformat(sep=" ", timespec="seconds")
 
 
 def session_details(info: SessionInfo) -> str:
-    fields = {"id": info.id, "model": info.model, "position": info.position, "created": _local(info.created),
+    fields = {"id": info.id, "model": info.model, "position": info.position, "rewindable": info.rewindable,
+              "starts from": info.initial_state or "zeros", "created": _local(info.created),
               "last active": _local(info.last_active), "expires": _local(info.expires)}
     return _key_values(fields)
 

@@ -3,7 +3,10 @@
 UNAVAILABLE means the call may not have reached the server (no connection yet, or a server
 draining), so only calls that are harmless to repeat are retried: reads, closes, and steps
 that carry expected_position (the server answers an exact retry from its record instead of
-applying it twice). Every other code is the server's considered answer and is raised at once.
+applying it twice), and resets and rewinds that carry it (a resend whose first try landed is
+refused as a PositionMismatch). Never forks, imports or registrations: a resend whose first try
+landed would make or replace something again. Every other code is the server's considered
+answer and is raised at once.
 Jitter keeps many clients that lost the same server from reconnecting in lockstep.
 """
 

@@ -13,19 +13,22 @@ import itertools
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
 
-from rnnserve.client import messages
+from rnnserve.client import calls, messages
+from rnnserve.client.calls import Call
 from rnnserve.client.connection import ClientBase
 from rnnserve.client.errors import RnnserveError, SessionNotFound, error_from_rpc, raising_rnnserve_errors
 from rnnserve.client.messages import DEFAULT_TOP_K, Tokens
 from rnnserve.client.session import SessionHandle, Target, answer, batch_request, batch_results, is_retry_safe, \
     step_request
-from rnnserve.client.types import GeneratedToken, ModelInfo, Prediction, SessionInfo
+from rnnserve.client.types import ContinuationScore, GeneratedToken, ModelInfo, NamedState, Prediction, SessionInfo
 from rnnserve.v1 import rnnserve_pb2 as pb
+
+T = TypeVar("T")
 
 
 class Client(ClientBase):
@@ -48,17 +51,49 @@ class Client(ClientBase):
             except grpc.RpcError as error:
                 time.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
 
+    def _call(self, call: Call[T], timeout: float | None) -> T:
+        response = self._unary(getattr(self._inference, call.rpc), call.request, timeout, retry_safe=call.retry_safe)
+        return call.result(response)
+
     def session(self, prompt: Tokens | None = None, *, ttl: int | None = None, model: str | None = None,
-                top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+                top_k: int = DEFAULT_TOP_K, temperature: float | None = None, initial_state: str | None = None,
                 timeout: float | None = None) -> Session:
         """Open a session, feeding `prompt` (text or token ids) if given; close it with `with` or `close()`.
 
         Not retried: a lost answer would leave an unused session behind until its ttl (seconds)
         runs out. `top_k` and `temperature` shape `session.prediction`, the one after the prompt.
+        `initial_state` starts it from a named state (`states()`) instead of zeros, still at
+        position 0. `session.cached_prompt_tokens` tells how much of the prompt the server did not
+        have to read, having its state cached.
         """
-        request = messages.create_session(model, prompt, ttl, top_k, temperature)
+        request = messages.create_session(model, prompt, ttl, top_k, temperature, initial_state)
         created = self._unary(self._inference.CreateSession, request, timeout, retry_safe=False)
         return Session._created(self, created)
+
+    def import_session(self, state: bytes, *, ttl: int | None = None, top_k: int = DEFAULT_TOP_K,
+                       temperature: float | None = None, timeout: float | None = None) -> Session:
+        """A new session continuing exactly where an exported one (`Session.export`) was, here or on a peer.
+
+        Not retried, as `session` is not. `session.prediction` is the one the exported session
+        held. A blob of another model or format version raises IncompatibleState; a damaged one
+        InvalidArgument.
+        """
+        return self._call(Session._import(self, state, ttl, top_k, temperature), timeout)
+
+    def register_state(self, name: str, prompt: Tokens, *, timeout: float | None = None) -> NamedState:
+        """Name the state after `prompt`: sessions can start from it, and prompts starting with it skip reading it.
+
+        Not retried: registering a name again replaces it, so a resent registration could undo a newer one.
+        """
+        return self._call(calls.register_state(name, prompt), timeout)
+
+    def states(self, *, timeout: float | None = None) -> list[NamedState]:
+        """Every named state, shipped with the model or registered, sorted by name."""
+        return self._call(calls.list_states(), timeout)
+
+    def delete_state(self, name: str, *, timeout: float | None = None) -> None:
+        """Forget a registered state; sessions started from it keep their copy. Shipped ones raise StateIsShipped."""
+        self._call(calls.delete_state(name), timeout)
 
     def resume(self, session_id: str, *, timeout: float | None = None) -> Session:
         """A session opened earlier (perhaps by another process), at the position the server reports."""
@@ -136,6 +171,56 @@ class Session(SessionHandle):
         request = pb.GetSessionRequest(session_id=self.id)
         return SessionInfo.from_pb(self._client._unary(self._client._inference.GetSession, request, timeout,
                                                        retry_safe=True))
+
+    def fork(self, count: int | None = None, *, ttl: int | None = None,
+             timeout: float | None = None) -> Session | list[Session]:
+        """New sessions at this one's state and position, each going on by itself: one, or a list of `count`.
+
+        Cheap (a copy of a few KiB, nothing re-read), so it suits trying several continuations
+        from one point. Forks close on leaving `with` like any session; `ttl` defaults to this
+        one's. All or none are made (CapacityExhausted). Only from the position this session is
+        at; never retried, since a resent fork whose first try landed would make a second set.
+        """
+        return self._client._call(self._fork(count, ttl), timeout)
+
+    def reset(self, *, timeout: float | None = None) -> SessionInfo:
+        """Back to position 0 of its initial state (zeros, or its named state), keeping its id and ttl.
+
+        Retried when the position is known: a resend whose first try landed raises PositionMismatch
+        with actual_position 0.
+        """
+        return self._client._call(self._reset(), timeout)
+
+    def rewind(self, tokens: int, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+               timeout: float | None = None) -> Prediction | None:
+        """Undo the last `tokens` read: the session then predicts exactly as if it had never read them.
+
+        Returns the prediction at the new position (None at position 0 of zeros). At most
+        `info().rewindable` tokens, else RewindBeyondDepth. Retried when the position is known:
+        a resend whose first try landed raises PositionMismatch instead of undoing twice.
+        """
+        return self._client._call(self._rewind(tokens, top_k, temperature), timeout)
+
+    def score(self, *continuations: Tokens, timeout: float | None = None) -> list[ContinuationScore]:
+        """How likely each continuation (text or ids) is from here, per token and in total; nothing advances.
+
+        Candidates of equal length share one model call, so ranking many options costs about as
+        much as stepping one. Needs something read first: at position 0 of zeros nothing predicts.
+        """
+        return self._client._call(self._score(continuations), timeout)
+
+    def peek(self, tokens: Tokens, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+             timeout: float | None = None) -> Prediction:
+        """What `step(tokens)` would answer, without advancing the session (for look-ahead, or a UI's preview)."""
+        return self._client._call(self._peek(tokens, top_k, temperature), timeout)
+
+    def export(self, *, timeout: float | None = None) -> bytes:
+        """The session as a blob (a few KiB) that `import_session` continues from, here or on another server.
+
+        The session goes on unchanged; the blob carries its position and the tokens it can
+        rewind, checked by checksum and bound to the model it was exported from.
+        """
+        return self._client._call(self._export(), timeout)
 
     def close(self, *, timeout: float | None = None) -> None:
         """Free the session's state; one that is already gone (closed, expired, evicted) counts as closed."""

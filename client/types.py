@@ -48,6 +48,31 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class ContinuationScore:
+    """How likely a candidate continuation is, token by token, from where the session was scored.
+
+    Log-probabilities are natural logs at temperature 1; `ranks[i]` is 1 when token i was the
+    most likely at its place. `total_logprob` compares candidates of different lengths unfairly
+    (each token costs), so divide by `len(token_ids)` to compare them per token.
+    """
+
+    token_ids: list[int]
+    texts: list[str]
+    logprobs: list[float]
+    ranks: list[int]
+    total_logprob: float
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    @classmethod
+    def from_pb(cls, score: pb.ContinuationScore) -> ContinuationScore:
+        return cls(list(score.token_ids), list(score.texts), [_float32(logp) for logp in score.logprobs],
+                   list(score.ranks), score.total_logprob)
+
+
+@dataclass(frozen=True)
 class GeneratedToken:
     """One token of a continuation; `finish_reason` ("length" or "stop") is set on the last."""
 
@@ -70,7 +95,11 @@ def _datetime(timestamp: Timestamp) -> datetime:
 
 @dataclass(frozen=True)
 class SessionInfo:
-    """A session as the server holds it; times are timezone-aware (UTC)."""
+    """A session as the server holds it; times are timezone-aware (UTC).
+
+    `initial_state` names the state it started from (None: zeros), where a reset takes it back;
+    `rewindable` is how many of its last tokens `rewind` can undo now.
+    """
 
     id: str
     model: str
@@ -78,11 +107,33 @@ class SessionInfo:
     created: datetime
     last_active: datetime
     expires: datetime
+    initial_state: str | None
+    rewindable: int
 
     @classmethod
     def from_pb(cls, session: pb.Session) -> SessionInfo:
         return cls(session.session_id, session.model, session.position, _datetime(session.created),
-                   _datetime(session.last_active), _datetime(session.expires))
+                   _datetime(session.last_active), _datetime(session.expires), session.initial_state or None,
+                   session.rewindable)
+
+
+@dataclass(frozen=True)
+class NamedState:
+    """A state sessions can start from (`initial_state=`): the state after reading `prompt_text` from zeros.
+
+    `source` is "bundle" for states shipped with the model, which cannot be deleted, and
+    "registered" for those made with `register_state`. The prompt is unknown (0 tokens, "") for
+    shipped states that did not record it.
+    """
+
+    name: str
+    source: str
+    prompt_tokens: int
+    prompt_text: str
+
+    @classmethod
+    def from_pb(cls, state: pb.NamedState) -> NamedState:
+        return cls(state.name, state.source, state.prompt_tokens, state.prompt_text)
 
 
 @dataclass(frozen=True)

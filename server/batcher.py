@@ -33,7 +33,7 @@ from rnnserve.server.errors import RnnserveError, ServerFault
 from rnnserve.server.prediction import Prediction, Ranker
 from rnnserve.server.runtime import RunResult, Runtime
 from rnnserve.server.sessions import Session
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.state_pool import Row, StatePool
 
 NEXT_LOGITS = "next_logits"  # the pool's row for the prediction after a session's last token
 
@@ -81,14 +81,23 @@ def row_limit(max_batch_size: int, max_batch_tokens: int, length: int) -> int:
 
 class Batcher:
     def __init__(self, runtime: Runtime, pool: StatePool, *, max_batch_size: int, max_batch_tokens: int,
-                 max_queue_delay_seconds: float, on_batch: Callable[[BatchReport], None] | None = None):
+                 max_queue_delay_seconds: float, adaptive_wait_seconds: float = 0.0, loop_max_tokens: int = 0,
+                 on_batch: Callable[[BatchReport], None] | None = None):
+        """`loop_max_tokens`: a call of at most this many tokens (steps x length), with nothing else waiting,
+        runs on the event loop's own thread instead of the model thread. A lone step then skips two thread
+        hand-offs (to the model thread and back, each a wake-up of a sleeping CPU), which on a virtual machine
+        cost more than the step's own model time; the loop is blocked meanwhile, which is why the bound is
+        small and why a second waiting step sends the call back to the model thread. 0: never."""
         self.runtime = runtime
+        self.loop_max_tokens = loop_max_tokens
         self.pool = pool
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay_seconds = max_queue_delay_seconds
+        self.adaptive_wait_seconds = adaptive_wait_seconds  # see _fill_delay
+        self._last_batch_steps = 0
         self.on_batch = on_batch
-        self._state_names = [s.name for s in runtime.bundle.states]
+        self.state_names = [s.name for s in runtime.bundle.states]
         self._ranker = Ranker(len(runtime.bundle.vocab))
         self._queues: dict[int, deque[Step]] = {}  # by step length
         self._queued = 0
@@ -204,11 +213,24 @@ class Batcher:
                     timer.cancel()
 
     def _fill_delay(self) -> float:
-        """Seconds to wait for more steps before running what is queued."""
-        if not self.max_queue_delay_seconds or self._queued >= self.max_batch_size:
+        """Seconds to wait for more steps before running what is queued.
+
+        With a fixed delay, the oldest step waits that long for company. With an adaptive wait, steps
+        wait only while fewer are queued than the last call ran: in a closed loop the sessions of the
+        last call come back with their next steps a little apart (unary calls above all), and running
+        the first few alone would split them into many small calls. A lone session's last call was one
+        step, so it never waits; when load falls, one call waits in vain and the next expects fewer.
+        """
+        if self._queued >= self.max_batch_size:
+            return 0.0
+        if self.max_queue_delay_seconds:
+            wait = self.max_queue_delay_seconds
+        elif self.adaptive_wait_seconds and self._queued < self._last_batch_steps:
+            wait = self.adaptive_wait_seconds
+        else:
             return 0.0
         oldest = min(queue[0].queued_at for queue in self._queues.values())
-        return oldest + self.max_queue_delay_seconds - time.monotonic()
+        return oldest + wait - time.monotonic()
 
     def _take(self) -> list[Step]:
         """Up to a call's worth of queued steps of one length, oldest length first, skipping withdrawn ones."""
@@ -231,16 +253,19 @@ class Batcher:
         return batch
 
     async def _run_batch(self, batch: list[Step]) -> None:
+        self._last_batch_steps = len(batch)
         slots = np.fromiter((step.session.slot for step in batch), np.intp, len(batch))
         tokens = np.concatenate([step.tokens for step in batch]).reshape(len(batch), -1)  # [batch, time]
         k = max(step.top_k for step in batch)
         temperatures = np.fromiter((step.temperature for step in batch), np.float32, len(batch))  # [batch]
         queue_wait = time.monotonic() - min(step.queued_at for step in batch)
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            result, predictions = await loop.run_in_executor(self._executor, self._compute, slots, tokens, k,
-                                                             temperatures)
+            if tokens.size <= self.loop_max_tokens and not self._queued:
+                result, predictions = self._compute(slots, tokens, k, temperatures)  # a lone small call: see __init__
+            else:
+                result, predictions = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._compute, slots, tokens, k, temperatures)
         except Exception:
             log.exception("a model call of %d steps failed; none of them was applied", len(batch))
             self._fail(batch)
@@ -252,10 +277,11 @@ class Batcher:
 
     def _compute(self, slots: np.ndarray, tokens: np.ndarray, k: int,
                  temperatures: np.ndarray) -> tuple[RunResult, list[Prediction]]:
-        """In the worker thread, with each row's prediction made here rather than on the loop, which
-        has every stream's messages to read and write meanwhile. Reading rows here is safe: rows of
-        sessions in a running batch change only in `_commit`, which runs on the loop after this returns."""
-        states = self.pool.gather(self._state_names, slots)  # [batch, layers, hidden] each
+        """In the worker thread (or, for a lone small call, on the loop: see __init__), with each row's
+        prediction made here rather than on the loop, which has every stream's messages to read and write
+        meanwhile. Reading rows here is safe: rows of sessions in a running batch change only in `_commit`,
+        which runs on the loop after this returns."""
+        states = self.pool.gather(self.state_names, slots)  # [batch, layers, hidden] each
         result = self.runtime.run(tokens, states)
         return result, self._ranker.top_k(result.next_logits, k, 1.0 / temperatures).rows()
 
@@ -266,10 +292,10 @@ class Batcher:
         live = [not step.future.done() and (step.deadline is None or now < step.deadline) for step in batch]
         values = (*result.states, result.next_logits)
         if all(live):
-            self.pool.scatter([*self._state_names, NEXT_LOGITS], slots, values)
+            self.pool.scatter([*self.state_names, NEXT_LOGITS], slots, values)
         else:
             mask = np.array(live)
-            self.pool.scatter([*self._state_names, NEXT_LOGITS], slots[mask], [value[mask] for value in values])
+            self.pool.scatter([*self.state_names, NEXT_LOGITS], slots[mask], [value[mask] for value in values])
         for step, is_live, prediction in zip(batch, live, predictions):
             if is_live:
                 if step.top_k < k:
@@ -277,6 +303,8 @@ class Batcher:
                 session = step.session
                 answer = StepAnswer(session.position + len(step.tokens), prediction)
                 session.advance(step.tokens, answer, now)
+                if session.history is not None:
+                    session.history.record(step.tokens, self.pool, session.slot)
                 step.future.set_result(answer)
             else:
                 step.future.cancel()
@@ -288,6 +316,37 @@ class Batcher:
             if not step.future.done():
                 step.future.set_exception(ServerFault("the model call failed; nothing was applied, retry the step"))
             self._finish(step)
+
+    # Outside batches -------------------------------------------------------------------------
+
+    async def evaluate(self, tokens: np.ndarray, states: tuple[np.ndarray, ...]) -> RunResult:
+        """One model call that commits nothing (scoring, peeking, replaying a rewind), on the model's thread.
+
+        tokens [batch, time] int64, states [batch, layers, hidden] each. The caller holds the sessions concerned.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self.runtime.run, tokens, states)
+        except Exception:
+            log.exception("a model call of %d rows outside any batch failed", len(tokens))
+            raise ServerFault("the model call failed; nothing was changed, retry") from None
+
+    def states_of(self, rows: Row | None, batch: int = 1) -> tuple[np.ndarray, ...]:
+        """`rows` (None for zeros) as the model's state inputs, repeated `batch` times: [batch, layers, hidden] each."""
+        shapes = {name: self.pool.arrays[name].shape[1:] for name in self.state_names}
+        return tuple(np.zeros((batch, *shapes[name]), np.float32) if rows is None else
+                     np.repeat(rows[name][np.newaxis], batch, axis=0) for name in self.state_names)
+
+    def rows_of(self, result: RunResult, row: int = 0) -> Row:
+        """Row `row` of a model call's result as a session's rows: its state and next-token logits (copies)."""
+        rows = {name: state[row].copy() for name, state in zip(self.state_names, result.states, strict=True)}
+        rows[NEXT_LOGITS] = result.next_logits[row].copy()
+        return rows
+
+    def predict(self, next_logits: np.ndarray, top_k: int, temperature: float) -> Prediction:
+        """The prediction of next-token logits [vocab] that are already at hand: no model call."""
+        scale = np.array([1.0 / temperature], np.float32)
+        return self._ranker.top_k(next_logits[np.newaxis], top_k, scale).rows()[0]
 
     def _report(self, report: BatchReport) -> None:
         if self.on_batch is not None:

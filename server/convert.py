@@ -7,6 +7,7 @@ limit, raised before anything is queued, so that a batch can only fail for a ser
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rnnserve.bundle import Bundle
@@ -14,6 +15,9 @@ from rnnserve.server.batcher import StepAnswer
 from rnnserve.server.engine import CreateInput, GenerateInput, StepInput
 from rnnserve.server.errors import InvalidArgument
 from rnnserve.server.generate import Finish, GeneratedToken
+from rnnserve.server.named_states import NamedState, check_name
+from rnnserve.server.operations import Scored
+from rnnserve.server.prediction import Prediction
 from rnnserve.server.sampling import SamplingParams
 from rnnserve.server.sessions import Session
 from rnnserve.server.settings import Settings
@@ -25,6 +29,8 @@ MAX_TEMPERATURE = 100.0
 # overflows float32 and the probabilities come out NaN. Anything colder is greedy to float32 precision anyway.
 MIN_STEP_TEMPERATURE = 1e-6
 MAX_STOP_STRINGS = 16
+MAX_FORKS = 64
+MAX_CONTINUATIONS = 64
 MAX_STOP_CHARS = 64
 # Up to this many ids, copying them one by one beats protobuf's conversion to an array, which has a fixed cost
 # several times that of a single step's other checks; past it, the array conversion wins. A single id, the
@@ -69,16 +75,63 @@ class RequestReader:
         if tokens is None:
             raise InvalidArgument("token_ids", "give token_ids or text: a step reads at least one token")
         return StepInput(tokens, self._top_k(request.top_k), self._temperature(request.temperature),
-                         self._expected_position(request))
+                         self.expected_position(request))
 
     def create(self, request: pb.CreateSessionRequest) -> CreateInput:
-        if request.ttl_seconds > self.settings.max_ttl_seconds:
-            raise InvalidArgument("ttl_seconds", f"at most {self.settings.max_ttl_seconds} "
-                                                 f"(0 means the default, {self.settings.default_ttl_seconds})")
         tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
         prompt = None if tokens is None else StepInput(tokens, self._top_k(request.top_k),
                                                        self._temperature(request.temperature))
-        return CreateInput(self.model_name(request.model, "model"), request.ttl_seconds, prompt)
+        return CreateInput(self.model_name(request.model, "model"), self._ttl(request.ttl_seconds), prompt,
+                           _quotable("initial_state", request.initial_state))
+
+    def fork(self, request: pb.ForkSessionRequest) -> tuple[int, int | None, int | None]:
+        """(count, ttl or None for the source's, expected position)."""
+        if request.count > MAX_FORKS:
+            raise InvalidArgument("count", f"at most {MAX_FORKS} forks in one call (0 means 1)")
+        return request.count or 1, self._ttl(request.ttl_seconds) or None, self.expected_position(request)
+
+    def rewind(self, request: pb.RewindSessionRequest) -> tuple[int, int | None, int, float]:
+        """(tokens to undo, expected position, top_k, temperature)."""
+        if not request.tokens:
+            raise InvalidArgument("tokens", "must be at least 1: how many of the last tokens to undo")
+        return (request.tokens, self.expected_position(request), self._top_k(request.top_k),
+                self._temperature(request.temperature))
+
+    def score(self, request: pb.ScoreRequest) -> list[np.ndarray]:
+        count = len(request.continuations)
+        if not 1 <= count <= MAX_CONTINUATIONS:
+            raise InvalidArgument("continuations", f"give 1 to {MAX_CONTINUATIONS} continuations, got {count}")
+        continuations = []
+        for index, continuation in enumerate(request.continuations):
+            where = f"continuations[{index}]"
+            tokens = self._tokens(continuation.token_ids, continuation.text, (f"{where}.token_ids", f"{where}.text"))
+            if tokens is None:
+                raise InvalidArgument(where, "give token_ids or text: a continuation has at least one token")
+            continuations.append(tokens)
+        total, limit = sum(len(tokens) for tokens in continuations), self.settings.max_input_tokens
+        if total > limit:
+            raise InvalidArgument("continuations", f"at most {limit} tokens in all, got {total}")
+        return continuations
+
+    def import_(self, request: pb.ImportSessionRequest) -> tuple[bytes, int, int, float]:
+        """(the blob, ttl, top_k, temperature)."""
+        if not request.state:
+            raise InvalidArgument("state", "required: the bytes ExportSession answered")
+        return (request.state, self._ttl(request.ttl_seconds), self._top_k(request.top_k),
+                self._temperature(request.temperature))
+
+    def register_state(self, request: pb.RegisterStateRequest) -> tuple[str, np.ndarray]:
+        tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
+        if tokens is None:
+            raise InvalidArgument("prompt_text", "give prompt_text or prompt_token_ids: a named state is the state "
+                                                 "after a prompt")
+        return check_name(request.name), tokens
+
+    def _ttl(self, ttl_seconds: int) -> int:
+        if ttl_seconds > self.settings.max_ttl_seconds:
+            raise InvalidArgument("ttl_seconds", f"at most {self.settings.max_ttl_seconds} "
+                                                 f"(0 means the default, {self.settings.default_ttl_seconds})")
+        return ttl_seconds
 
     def generate(self, request: pb.GenerateRequest) -> GenerateInput:
         limit = self.settings.max_generate_tokens
@@ -95,7 +148,7 @@ class RequestReader:
         sampling = SamplingParams(request.temperature, request.top_k, request.top_p or 1.0,
                                   request.seed if request.HasField("seed") else None)
         return GenerateInput(self._tokens(request.token_ids, request.text, ("token_ids", "text")), request.max_tokens,
-                             sampling, tuple(request.stop), self._expected_position(request))
+                             sampling, tuple(request.stop), self.expected_position(request))
 
     def _tokens(self, ids, text: str, fields: tuple[str, str]) -> np.ndarray | None:
         """The tokens given as ids or as text ([time] int64), None when neither is given."""
@@ -141,7 +194,8 @@ class RequestReader:
         return temperature
 
     @staticmethod
-    def _expected_position(request: pb.StepRequest | pb.GenerateRequest) -> int | None:
+    def expected_position(request: Message) -> int | None:
+        """The request's optional expected_position, every message that changes or copies a session has one."""
         if not request.HasField("expected_position"):
             return None
         if request.expected_position < 0:
@@ -156,10 +210,10 @@ class ResponseWriter:
         self.texts = bundle.vocab.tokens
         self.model_name = bundle.name
 
-    def prediction(self, answer: StepAnswer, into: pb.Prediction) -> None:
+    def prediction(self, prediction: Prediction, into: pb.Prediction) -> None:
         """Fill `into`, a message inside its response: extending its fields in place costs far less than
         building a Prediction and having protobuf copy it into the response."""
-        token_ids, probabilities, logprobs = answer.prediction
+        token_ids, probabilities, logprobs = prediction
         into.token_ids.extend(token_ids)
         into.texts.extend([self.texts[i] for i in token_ids])
         into.probabilities.extend(probabilities)
@@ -171,7 +225,7 @@ class ResponseWriter:
         response.session_id = request.session_id
         response.position = answer.position
         response.request_id = request.request_id
-        self.prediction(answer, response.prediction)
+        self.prediction(answer.prediction, response.prediction)
         return response
 
     @staticmethod
@@ -186,7 +240,30 @@ class ResponseWriter:
         return pb.Session(session_id=session.id, model=self.model_name, position=session.position,
                           created=_timestamp(session.created_wall),
                           last_active=_timestamp(session.wall(session.last_active)),
-                          expires=_timestamp(session.wall(session.expires)))
+                          expires=_timestamp(session.wall(session.expires)),
+                          initial_state="" if session.initial is None else session.initial.name,
+                          rewindable=session.rewindable)
+
+    def moved(self, session: Session, prediction: Prediction | None,
+              into: pb.RewindSessionResponse | pb.ImportSessionResponse) -> None:
+        """A session that arrived somewhere without a step (rewound, imported), and what it predicts there."""
+        into.session.CopyFrom(self.session(session))
+        if prediction is not None:
+            self.prediction(prediction, into.prediction)
+
+    def scores(self, position: int, scored: list[Scored]) -> pb.ScoreResponse:
+        response = pb.ScoreResponse(position=position)
+        for candidate in scored:
+            token_ids = candidate.tokens.tolist()
+            response.scores.add(token_ids=token_ids, texts=[self.texts[i] for i in token_ids],
+                                logprobs=candidate.logprobs.tolist(), ranks=candidate.ranks.tolist(),
+                                total_logprob=candidate.total)
+        return response
+
+    def named_state(self, state: NamedState) -> pb.NamedState:
+        tokens = () if state.tokens is None else state.tokens.tolist()
+        return pb.NamedState(name=state.name, source=state.source, prompt_tokens=len(tokens),
+                             prompt_text="".join(self.texts[i] for i in tokens))
 
     @staticmethod
     def generated(token: GeneratedToken) -> pb.GenerateResponse:

@@ -19,6 +19,7 @@ import numpy as np
 
 from rnnserve.bundle import Bundle
 from rnnserve.server.batcher import StepAnswer
+from rnnserve.server.history import Checkpoint
 from rnnserve.server.prediction import Prediction
 from rnnserve.server.sessions import Session, SessionTable
 from rnnserve.server.snapshot import (LastStep, ModelIdentity, SessionRecord, Snapshot, SnapshotHeader,
@@ -112,8 +113,11 @@ class Durability:
             live = [i for i, record in enumerate(records) if record.last_active + record.ttl > now]
             expired += len(records) - len(live)
             live = live[: self.table.max_sessions - len(self.table)]
-            slots = np.fromiter((restore_record(self.table, records[i]).slot for i in live), np.intp, len(live))
+            sessions = [restore_record(self.table, records[i]) for i in live]
+            slots = np.fromiter((session.slot for session in sessions), np.intp, len(live))
             self.pool.scatter(list(self.rows), slots, [array[live] for array in rows])
+            for session in sessions:  # rewinding starts over from the state restored
+                session.history = self.table.new_history(Checkpoint(session.position, self.pool.rows(session.slot)))
             restored += len(live)
         return restored, expired, snapshot.sessions - restored - expired
 

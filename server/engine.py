@@ -15,20 +15,26 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from rnnserve.bundle import Bundle
+from rnnserve.initial_states import load_initial_states
 from rnnserve.server.batcher import Batcher, StepAnswer
 from rnnserve.server.durability import Durability
 from rnnserve.server.errors import InvalidArgument, ModelNotFound, ShuttingDown
 from rnnserve.server.generate import GeneratedToken, StopStrings, continue_session
 from rnnserve.server.memory import release_free_memory
 from rnnserve.server.metrics import Metrics
+from rnnserve.server.named_states import NamedStates, shipped_state
+from rnnserve.server.operations import Operations
+from rnnserve.server.prefix_cache import PrefixCache
 from rnnserve.server.runtime import Runtime
 from rnnserve.server.sampling import Sampler, SamplingParams
 from rnnserve.server.sessions import Removal, Session, SessionTable
 from rnnserve.server.settings import Settings
+from rnnserve.server.snapshot import ModelIdentity
 from rnnserve.server.state_pool import StatePool
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,13 @@ class CreateInput:
     model: str  # "" for the default
     ttl_seconds: int  # 0 for the default
     prompt: StepInput | None = None
+    initial_state: str = ""  # a named state to start from; "" for zeros
+
+
+class Created(NamedTuple):
+    session: Session
+    answer: StepAnswer | None  # the prediction after the prompt; None without one
+    cached_tokens: int  # prompt tokens whose state came from the prefix-state cache
 
 
 @dataclass(frozen=True)
@@ -67,13 +80,23 @@ class Engine:
         self.pool = StatePool(Batcher.pool_rows(runtime), settings.max_sessions)
         self.table = SessionTable(self.pool, max_sessions=settings.max_sessions,
                                   evict_when_full=settings.when_full == "evict-oldest",
-                                  remember_removed=settings.remember_removed, events=metrics)
+                                  remember_removed=settings.remember_removed, rewind_depth=settings.rewind_depth,
+                                  rewind_checkpoint_every=settings.rewind_checkpoint_every, events=metrics)
         self.batcher = Batcher(runtime, self.pool, max_batch_size=settings.max_batch_size,
                                max_batch_tokens=settings.max_batch_tokens,
                                max_queue_delay_seconds=settings.max_queue_delay_us / 1e6,
+                               adaptive_wait_seconds=settings.adaptive_wait_us / 1e6,
+                               loop_max_tokens=settings.loop_max_tokens,
                                on_batch=None if metrics is None else metrics.record_batch)
+        self.cache = PrefixCache(bundle.sha256, max_entries=settings.prefix_cache_entries,
+                                 max_bytes=settings.prefix_cache_bytes, min_tokens=settings.prefix_cache_min_tokens,
+                                 row_bytes=self.pool.row_bytes, events=metrics)
+        self.states = NamedStates(self.cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)])
+        self.operations = Operations(self.table, self.pool, self.batcher, self.states,
+                                     ModelIdentity.of(bundle), self._accepting)
         if metrics is not None:
             metrics.watch_sessions(lambda: len(self.table), self.pool.row_bytes, settings.max_sessions)
+            metrics.watch_prefix_cache(lambda: len(self.cache), lambda: self.cache.bytes)
         self.durability = (Durability(Path(settings.snapshot_path), settings.snapshot_interval_seconds, self.table,
                                       self.pool, bundle) if settings.snapshot_path else None)
         self._tasks: list[asyncio.Task] = []
@@ -124,23 +147,46 @@ class Engine:
 
     # Sessions ----------------------------------------------------------------------------------
 
-    async def create_session(self, owner: str, request: CreateInput) -> tuple[Session, StepAnswer | None]:
-        """A new session, having read the prompt if there is one; no session is left behind on failure."""
+    async def create_session(self, owner: str, request: CreateInput) -> Created:
+        """A new session, having read the prompt if there is one; no session is left behind on failure.
+
+        A session from zeros starts from the longest prefix of its prompt in the prefix-state cache and
+        reads only the rest; a prompt read (even partly) by the model is cached for the next session.
+        """
         arrived = time.perf_counter()
         self._accepting()
         self.model(request.model)
-        session = self.table.create(owner, request.ttl_seconds or self.settings.default_ttl_seconds)
+        initial = self.states.get(request.initial_state) if request.initial_state else None
+        session = self.table.create(owner, request.ttl_seconds or self.settings.default_ttl_seconds, initial)
         log.debug("created session %s", session.id)
         if request.prompt is None:
-            return session, None
+            return Created(session, None, 0)
         prompt = request.prompt
         try:
-            answer = await self.batcher.submit(session, prompt.tokens, prompt.top_k, prompt.temperature)
+            cached = self._start_from_cache(session, prompt.tokens) if initial is None else 0
+            rest = prompt.tokens[cached:]
+            if len(rest):
+                answer = await self.batcher.submit(session, rest, prompt.top_k, prompt.temperature)
+                if initial is None:
+                    self.cache.put(prompt.tokens, self.pool.rows(session.slot))
+            else:
+                answer = StepAnswer(cached, self.operations.prediction(session, prompt.top_k, prompt.temperature))
         except BaseException:
             self.table.remove(session, Removal.CLOSED)
             raise
         self._record_first_prediction(arrived)
-        return session, answer
+        return Created(session, answer, cached)
+
+    def _start_from_cache(self, session: Session, prompt: np.ndarray) -> int:
+        """Put the session where the longest cached prefix of `prompt` leaves it; how many tokens that is."""
+        hit = self.cache.longest_prefix(prompt)
+        if hit is None:
+            return 0
+        self.pool.set_rows(session.slot, hit.rows)
+        if session.history is not None:
+            session.history.record(hit.tokens, self.pool, session.slot)
+        session.move_to(len(hit.tokens), time.monotonic())
+        return len(hit.tokens)
 
     def get_session(self, session_id: str, owner: str) -> Session:
         return self.table.get(session_id, owner)
@@ -180,7 +226,7 @@ class Engine:
             if request.tokens is not None:
                 await hold.submit(request.tokens)
                 self._record_first_prediction(arrived)
-            elif session.position == 0:
+            elif not session.has_prediction:
                 raise InvalidArgument("token_ids", "the session has read nothing yet: give token_ids or text to "
                                                    "continue from")
             await continue_session(hold, self.pool, self.bundle.vocab, Sampler(request.sampling), request.max_tokens,

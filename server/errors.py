@@ -110,6 +110,41 @@ class CapacityExhausted(RnnserveError):
         return [error_details_pb2.QuotaFailure(violations=[violation])]
 
 
+class RewindBeyondDepth(RnnserveError):
+    """More tokens to undo than the session keeps: the server's depth, or what it has read since it started."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "REWIND_BEYOND_DEPTH"
+
+    def __init__(self, session_id: str, tokens: int, rewindable: int, depth: int):
+        super().__init__(f"tokens: cannot undo {tokens} tokens of session {session_id!r}: {rewindable} can be undone "
+                         f"now (the rewind depth is {depth}, --rewind-depth)", session_id=session_id,
+                         rewindable=rewindable, depth=depth)
+
+
+class IncompatibleState(RnnserveError):
+    """An exported session of another model or format version: no fault of the blob, a mismatch of servers."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "INCOMPATIBLE_STATE"
+
+
+class StateNotFound(RnnserveError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "STATE_NOT_FOUND"
+
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"no named state {name!r} (known: {', '.join(known) or 'none'})", name=name)
+
+
+class StateIsShipped(RnnserveError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "STATE_IS_SHIPPED"
+
+    def __init__(self, name: str):
+        super().__init__(f"the named state {name!r} ships with the model's bundle and cannot be deleted", name=name)
+
+
 class ServerFault(RnnserveError):
     """A failure of the server itself, already logged where it happened. Nothing was applied."""
 

@@ -115,12 +115,34 @@ class Metrics:
         self._state_bytes = per_model(Gauge, "session_state_bytes",
                                       "Memory held by the state of the sessions held now.")
         self._limit = per_model(Gauge, "sessions_limit", "The most sessions the server holds at once.")
+        self._prefix_hits = per_model(Counter, "prefix_cache_hits",
+                                      "New sessions' prompts that started with a prompt in the prefix-state cache.")
+        self._prefix_misses = per_model(Counter, "prefix_cache_misses",
+                                        "New sessions' prompts that started with no cached prompt.")
+        self._prefix_reused = per_model(Counter, "prefix_cache_reused_tokens",
+                                        "Prompt tokens whose state came from the prefix-state cache, not the model.")
+        self._prefix_entries = per_model(Gauge, "prefix_cache_entries",
+                                         "Prompts held in the prefix-state cache, named states included.")
+        self._prefix_bytes = per_model(Gauge, "prefix_cache_bytes",
+                                       "Memory held by the prefix-state cache's evictable entries.")
 
     def watch_sessions(self, count: Callable[[], int], row_bytes: int, limit: int) -> None:
         """Read the number of sessions held when Prometheus scrapes, not each time it changes."""
         self._active.set_function(count)
         self._state_bytes.set_function(lambda: count() * row_bytes)
         self._limit.set(limit)
+
+    def watch_prefix_cache(self, entries: Callable[[], int], size_bytes: Callable[[], int]) -> None:
+        self._prefix_entries.set_function(entries)
+        self._prefix_bytes.set_function(size_bytes)
+
+    def record_prefix_lookup(self, reused_tokens: int) -> None:
+        """A new session's prompt looked up in the prefix-state cache; 0 reused tokens is a miss."""
+        if reused_tokens:
+            self._prefix_hits.inc()
+            self._prefix_reused.inc(reused_tokens)
+        else:
+            self._prefix_misses.inc()
 
     def _rpc_child(self, method: str, code: int) -> tuple[Counter, Histogram]:
         children = self._rpc_children.get((method, code))

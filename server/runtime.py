@@ -20,6 +20,7 @@ class RunResult(NamedTuple):
     next_logits: np.ndarray  # [batch, vocab] float32: the prediction after each row's last token
     states: tuple[np.ndarray, ...]  # [batch, layers, hidden] float32 each, in bundle.states order
     seconds: float  # time inside onnxruntime, for metrics
+    logits: np.ndarray  # [batch, time, vocab] float32: the prediction after every token, for scoring
 
 
 def usable_cpus() -> int:
@@ -64,4 +65,4 @@ class Runtime:
         start = time.perf_counter()
         logits, *new_states = self._session.run(self._outputs, feed)  # logits [batch, time, vocab]
         seconds = time.perf_counter() - start
-        return RunResult(np.ascontiguousarray(logits[:, -1]), tuple(new_states), seconds)
+        return RunResult(np.ascontiguousarray(logits[:, -1]), tuple(new_states), seconds, logits)

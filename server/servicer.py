@@ -18,6 +18,7 @@ from rnnserve.server.convert import RequestReader, ResponseWriter
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import RnnserveError, to_status
 from rnnserve.server.generate import GeneratedToken
+from rnnserve.server.named_states import check_name
 from rnnserve.server.replies import InOrder
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -33,15 +34,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, engine: Engine, reader: RequestReader, writer: ResponseWriter,
                  on_in_band_error: Callable[[int], None] | None = None):
         self._engine = engine
+        self._operations = engine.operations
         self._read = reader
         self._write = writer
         self._on_in_band_error = on_in_band_error  # called with the google.rpc.Code of each in-band error
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
-        session, answer = await self._engine.create_session(caller(context), self._read.create(request))
-        response = pb.CreateSessionResponse(session=self._write.session(session))
-        if answer is not None:
-            self._write.prediction(answer, response.prediction)
+        created = await self._engine.create_session(caller(context), self._read.create(request))
+        response = pb.CreateSessionResponse(session=self._write.session(created.session),
+                                            cached_prompt_tokens=created.cached_tokens)
+        if created.answer is not None:
+            self._write.prediction(created.answer.prediction, response.prediction)
         return response
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
@@ -102,6 +105,64 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.Model:
         model = self._engine.model(self._read.model_name(request.name))
         return self._write.model(model, model is self._engine.model(""))
+
+    # Session operations --------------------------------------------------------------------------
+
+    async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
+        count, ttl, expected = self._read.fork(request)
+        forks = await self._operations.fork(self._read.session_id(request.session_id), caller(context), count, ttl,
+                                            expected)
+        return pb.ForkSessionResponse(sessions=[self._write.session(fork) for fork in forks])
+
+    async def ResetSession(self, request: pb.ResetSessionRequest, context) -> pb.Session:
+        session = await self._operations.reset(self._read.session_id(request.session_id), caller(context),
+                                               self._read.expected_position(request))
+        return self._write.session(session)
+
+    async def RewindSession(self, request: pb.RewindSessionRequest, context) -> pb.RewindSessionResponse:
+        tokens, expected, top_k, temperature = self._read.rewind(request)
+        session, prediction = await self._operations.rewind(self._read.session_id(request.session_id),
+                                                            caller(context), tokens, expected, top_k, temperature)
+        response = pb.RewindSessionResponse()
+        self._write.moved(session, prediction, response)
+        return response
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        continuations = self._read.score(request)
+        position, scored = await self._operations.score(self._read.session_id(request.session_id), caller(context),
+                                                        continuations, self._read.expected_position(request))
+        return self._write.scores(position, scored)
+
+    async def Peek(self, request: pb.StepRequest, context) -> pb.StepResponse:
+        step = self._read.step(request)
+        answer = await self._operations.peek(self._read.session_id(request.session_id), caller(context), step.tokens,
+                                             step.top_k, step.temperature, step.expected_position)
+        return self._write.step(request, answer)
+
+    async def ExportSession(self, request: pb.ExportSessionRequest, context) -> pb.ExportSessionResponse:
+        session, blob = await self._operations.export(self._read.session_id(request.session_id), caller(context),
+                                                      self._read.expected_position(request))
+        return pb.ExportSessionResponse(state=blob, session=self._write.session(session))
+
+    async def ImportSession(self, request: pb.ImportSessionRequest, context) -> pb.ImportSessionResponse:
+        blob, ttl, top_k, temperature = self._read.import_(request)
+        session, prediction = self._operations.import_(caller(context), blob,
+                                                       ttl or self._engine.settings.default_ttl_seconds, top_k,
+                                                       temperature)
+        response = pb.ImportSessionResponse()
+        self._write.moved(session, prediction, response)
+        return response
+
+    async def RegisterState(self, request: pb.RegisterStateRequest, context) -> pb.NamedState:
+        name, tokens = self._read.register_state(request)
+        return self._write.named_state(await self._operations.register_state(name, tokens))
+
+    async def ListStates(self, request: pb.ListStatesRequest, context) -> pb.ListStatesResponse:
+        return pb.ListStatesResponse(states=[self._write.named_state(state) for state in self._engine.states.all()])
+
+    async def DeleteState(self, request: pb.DeleteStateRequest, context) -> pb.DeleteStateResponse:
+        self._engine.states.delete(check_name(request.name))
+        return pb.DeleteStateResponse()
 
     # Steps -------------------------------------------------------------------------------------
 

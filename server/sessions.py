@@ -23,11 +23,13 @@ import numpy as np
 
 from rnnserve.server.errors import (CapacityExhausted, PositionMismatch, SessionEvicted, SessionExpired,
                                     SessionNotFound)
+from rnnserve.server.history import Checkpoint, History
 from rnnserve.server.lines import Line
 from rnnserve.server.state_pool import StatePool
 
 if TYPE_CHECKING:
     from rnnserve.server.batcher import StepAnswer
+    from rnnserve.server.named_states import NamedState
 
 
 class SessionEvents(Protocol):
@@ -74,6 +76,21 @@ class Session:
     last_tokens: np.ndarray | None = field(default=None, repr=False)  # [time] int64
     last_answer: StepAnswer | None = field(default=None, repr=False)
     removed: Removal | None = None
+    initial: NamedState | None = field(default=None, repr=False)  # what position 0 is; None for zeros
+    history: History | None = field(default=None, repr=False)  # for rewinding; None with rewinding off
+
+    @property
+    def initial_checkpoint(self) -> Checkpoint:
+        return Checkpoint(0, None if self.initial is None else self.initial.rows)
+
+    @property
+    def rewindable(self) -> int:
+        return 0 if self.history is None else self.history.rewindable
+
+    @property
+    def has_prediction(self) -> bool:
+        """Whether its next-token logits mean anything: a session from zeros predicts nothing before its first token."""
+        return self.position > 0 or self.initial is not None
 
     @property
     def expires(self) -> float:
@@ -103,14 +120,25 @@ class Session:
         """Commit a step that ran: only called once nothing about it can fail any more."""
         self.last_start, self.last_tokens, self.last_answer = self.position, tokens, answer
         self.position = answer.position
+        self.touch(now)
+
+    def move_to(self, position: int, now: float) -> None:
+        """Commit a jump that was no step (a reset, a rewind, a cached prompt): no step to retry exactly any more."""
+        self.last_start, self.last_tokens, self.last_answer = -1, None, None
+        self.position = position
+        self.touch(now)
+
+    def touch(self, now: float) -> None:
         self.last_active = now
         self.recency.move_to_end(self.id)
 
 
 class SessionTable:
     def __init__(self, pool: StatePool, *, max_sessions: int, evict_when_full: bool, remember_removed: int,
-                 events: SessionEvents | None = None):
+                 rewind_depth: int = 0, rewind_checkpoint_every: int = 1, events: SessionEvents | None = None):
         self.pool = pool
+        self.rewind_depth = rewind_depth
+        self.rewind_checkpoint_every = rewind_checkpoint_every
         self.events = events
         self.max_sessions = max_sessions
         self.evict_when_full = evict_when_full
@@ -122,7 +150,38 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, owner: str, ttl: float) -> Session:
+    def create(self, owner: str, ttl: float, initial: NamedState | None = None) -> Session:
+        """A new session at position 0: zeros, or the named state `initial`."""
+        session = self._new(owner, ttl)
+        if initial is not None:  # a new slot is zeros already
+            session.initial = initial
+            self.pool.set_rows(session.slot, initial.rows)
+        session.history = self.new_history(session.initial_checkpoint)
+        return session
+
+    def fork(self, source: Session, count: int, ttl: float) -> list[Session]:
+        """`count` new sessions of `owner` where `source` is now; none when the table cannot take them all."""
+        forks: list[Session] = []
+        try:
+            for _ in range(count):
+                forks.append(self._new(source.owner, ttl))
+        except CapacityExhausted:
+            for fork in forks:
+                self.remove(fork, Removal.CLOSED)
+            raise
+        for fork in forks:
+            self.pool.copy_row(source.slot, fork.slot)
+            fork.initial, fork.position = source.initial, source.position
+            fork.history = None if source.history is None else source.history.copy()
+        return forks
+
+    def new_history(self, base: Checkpoint) -> History | None:
+        """A history starting at `base`; None with rewinding off."""
+        if not self.rewind_depth:
+            return None
+        return History.starting_at(self.rewind_depth, self.rewind_checkpoint_every, base)
+
+    def _new(self, owner: str, ttl: float) -> Session:
         now = time.monotonic()
         # 128 random bits, in hex: an id never starts with '-', which a shell command would read as a flag
         session = self._add(secrets.token_hex(16), owner, ttl, now, time.time(), now)

@@ -78,6 +78,15 @@ class Settings:
     max_queue_delay_us: int = _setting(
         0, "How long a step may wait for others to fill its batch. 0 runs whatever is waiting as soon as the model "
         "is free, which batches under load anyway, because steps gather while a call runs.", minimum=0)
+    adaptive_wait_us: int = _setting(
+        0, "Adaptive batching (with --max-queue-delay-us 0): while fewer steps are queued than the last model call "
+        "ran, wait up to this long for the rest of them, which in a closed loop are on their way; a lone session "
+        "never waits. Serves many unary Step callers with fewer, fuller calls. 0: off.", minimum=0)
+    loop_max_tokens: int = _setting(
+        1, "A model call of at most this many tokens (steps x step length) runs on the event loop's thread when "
+        "nothing else is waiting, skipping the hand-off to the model thread and back: a lone session's step is "
+        "faster, and the loop never blocks for more than such a call. 0 runs every call on the model thread.",
+        minimum=0)
     ort_threads: int = _setting(
         0, "onnxruntime intra-op threads; 0 gives it one per CPU this process may run on.", minimum=0)
     ort_spinning: str = _setting(
@@ -108,6 +117,24 @@ class Settings:
     snapshot_interval_seconds: float = _setting(
         0.0, "Also write the snapshot this often, so that a crash (kill -9) loses at most this much work. "
         "0: only on SIGTERM or SIGINT.", minimum=0)
+    rewind_depth: int = _setting(
+        32, "How many of its last tokens a session can undo (RewindSession). Each session keeps its token log "
+        "(4 bytes a token) and a checkpoint of its state (one row, 8.5 KiB for the shipped model) every "
+        "--rewind-checkpoint-every tokens back to that depth: at most depth/every + 1 rows, none before it has read "
+        "that many tokens. 0 turns rewinding off and keeps nothing.", minimum=0)
+    rewind_checkpoint_every: int = _setting(
+        32, "Tokens between a session's checkpoints: a rewind replays at most this plus the depth in one model call; "
+        "fewer checkpoints cost less memory and a longer replay.", minimum=1)
+    prefix_cache_entries: int = _setting(
+        1024, "Most prompts whose state the prefix-state cache keeps (least recently used go first), so that a new "
+        "session whose prompt starts with one skips reading that part. 0 turns the cache off; named states are "
+        "kept regardless.", minimum=0)
+    prefix_cache_bytes: int = _setting(
+        64 * 1024 * 1024, "Most bytes the prefix-state cache holds: a state row and the prompt's tokens per entry.",
+        minimum=0)
+    prefix_cache_min_tokens: int = _setting(
+        16, "Shortest prompt whose state is cached: shorter ones are read in about as long as a copy takes.",
+        minimum=1)
     remember_removed: int = _setting(
         65_536, "How many removed session ids are remembered, so that NOT_FOUND can say closed, expired or evicted.",
         minimum=1)

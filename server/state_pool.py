@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 FIRST_CAPACITY = 1024
+Row = Mapping[str, np.ndarray]  # one session's rows: tensor name -> [*row_shape] float32
 SMALLEST_CAPACITY = 64  # `shrink` stops here: smaller arrays would save too little memory to be worth a copy
 
 
@@ -111,6 +112,18 @@ class StatePool:
         """Make `target` continue exactly where `source` is: a fork."""
         for array in self.arrays.values():
             array[target] = array[source]
+
+    def rows(self, slot: int) -> Row:
+        """Copies of every tensor's row at `slot`: a checkpoint, a cache entry, safe to keep while the pool moves on."""
+        return {name: array[slot].copy() for name, array in self.arrays.items()}
+
+    def set_rows(self, slot: int, rows: Row | None) -> None:
+        """Make `slot` hold `rows` (from `rows`, of this pool's shapes); None for zeros, a session that read nothing."""
+        if rows is None:
+            self.zero_row(slot)
+            return
+        for name, array in self.arrays.items():
+            array[slot] = rows[name]
 
     def row(self, name: str, slot: int) -> np.ndarray:
         """A copy of one row of one tensor, safe to keep while the pool moves on."""

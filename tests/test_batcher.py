@@ -1,6 +1,7 @@
 """The batcher without a server: batched equals unbatched, order holds, and nothing half-applies."""
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -177,3 +178,59 @@ def test_prefills_run_by_length_within_the_token_budget(bundle):
 @pytest.mark.parametrize(("length", "rows"), [(1, 256), (256, 256), (1000, 65), (100_000, 1)])
 def test_row_limit_bounds_the_tokens_of_a_call(length, rows):
     assert row_limit(256, 65_536, length) == rows
+
+
+def test_lone_steps_on_the_loop_equal_the_model_thread_and_keep_order_when_the_path_switches(bundle, unbatched):
+    """With loop_max_tokens 1, a lone step runs on the loop's thread; a step that finds others waiting (or a
+    prefill) goes to the model thread. Answers equal the reference either way, in each session's order."""
+    threads = []
+
+    async def scenario(core):
+        compute = core.batcher._compute
+
+        def recording(*args):
+            threads.append(threading.current_thread().name)
+            return compute(*args)
+
+        core.batcher._compute = recording
+        sessions = [core.session() for _ in range(4)]
+        references = [unbatched(bundle) for _ in sessions]
+        rng = np.random.default_rng(7)
+        for round_ in range(8):
+            # even rounds: one session alone; odd rounds: all four, each sending three steps without waiting
+            active = [0] if round_ % 2 == 0 else range(len(sessions))
+            plans = {i: [[int(t)] for t in rng.integers(len(bundle.vocab), size=1 if round_ % 2 == 0 else 3)]
+                     for i in active}
+            futures = {i: [core.step(sessions[i], tokens) for tokens in plan] for i, plan in plans.items()}
+            for i, plan in plans.items():
+                for tokens, answer in zip(plan, await asyncio.gather(*futures[i])):
+                    references[i].feed(tokens)
+                    assert_prediction(answer.prediction, references[i])
+        assert [session.position for session in sessions] == [4 + 4 * 3] + [4 * 3] * 3
+        references[0].feed([1, 2, 3])
+        assert_prediction((await core.step(sessions[0], [1, 2, 3])).prediction, references[0])
+
+    with_core(bundle, scenario, loop_max_tokens=1)
+    on_loop = [name for name in threads if not name.startswith("rnnserve-model")]
+    assert on_loop and len(on_loop) < len(threads)  # both paths were taken
+    assert threads[-1].startswith("rnnserve-model")  # a prefill of 3 tokens never runs on the loop
+
+
+def test_adaptive_batching_waits_for_the_last_calls_sessions_but_never_for_a_lone_one(bundle):
+    """With an adaptive wait far longer than the test, a call runs only once as many steps as the last call ran
+    are queued (or the queue was empty last time): the wait is never what lets a step through."""
+
+    async def scenario(core):
+        lone = core.session()
+        for token in (1, 2, 3):  # a lone session: its last call was one step, so it never waits
+            await asyncio.wait_for(core.step(lone, [token]), 5)
+        sessions = [core.session() for _ in range(4)]
+        await asyncio.gather(*(core.step(session, [1]) for session in sessions))  # one call of 4
+        first_half = [core.step(session, [2]) for session in sessions[:2]]
+        await asyncio.sleep(0.05)
+        assert not any(future.done() for future in first_half)  # waiting for the other two
+        rest = [core.step(session, [2]) for session in sessions[2:]]
+        await asyncio.wait_for(asyncio.gather(*first_half, *rest), 5)
+        return [report.steps for report in core.reports]
+
+    assert with_core(bundle, scenario, adaptive_wait_seconds=60.0) == [1, 1, 1, 4, 4]

@@ -1,7 +1,8 @@
 """The benchmark harness end to end, in its smoke preset: a live server, every row the targets read.
 
 Runs `python -m bench --smoke` as a user would (a tiny model, tiny counts) into a temporary
-folder, so the committed bench/results are never touched, and checks latest.json's format.
+folder, so the committed bench/results are never touched, and checks latest.json's format; and
+`--only operations`, the session operations' stage alone, as its own partial run.
 """
 
 import json
@@ -12,6 +13,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSIONS = (1, 16, 64, 256)
+# Issue 11: each session operation against a plain step (the rewind depth is the server's default, 32), and W6.
+OPERATIONS = ("fork", "rewind-1", "rewind-32", "score-4x20", "export-import")
+OPERATION_ROWS = {
+    **{("OPS", operation): ((1,), ("p50_us", "p99_us", "step_p50_us", "op_step_ratio")) for operation in OPERATIONS},
+    ("W6", "cached"): ((1,), ("p50_us", "cold_cached_ratio")),
+    ("W6", "cold"): ((1,), ("p50_us",)),
+}
 
 # (workload, variant): (session counts, metrics), as issue 4 lists them; W5's count is the preset's.
 REQUIRED = {
@@ -33,14 +41,23 @@ REQUIRED = {
        for transport in ("stream", "unary") for state in ("on", "off")},
     ("M1", "stream"): ((256,), ("on_off_ratio",)),
     ("M1", "unary"): ((256,), ("on_off_ratio",)),
+    **OPERATION_ROWS,
 }
 W5_METRICS = ("rss_bytes", "baseline_rss_bytes", "raw_state_bytes")
 
 
+def run_bench(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "bench", "--smoke", *args], cwd=ROOT, check=True, timeout=240)
+
+
+def keys(required: dict) -> set[tuple]:
+    """(workload, variant, sessions, metric) of every row `required` lists."""
+    return {(w, v, s, m) for (w, v), (counts, metrics) in required.items() for s in counts for m in metrics}
+
+
 def test_smoke_run_reports_every_required_row(tmp_path):
     out = tmp_path / "results"
-    subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out), "--cache", str(tmp_path / "cache")],
-                   cwd=ROOT, check=True, timeout=240)
+    run_bench("--out", str(out), "--cache", str(tmp_path / "cache"))
     report = json.loads((out / "latest.json").read_text())
 
     machine = report["machine"]
@@ -51,7 +68,7 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     assert all(row.keys() == {"workload", "variant", "sessions", "metric", "value", "unit"} for row in rows)
     assert all(math.isfinite(row["value"]) and row["value"] >= 0 for row in rows)
     found = {(r["workload"], r["variant"], r["sessions"], r["metric"]) for r in rows}
-    required = {(w, v, s, m) for (w, v), (counts, metrics) in REQUIRED.items() for s in counts for m in metrics}
+    required = keys(REQUIRED)
     required |= {("W5", "idle", report["run"]["sizes"]["w5_sessions"], m) for m in W5_METRICS}
     assert required - found == set()
     assert len(found) == len(rows)  # a figure measured in rounds is reported once, as their median
@@ -60,3 +77,17 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     assert {t["status"] for t in report["targets"]} <= {"met", "SHORT"}  # no target lacks its rows
     assert "| figure | value | floor | ratio | target | status |" in (out / "latest.md").read_text()
     assert (out / "throughput.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0
+
+
+def test_only_operations_runs_the_session_operations_alone_into_a_folder_of_its_own(tmp_path):
+    cache = tmp_path / "cache"
+    run_bench("--only", "operations", "--cache", str(cache))
+    report = json.loads((cache / "smoke-operations" / "latest.json").read_text())  # never bench/results
+
+    rows = {(r["workload"], r["variant"], r["sessions"], r["metric"]): r for r in report["rows"]}
+    assert rows.keys() == keys(OPERATION_ROWS)
+    for (_, _, _, metric), row in rows.items():
+        assert row["unit"] == ("ratio" if metric.endswith("_ratio") else "us") and row["value"] > 0
+    assert "--only operations" in report["run"]["command"]
+    w6 = {t["name"].startswith("W6"): t["status"] for t in report["targets"]}  # the only target it measures
+    assert w6[True] in {"met", "SHORT"} and w6[False] == "missing"

@@ -3,6 +3,7 @@
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -156,3 +157,90 @@ def test_interactive_on_a_terminal_redraws_each_key(address, quit_key):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(main)
+
+
+def test_sessions_fork_reset_and_rewind(cli):
+    source = cli("sessions", "create", "--prompt", "the king").stdout.strip()
+    forks = cli("sessions", "fork", source, "--count", "2").stdout.split()
+    assert len(forks) == 2 and source not in forks
+    assert [json.loads(cli("sessions", "get", fork, "--json").stdout)["position"] for fork in forks] == [8, 8]
+    twins = [json.loads(cli("predict", " a", "--session", session, "--json").stdout) for session in (source, *forks)]
+    assert all(twin == twins[0] for twin in twins)  # forks predict as their source
+    rewound = json.loads(cli("--json", "sessions", "rewind", source, "2").stdout)
+    fresh = json.loads(cli("--json", "predict", "the king").stdout)
+    assert rewound["position"] == 8  # " a" undone
+    assert [c["id"] for c in rewound["candidates"]] == [c["id"] for c in fresh["candidates"]]
+    assert "nothing predicted" in cli("sessions", "rewind", source, "8").stdout  # back at position 0 of zeros
+    assert cli("sessions", "reset", forks[0]).stdout.strip() == f"reset {forks[0]} to position 0"
+    shown = cli("sessions", "get", forks[0]).stdout.splitlines()
+    details = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in shown)
+    assert (details["position"], details["rewindable"], details["starts from"]) == ("0", "0", "zeros")
+
+
+def test_score_and_peek_leave_the_session_where_it_is(cli):
+    session = cli("sessions", "create", "--prompt", "the king").stdout.strip()
+    table = cli("score", session, " and", "x").stdout.splitlines()
+    assert table[0].split()[:3] == ["logprob", "per", "token"] and table[1].endswith("' and'") and len(table) == 3
+    scores = [json.loads(line) for line in cli("--json", "score", session, " and", "x").stdout.splitlines()]
+    assert [len(score["logprobs"]) for score in scores] == [4, 1]
+    peeked = json.loads(cli("--json", "peek", session, " a", "--top-k", "3").stdout)
+    assert peeked["position"] == 10 and len(peeked["candidates"]) == 3
+    assert json.loads(cli("sessions", "get", session, "--json").stdout)["position"] == 8
+    assert json.loads(cli("--json", "predict", " a", "--top-k", "3", "--session", session).stdout) == peeked
+
+
+def test_sessions_export_and_import_continue_identically(cli, tmp_path):
+    session = cli("sessions", "create", "--prompt", "the king").stdout.strip()
+    blob = tmp_path / "session.bin"
+    assert cli("sessions", "export", session, "--out", str(blob)).stdout.startswith(f"exported {session} at position 8")
+    copy = cli("sessions", "import", str(blob)).stdout.strip()
+    assert copy != session
+    answers = [json.loads(cli("--json", "predict", " a", "--session", s).stdout) for s in (session, copy)]
+    assert answers[0] == answers[1]
+
+
+def test_states_register_list_start_and_delete(cli):
+    assert json.loads(cli("--json", "states", "register", "cli-king", "the king").stdout)["prompt_tokens"] == 8
+    listed = cli("states", "list").stdout.splitlines()
+    assert listed[0].split() == ["name", "source", "tokens", "prompt"]
+    assert any(row.split()[:3] == ["cli-king", "registered", "8"] for row in listed[1:])
+    session = cli("sessions", "create", "--initial-state", "cli-king").stdout.strip()
+    assert json.loads(cli("sessions", "get", session, "--json").stdout)["initial_state"] == "cli-king"
+    assert cli("states", "delete", "cli-king").stdout.strip() == "deleted cli-king"
+    gone = cli("states", "delete", "cli-king", check=False)
+    assert gone.returncode == 1 and "STATE_NOT_FOUND" in gone.stderr and "Traceback" not in gone.stderr
+
+
+@pytest.mark.parametrize("args", [("sessions", "fork", "x", "--count", "0"), ("sessions", "rewind", "x", "-1"),
+                                  ("sessions", "import", "/no/such/file"), ("peek", "x", "a", "--top-k", "-1")])
+def test_bad_values_get_one_line_not_a_traceback(cli, args):
+    refused = cli(*args, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith(f"rnnserve-client {args[0]}")
+
+
+def test_rewinding_too_far_and_exporting_to_an_unwritable_file_say_why(cli, tmp_path):
+    session = cli("sessions", "create", "--prompt", "the king").stdout.strip()
+    too_far = cli("sessions", "rewind", session, "9", check=False)
+    assert too_far.returncode == 1 and "REWIND_BEYOND_DEPTH" in too_far.stderr and "Traceback" not in too_far.stderr
+    unwritable = cli("sessions", "export", session, "--out", str(tmp_path / "no" / "such" / "dir"), check=False)
+    assert unwritable.returncode == 1 and unwritable.stderr.startswith("error: cannot write")
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (("predict", "To be", "--top-k", "99999999999"), "top_k"),
+    (("generate", "To", "--max-tokens", "-5"), "max_tokens"),
+    (("generate", "To", "--max-tokens", "99999999999"), "max_tokens"),
+    (("generate", "To", "--seed", "-1"), "seed"),
+    (("generate", "To", "--top-k", "-2"), "top_k"),
+    (("generate", "To", "--top-p", "nan"), "top_p"),
+    (("sessions", "create", "--ttl", "99999999999"), "ttl_seconds"),
+    (("predict", "To", "--temperature", "nan"), "temperature"),
+])
+def test_values_no_wire_field_can_hold_are_refused_naming_the_field(cli, args, field):
+    """Out of a field's wire range (checked in the client) or of the server's (checked there): one line, no
+    traceback, and generate prints nothing of its prompt before the refusal."""
+    refused = cli(*args, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith(f"error: {field}: ") and "INVALID_ARGUMENT" in refused.stderr
+    assert refused.stdout == ""

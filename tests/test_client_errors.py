@@ -17,6 +17,10 @@ EXPECTED = {
     "INVALID_ARGUMENT": (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
     "CAPACITY_EXHAUSTED": (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.CapacityExhausted),
     "SHUTTING_DOWN": (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
+    "REWIND_BEYOND_DEPTH": (grpc.StatusCode.OUT_OF_RANGE, errors.RewindBeyondDepth),
+    "INCOMPATIBLE_STATE": (grpc.StatusCode.FAILED_PRECONDITION, errors.IncompatibleState),
+    "STATE_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, errors.StateNotFound),
+    "STATE_IS_SHIPPED": (grpc.StatusCode.FAILED_PRECONDITION, errors.StateIsShipped),
 }
 
 

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rnnserve.server.batcher import BatchReport
 from rnnserve.server.metrics import Metrics, MetricsEndpoint, batch_size_buckets
 from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import create
 
 PROMTOOL = shutil.which("promtool")
@@ -120,3 +121,21 @@ def test_without_a_metrics_address_nothing_is_recorded_or_served(start_server):
     running = start_server(metrics_listen="")
     assert running.server.metrics_port is None
     assert running.engine.metrics is None and running.engine.batcher.on_batch is None
+
+
+def test_the_prefix_state_cache_reports_hits_misses_reused_tokens_and_size(start_server):
+    running = start_server(prefix_cache_min_tokens=4)
+    with grpc.insecure_channel(running.address) as channel:
+        stub = rnnserve_pb2_grpc.InferenceStub(channel)
+        prompt = list(range(1, 11))
+        create(stub, prompt_token_ids=prompt)  # a miss, then cached
+        create(stub, prompt_token_ids=prompt)  # a hit: 10 tokens reused
+        create(stub, prompt_token_ids=prompt + [3, 4])  # a hit on the prefix: 10 more
+        create(stub, prompt_token_ids=[1, 2])  # too short to be cached or to count as a miss
+    found = samples(scrape(f"http://127.0.0.1:{running.server.metrics_port}/metrics"))
+    model = frozenset({("model", running.engine.bundle.name), ("model_version", running.engine.bundle.version)})
+    assert found["rnnserve_prefix_cache_hits_total", model] == 2
+    assert found["rnnserve_prefix_cache_misses_total", model] == 1
+    assert found["rnnserve_prefix_cache_reused_tokens_total", model] == 20
+    assert found["rnnserve_prefix_cache_entries", model] == 2  # the prompt, and the prompt with its suffix
+    assert found["rnnserve_prefix_cache_bytes", model] == 2 * running.engine.pool.row_bytes + 8 * (10 + 12)

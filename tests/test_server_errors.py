@@ -8,9 +8,10 @@ import pytest
 from google.rpc import error_details_pb2
 
 from rnnserve.server import errors
-from rnnserve.server.errors import (CapacityExhausted, InvalidArgument, ModelNotFound, PositionMismatch,
-                                    RnnserveError, ServerFault, SessionEvicted, SessionExpired, SessionNotFound,
-                                    ShuttingDown, to_status)
+from rnnserve.server.errors import (CapacityExhausted, IncompatibleState, InvalidArgument, ModelNotFound,
+                                    PositionMismatch, RewindBeyondDepth, RnnserveError, ServerFault, SessionEvicted,
+                                    SessionExpired, SessionNotFound, ShuttingDown, StateIsShipped, StateNotFound,
+                                    to_status)
 from rnnserve.server.guard import Guarded
 from rnnserve.v1 import rnnserve_pb2
 
@@ -25,6 +26,10 @@ EXAMPLES = [
     (CapacityExhausted(10), grpc.StatusCode.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED"),
     (ShuttingDown(), grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
     (ServerFault("model call failed"), grpc.StatusCode.INTERNAL, None),
+    (RewindBeyondDepth("s1", tokens=9, rewindable=4, depth=32), grpc.StatusCode.OUT_OF_RANGE, "REWIND_BEYOND_DEPTH"),
+    (IncompatibleState("another model"), grpc.StatusCode.FAILED_PRECONDITION, "INCOMPATIBLE_STATE"),
+    (StateNotFound("sonnet", ["ode"]), grpc.StatusCode.NOT_FOUND, "STATE_NOT_FOUND"),
+    (StateIsShipped("sonnet"), grpc.StatusCode.FAILED_PRECONDITION, "STATE_IS_SHIPPED"),
 ]
 
 

@@ -22,6 +22,10 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAPACITY_EXHAUSTED: _ClassVar[ErrorReason]
     SHUTTING_DOWN: _ClassVar[ErrorReason]
     MODEL_NOT_FOUND: _ClassVar[ErrorReason]
+    REWIND_BEYOND_DEPTH: _ClassVar[ErrorReason]
+    INCOMPATIBLE_STATE: _ClassVar[ErrorReason]
+    STATE_NOT_FOUND: _ClassVar[ErrorReason]
+    STATE_IS_SHIPPED: _ClassVar[ErrorReason]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,33 +41,41 @@ INVALID_ARGUMENT: ErrorReason
 CAPACITY_EXHAUSTED: ErrorReason
 SHUTTING_DOWN: ErrorReason
 MODEL_NOT_FOUND: ErrorReason
+REWIND_BEYOND_DEPTH: ErrorReason
+INCOMPATIBLE_STATE: ErrorReason
+STATE_NOT_FOUND: ErrorReason
+STATE_IS_SHIPPED: ErrorReason
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "prompt_text", "prompt_token_ids", "top_k", "temperature", "ttl_seconds")
+    __slots__ = ("model", "prompt_text", "prompt_token_ids", "top_k", "temperature", "ttl_seconds", "initial_state")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt_text: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_k: int
     temperature: float
     ttl_seconds: int
-    def __init__(self, model: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    initial_state: str
+    def __init__(self, model: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., ttl_seconds: _Optional[int] = ..., initial_state: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session", "prediction")
+    __slots__ = ("session", "prediction", "cached_prompt_tokens")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session: Session
     prediction: Prediction
-    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -84,20 +96,24 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "position", "created", "last_active", "expires")
+    __slots__ = ("session_id", "model", "position", "created", "last_active", "expires", "initial_state", "rewindable")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    REWINDABLE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     position: int
     created: _timestamp_pb2.Timestamp
     last_active: _timestamp_pb2.Timestamp
     expires: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., position: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    initial_state: str
+    rewindable: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., position: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initial_state: _Optional[str] = ..., rewindable: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "token_ids", "text", "top_k", "temperature", "expected_position", "request_id")
@@ -241,3 +257,169 @@ class Model(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     is_default: bool
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embed_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., sha256: _Optional[str] = ..., state_bytes_per_session: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., is_default: _Optional[bool] = ...) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id", "count", "ttl_seconds", "expected_position")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    count: int
+    ttl_seconds: int
+    expected_position: int
+    def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., expected_position: _Optional[int] = ...) -> None: ...
+
+class ForkSessionResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ...) -> None: ...
+
+class ResetSessionRequest(_message.Message):
+    __slots__ = ("session_id", "expected_position")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    expected_position: int
+    def __init__(self, session_id: _Optional[str] = ..., expected_position: _Optional[int] = ...) -> None: ...
+
+class RewindSessionRequest(_message.Message):
+    __slots__ = ("session_id", "tokens", "expected_position", "top_k", "temperature")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tokens: int
+    expected_position: int
+    top_k: int
+    temperature: float
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[int] = ..., expected_position: _Optional[int] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+
+class RewindSessionResponse(_message.Message):
+    __slots__ = ("session", "prediction")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    prediction: Prediction
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
+
+class Continuation(_message.Message):
+    __slots__ = ("token_ids", "text")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("session_id", "continuations", "expected_position")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    continuations: _containers.RepeatedCompositeFieldContainer[Continuation]
+    expected_position: int
+    def __init__(self, session_id: _Optional[str] = ..., continuations: _Optional[_Iterable[_Union[Continuation, _Mapping]]] = ..., expected_position: _Optional[int] = ...) -> None: ...
+
+class ContinuationScore(_message.Message):
+    __slots__ = ("token_ids", "texts", "logprobs", "ranks", "total_logprob")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    total_logprob: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ranks: _Optional[_Iterable[int]] = ..., total_logprob: _Optional[float] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("position", "scores")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    scores: _containers.RepeatedCompositeFieldContainer[ContinuationScore]
+    def __init__(self, position: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[ContinuationScore, _Mapping]]] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id", "expected_position")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    expected_position: int
+    def __init__(self, session_id: _Optional[str] = ..., expected_position: _Optional[int] = ...) -> None: ...
+
+class ExportSessionResponse(_message.Message):
+    __slots__ = ("state", "session")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    state: bytes
+    session: Session
+    def __init__(self, state: _Optional[bytes] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class ImportSessionRequest(_message.Message):
+    __slots__ = ("state", "ttl_seconds", "top_k", "temperature")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    state: bytes
+    ttl_seconds: int
+    top_k: int
+    temperature: float
+    def __init__(self, state: _Optional[bytes] = ..., ttl_seconds: _Optional[int] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+
+class ImportSessionResponse(_message.Message):
+    __slots__ = ("session", "prediction")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    prediction: Prediction
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
+
+class RegisterStateRequest(_message.Message):
+    __slots__ = ("name", "prompt_text", "prompt_token_ids")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    prompt_text: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class NamedState(_message.Message):
+    __slots__ = ("name", "source", "prompt_tokens", "prompt_text")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source: str
+    prompt_tokens: int
+    prompt_text: str
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ...) -> None: ...
+
+class ListStatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListStatesResponse(_message.Message):
+    __slots__ = ("states",)
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedCompositeFieldContainer[NamedState]
+    def __init__(self, states: _Optional[_Iterable[_Union[NamedState, _Mapping]]] = ...) -> None: ...
+
+class DeleteStateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteStateResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

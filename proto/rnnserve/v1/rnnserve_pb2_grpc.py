@@ -82,6 +82,56 @@ class InferenceStub:
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/rnnserve.v1.Inference/ForkSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
+        self.ResetSession = channel.unary_unary(
+                '/rnnserve.v1.Inference/ResetSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ResetSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.Session.FromString,
+                _registered_method=True)
+        self.RewindSession = channel.unary_unary(
+                '/rnnserve.v1.Inference/RewindSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.RewindSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.RewindSessionResponse.FromString,
+                _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/rnnserve.v1.Inference/Score',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ScoreResponse.FromString,
+                _registered_method=True)
+        self.Peek = channel.unary_unary(
+                '/rnnserve.v1.Inference/Peek',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/rnnserve.v1.Inference/ExportSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/rnnserve.v1.Inference/ImportSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
+        self.RegisterState = channel.unary_unary(
+                '/rnnserve.v1.Inference/RegisterState',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.RegisterStateRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.NamedState.FromString,
+                _registered_method=True)
+        self.ListStates = channel.unary_unary(
+                '/rnnserve.v1.Inference/ListStates',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ListStatesRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ListStatesResponse.FromString,
+                _registered_method=True)
+        self.DeleteState = channel.unary_unary(
+                '/rnnserve.v1.Inference/DeleteState',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -160,6 +210,91 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """Session operations. A recurrent session's whole past is a few KiB of state, so copying,
+        undoing and moving it is cheap. Those that change a session take expected_position, and
+        wait for the session's earlier work like a step.
+
+        New sessions that start from another's state and position without re-reading its input;
+        each then evolves on its own. Either all the forks are made or none (RESOURCE_EXHAUSTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetSession(self, request, context):
+        """A session back to its initial state (zeros, or its named initial state) at position 0,
+        keeping its id, owner and time-to-live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RewindSession(self, request, context):
+        """Undo the last tokens a session read: afterwards it predicts exactly as a session that never
+        read them. OUT_OF_RANGE (REWIND_BEYOND_DEPTH) past what the server keeps (Session.rewindable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """The log-probability of each candidate continuation, per token and in total, with each
+        token's rank; the session does not advance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Peek(self, request, context):
+        """The prediction after hypothetical tokens, as Step would answer it; the session does not
+        advance (StepResponse.position is where it would be).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """A session as a portable, versioned, checksummed blob: state, position, the tokens kept for
+        rewinding, and the model's identity. The session goes on unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """A new session, owned by the caller, continuing exactly where an exported one was. A blob
+        that is damaged answers INVALID_ARGUMENT; one of another model or format version,
+        FAILED_PRECONDITION (INCOMPATIBLE_STATE). Counts against the session cap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterState(self, request, context):
+        """Named states: the state after a prompt, registered once and kept in the prefix-state cache
+        (never evicted) so that sessions whose prompt starts with it skip reading it, and usable as
+        a session's initial state (CreateSessionRequest.initial_state). The bundle may ship some too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStates(self, request, context):
+        """Every named state, shipped and registered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteState(self, request, context):
+        """Forget a registered state (sessions started from it keep their own copy). Shipped states
+        cannot be deleted (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +342,56 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.GetModelRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'ResetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ResetSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.Session.SerializeToString,
+            ),
+            'RewindSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewindSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.RewindSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.RewindSessionResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ScoreRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Peek': grpc.unary_unary_rpc_method_handler(
+                    servicer.Peek,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionResponse.SerializeToString,
+            ),
+            'RegisterState': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterState,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.RegisterStateRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.NamedState.SerializeToString,
+            ),
+            'ListStates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStates,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ListStatesRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ListStatesResponse.SerializeToString,
+            ),
+            'DeleteState': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteState,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +640,276 @@ class Inference:
             '/rnnserve.v1.Inference/GetModel',
             rnnserve_dot_v1_dot_rnnserve__pb2.GetModelRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/ForkSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/ResetSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ResetSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewindSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/RewindSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.RewindSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.RewindSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/Score',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ScoreRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Peek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/Peek',
+            rnnserve_dot_v1_dot_rnnserve__pb2.StepRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/ExportSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/ImportSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/RegisterState',
+            rnnserve_dot_v1_dot_rnnserve__pb2.RegisterStateRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.NamedState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/ListStates',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ListStatesRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ListStatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Inference/DeleteState',
+            rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,194 @@
+"""Session operations beyond stepping: fork, reset, rewind, score, peek, export and import, named states.
+
+Each is cheap because a session's whole past is one row of the state pool: a fork copies the row,
+a reset writes the initial state into it, an export is its bytes. Each runs under a `Hold` on the
+session, so it sees the session after the work queued before it and no step of the session
+runs meanwhile; a change is committed only once nothing can fail any more, so a refusal leaves
+the session as it was. Model calls that commit nothing (score, peek, a rewind's replay) run on
+the batcher's model thread but outside its batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnserve.server.batcher import NEXT_LOGITS, Batcher, StepAnswer
+from rnnserve.server.errors import InvalidArgument, RewindBeyondDepth
+from rnnserve.server.history import Checkpoint, History
+from rnnserve.server.named_states import IMPORTED, NamedState, NamedStates
+from rnnserve.server.prediction import Prediction
+from rnnserve.server.session_blob import PortableSession, decode, encode
+from rnnserve.server.sessions import Session, SessionTable
+from rnnserve.server.snapshot import ModelIdentity
+from rnnserve.server.state_pool import Row, StatePool
+
+NOTHING_READ = "the session has read nothing yet, so nothing predicts its next token: step at least one token first"
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One candidate continuation's log-probabilities (temperature 1) and ranks (1 = most likely), token by token."""
+
+    tokens: np.ndarray  # [time] int64
+    logprobs: np.ndarray  # [time] float32
+    ranks: np.ndarray  # [time] int64
+
+    @property
+    def total(self) -> float:
+        return float(np.sum(self.logprobs, dtype=np.float64))
+
+
+def score_rows(next_logits: np.ndarray, logits: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities and ranks of `tokens` [batch, time], each under the distribution before it:
+    `next_logits` [vocab] for the first, `logits` [batch, time, vocab] (after each token) for the rest."""
+    before = np.concatenate([np.broadcast_to(next_logits, (len(tokens), 1, next_logits.shape[-1])), logits[:, :-1]],
+                            axis=1)  # [batch, time, vocab]
+    chosen = np.take_along_axis(before, tokens[..., np.newaxis], axis=-1)  # [batch, time, 1]
+    ranks = 1 + np.sum(before > chosen, axis=-1)
+    peak = before.max(axis=-1, keepdims=True)
+    log_normaliser = peak + np.log(np.sum(np.exp(before - peak), axis=-1, keepdims=True))
+    return (chosen - log_normaliser)[..., 0].astype(np.float32), ranks
+
+
+class Operations:
+    def __init__(self, table: SessionTable, pool: StatePool, batcher: Batcher, states: NamedStates,
+                 model: ModelIdentity, accepting: Callable[[], None]):
+        self.table = table
+        self.pool = pool
+        self.batcher = batcher
+        self.states = states
+        self.model = model
+        self._accepting = accepting
+        self.shapes = {name: array.shape[1:] for name, array in pool.arrays.items()}
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, session_id: str, owner: str, expected_position: int | None) -> AsyncIterator[Session]:
+        """The live session, after its earlier work and with no step of it running until the block ends, at the
+        expected position if one is given."""
+        session = self.table.get(session_id, owner)
+        hold = await self.batcher.hold(session)
+        try:
+            session.ensure_live()
+            session.check_position(expected_position)
+            yield session
+        finally:
+            hold.release()
+
+    def prediction(self, session: Session, top_k: int, temperature: float) -> Prediction | None:
+        """What the session predicts now, from the logits it holds; None when it has read nothing."""
+        if not session.has_prediction:
+            return None
+        return self.batcher.predict(self.pool.arrays[NEXT_LOGITS][session.slot], top_k, temperature)
+
+    # Fork and reset ----------------------------------------------------------------------------
+
+    async def fork(self, session_id: str, owner: str, count: int, ttl: float | None,
+                   expected_position: int | None) -> list[Session]:
+        self._accepting()
+        async with self._holding(session_id, owner, expected_position) as source:
+            return self.table.fork(source, count, source.ttl if ttl is None else ttl)
+
+    async def reset(self, session_id: str, owner: str, expected_position: int | None) -> Session:
+        self._accepting()
+        async with self._holding(session_id, owner, expected_position) as session:
+            base = session.initial_checkpoint
+            self.pool.set_rows(session.slot, base.rows)
+            session.history = self.table.new_history(base)
+            session.move_to(0, time.monotonic())
+            return session
+
+    # Rewind ------------------------------------------------------------------------------------
+
+    async def rewind(self, session_id: str, owner: str, tokens: int, expected_position: int | None, top_k: int,
+                     temperature: float) -> tuple[Session, Prediction | None]:
+        """Undo the session's last `tokens`: restore the checkpoint before them, replay the kept tokens up to there."""
+        self._accepting()
+        async with self._holding(session_id, owner, expected_position) as session:
+            if tokens > session.rewindable:
+                raise RewindBeyondDepth(session.id, tokens, session.rewindable, self.table.rewind_depth)
+            target = session.position - tokens
+            rows = await self._replay(session.history, target)
+            self.pool.set_rows(session.slot, rows)
+            session.history.truncate(target)
+            session.move_to(target, time.monotonic())
+            return session, self.prediction(session, top_k, temperature)
+
+    async def _replay(self, history: History, position: int) -> Row | None:
+        """The rows (state and next-token logits) at `position`, from a checkpoint and the tokens after it."""
+        replay = history.replay_to(position)
+        if not len(replay.tokens):
+            return replay.start.rows
+        result = await self.batcher.evaluate(replay.tokens[np.newaxis], self.batcher.states_of(replay.start.rows))
+        return self.batcher.rows_of(result)
+
+    # Score and peek ----------------------------------------------------------------------------
+
+    async def score(self, session_id: str, owner: str, continuations: list[np.ndarray],
+                    expected_position: int | None) -> tuple[int, list[Scored]]:
+        """Each continuation's scores from where the session is; candidates of one length share a model call."""
+        self._accepting()
+        async with self._holding(session_id, owner, expected_position) as session:
+            if not session.has_prediction:
+                raise InvalidArgument("continuations", NOTHING_READ)
+            rows = self.pool.rows(session.slot)
+            scored: dict[int, Scored] = {}
+            for length in sorted({len(c) for c in continuations}):
+                indices = [i for i, c in enumerate(continuations) if len(c) == length]
+                tokens = np.stack([continuations[i] for i in indices])  # [batch, time]
+                result = await self.batcher.evaluate(tokens, self.batcher.states_of(rows, len(indices)))
+                logprobs, ranks = score_rows(rows[NEXT_LOGITS], result.logits, tokens)
+                for row, i in enumerate(indices):
+                    scored[i] = Scored(tokens[row], logprobs[row], ranks[row])
+            return session.position, [scored[i] for i in range(len(continuations))]
+
+    async def peek(self, session_id: str, owner: str, tokens: np.ndarray, top_k: int, temperature: float,
+                   expected_position: int | None) -> StepAnswer:
+        """What a step of `tokens` would answer, committing nothing."""
+        self._accepting()
+        async with self._holding(session_id, owner, expected_position) as session:
+            states = self.batcher.states_of(self.pool.rows(session.slot))
+            result = await self.batcher.evaluate(tokens[np.newaxis], states)
+            return StepAnswer(session.position + len(tokens),
+                              self.batcher.predict(result.next_logits[0], top_k, temperature))
+
+    # Export and import -------------------------------------------------------------------------
+
+    async def export(self, session_id: str, owner: str, expected_position: int | None) -> tuple[Session, bytes]:
+        async with self._holding(session_id, owner, expected_position) as session:
+            history = session.history
+            portable = PortableSession(
+                session.position, self.pool.rows(session.slot), "" if session.initial is None else session.initial.name,
+                None if session.initial is None else session.initial.rows,
+                [] if history is None else list(history.checkpoints),
+                [] if history is None else history.tokens)
+            return session, encode(portable, self.model, self.shapes)
+
+    def import_(self, owner: str, blob: bytes, ttl: float, top_k: int,
+                temperature: float) -> tuple[Session, Prediction | None]:
+        """A new session of `owner` continuing the exported one; nothing is created when the blob is refused."""
+        self._accepting()
+        portable = decode(blob, self.model, self.shapes, len(self.pool.arrays[NEXT_LOGITS][0]))
+        session = self.table.create(owner, ttl)
+        self.pool.set_rows(session.slot, portable.rows)
+        if portable.initial_rows is not None:
+            session.initial = NamedState(portable.initial_state, IMPORTED, portable.initial_rows, None)
+        if portable.checkpoints and self.table.rewind_depth:
+            session.history = History(self.table.rewind_depth, self.table.rewind_checkpoint_every,
+                                      portable.checkpoints, portable.tokens)
+        else:
+            session.history = self.table.new_history(Checkpoint(portable.position, portable.rows))
+        session.move_to(portable.position, time.monotonic())
+        return session, self.prediction(session, top_k, temperature)
+
+    # Named states ------------------------------------------------------------------------------
+
+    async def register_state(self, name: str, tokens: np.ndarray) -> NamedState:
+        """Read `tokens` from zeros, in a model call that commits nothing, and name the state after them."""
+        self._accepting()
+        result = await self.batcher.evaluate(tokens[np.newaxis], self.batcher.states_of(None))
+        return self.states.register(name, tokens, self.batcher.rows_of(result))
