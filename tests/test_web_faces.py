@@ -129,7 +129,26 @@ def errors(face):
     return failures, [session, closed]
 
 
-SCENARIOS = [create, step, generate, stream_and_batch, models, errors]
+def session_operations(face):
+    session = face.call("CreateSession", {"prompt_text": "The quick"})["session"]["session_id"]
+    forked = face.call("ForkSession", {"session_id": session, "count": 2})
+    forks = [fork["session_id"] for fork in forked["sessions"]]
+    answers = [forked,
+               face.call("Step", {"session_id": forks[0], "text": " b"}),
+               face.call("Step", {"session_id": forks[1], "text": " f"}),
+               face.call("Peek", {"session_id": session, "text": " br", "top_k": 3}),
+               face.call("Score", {"session_id": session, "continuations": [{"text": " brown"}, {"text": " fox"}]}),
+               face.call("RewindSession", {"session_id": forks[0], "tokens": 2, "top_k": 3}),
+               face.call("ResetSession", {"session_id": forks[1]})]
+    exported = face.call("ExportSession", {"session_id": session})
+    imported = face.call("ImportSession", {"state": exported["state"], "top_k": 3})  # base64 both ways
+    answers += [exported["session"], imported]
+    assert answers[5]["session"]["position"] == "9" and answers[6]["position"] == "0"
+    assert face.call("GetSession", {"session_id": session})["position"] == "9"  # peek and score did not advance it
+    return answers, [session, *forks, imported["session"]["session_id"]]
+
+
+SCENARIOS = [create, step, generate, stream_and_batch, models, errors, session_operations]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda scenario: scenario.__name__)
@@ -151,6 +170,10 @@ def never_existed_answers(face, session_id: str) -> list:
              ("Generate", {"session_id": session_id, "max_tokens": 2}),
              ("Stream", [{"session_id": session_id, "text": "a"}]),
              ("StepBatch", {"steps": [{"session_id": session_id, "text": "a"}]}),
+             ("ForkSession", {"session_id": session_id}), ("ResetSession", {"session_id": session_id}),
+             ("RewindSession", {"session_id": session_id, "tokens": 1}),
+             ("Score", {"session_id": session_id, "continuations": [{"text": "a"}]}),
+             ("Peek", {"session_id": session_id, "text": "a"}), ("ExportSession", {"session_id": session_id}),
              ("CloseSession", {"session_id": session_id})]
     return [normal(attempt(face, rpc, request), [session_id]) for rpc, request in calls]
 
@@ -188,3 +211,14 @@ def test_a_session_created_over_http_steps_over_grpc_and_back(both):
                          for face, text in zip(faces, (" qu", "ick", " b"))]
     assert normal(answers["mixed"], [mixed]) == normal(answers["single"], [single])
     assert answers["mixed"][-1]["position"] == str(len("The quick b"))
+
+
+def test_a_state_registered_over_http_is_listed_over_grpc_and_deleted(both):
+    http, grpc_face = both["http"], both["grpc"]
+    registered = http.call("RegisterState", {"name": "kings", "prompt_text": "KING HENRY."})
+    assert registered["name"] == "kings" and registered["prompt_tokens"] == str(len("KING HENRY."))
+    assert "kings" in [state["name"] for state in grpc_face.call("ListStates", {})["states"]]
+    started = grpc_face.call("CreateSession", {"initial_state": "kings", "prompt_text": "\n"})
+    assert started["session"]["initial_state"] == "kings"
+    assert http.call("DeleteState", {"name": "kings"}) == {}
+    assert "kings" not in [state["name"] for state in grpc_face.call("ListStates", {})["states"]]

@@ -16,6 +16,7 @@ from rnnserve.server.settings import Settings
 from rnnserve.server.web.completions import OPENAPI_PATHS
 from rnnserve.server.web.openapi import document
 from rnnserve.server.web.routes import ROUTES
+from rnnserve.v1 import rnnserve_pb2
 from serving import RunningServer
 
 
@@ -31,6 +32,12 @@ def web_server(bundle):
 @pytest.fixture(scope="module")
 def base_url(web_server) -> str:
     return f"http://127.0.0.1:{web_server.server.http_port}"
+
+
+def test_every_rpc_of_the_service_has_a_route():
+    """A new RPC without its row in routes.ROUTES would be missing from the HTTP face: this says so."""
+    service = rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"]
+    assert set(service.methods_by_name) == {route.name for route in ROUTES if route.service == service.full_name}
 
 
 def test_the_served_document_has_every_route_and_the_request_fields(base_url):
