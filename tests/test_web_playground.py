@@ -1,6 +1,6 @@
 """The playground in a real browser (Debian's chromium, driven by Playwright): typing into the page
 shows the same top predictions, with the same probabilities, as gRPC answers for the same text, and
-its two streamed continuations are Generate's over gRPC with the same seeds.
+the two continuations of its session, forked in two, are Generate's over gRPC with the same seeds.
 
 With RNNSERVE_PLAYGROUND_SCREENSHOT=docs/playground.png the test also writes the README's screenshot.
 """
@@ -11,8 +11,10 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
+from conftest import LOOPBACK
 from faces import GrpcFace
 from rnnserve.bundle import default_bundle_path, load_bundle
 from rnnserve.server.settings import Settings
@@ -31,8 +33,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 @pytest.fixture(scope="module")
 def server():
-    running = RunningServer(load_bundle(default_bundle_path()), Settings(listen="127.0.0.1:0",
-                                                                         http_listen="127.0.0.1:0"))
+    running = RunningServer(load_bundle(default_bundle_path()), Settings(**LOOPBACK, http_listen="127.0.0.1:0"))
     yield running
     running.stop()
 
@@ -76,7 +77,7 @@ def test_typing_shows_the_grpc_prediction_for_the_text(page, server):
     assert_shows_grpcs_prediction(page, server, "To be, or not to\nHAM")
 
 
-def test_generate_two_streams_generate_with_both_seeds(page, server):
+def test_fork_and_generate_streams_generate_with_both_seeds(page, server):
     page.fill("#text", "Now is the winter of ")
     page.dispatch_event("#text", "input")
     page.fill("#max-tokens", "60")
@@ -84,6 +85,8 @@ def test_generate_two_streams_generate_with_both_seeds(page, server):
     page.fill("#seed", "7")
     page.click("#generate")
     page.wait_for_function(BOTH_DONE)
+    metrics = httpx.get(f"http://127.0.0.1:{server.server.metrics_port}/metrics").text
+    assert 'rnnserve_http_requests_total{code="200",method="ForkSession"} 1.0' in metrics  # one fork in two
     face = GrpcFace(server.address)
     for pane, seed in (("a", 7), ("b", 8)):
         session = face.call("CreateSession", {"prompt_text": "Now is the winter of "})["session"]["session_id"]

@@ -88,12 +88,9 @@ async function follow() {
   }
 }
 
-async function stream(output, seed) {
+async function stream(output, id, seed) {
   output.textContent = "";
   output.dataset.done = "false";
-  const text = $("text").value;
-  const created = await json("POST", "/v1/sessions", text ? { prompt_text: text } : {});
-  const id = created.session.session_id;
   try {
     const response = await call("POST", `/v1/sessions/${id}/generate`, {
       max_tokens: Number($("max-tokens").value), temperature: Number($("temperature").value), seed: String(seed),
@@ -120,6 +117,28 @@ async function stream(output, seed) {
   }
 }
 
+// Fork the session that has read the text in two (no re-reading), and continue each with its own seed.
+async function generateTwo() {
+  const panes = [$("output-a"), $("output-b")];
+  panes.forEach((pane) => { pane.dataset.done = "false"; });
+  while (busy) await new Promise((resolve) => setTimeout(resolve, 10));
+  await follow();  // the session has read exactly the text now
+  let source = session;
+  if (!source) {  // no text: fork a session that has read nothing
+    const created = await json("POST", "/v1/sessions", {});
+    source = { id: created.session.session_id, text: "" };
+  }
+  const seed = Number($("seed").value);
+  try {
+    const { sessions } = await json("POST", `/v1/sessions/${source.id}/fork`, { count: 2 });
+    await Promise.all(sessions.map((fork, i) => stream(panes[i], fork.session_id, seed + i)));
+  } catch (error) {
+    panes.forEach((pane) => { pane.textContent = error.message; pane.dataset.done = "true"; });
+  } finally {
+    if (source !== session) closeSession(source.id);
+  }
+}
+
 async function describeModel() {
   try {
     const { models } = await json("GET", "/v1/models");
@@ -134,10 +153,6 @@ async function describeModel() {
 $("token").value = localStorage.getItem("rnnserve-token") || "";
 $("token").addEventListener("change", () => { session = null; describeModel(); follow(); });
 $("text").addEventListener("input", follow);
-$("generate").addEventListener("click", () => {
-  const seed = Number($("seed").value);
-  stream($("output-a"), seed);
-  stream($("output-b"), seed + 1);
-});
+$("generate").addEventListener("click", generateTwo);
 describeModel();
 follow();
