@@ -4,6 +4,7 @@ TLS and client certificates over HTTPS, and its flag."""
 from __future__ import annotations
 
 import ssl
+import time
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from rnnserve.server.web.face import bind
 from rnnserve.server.web.routes import ROUTES
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
+from serving import slow_model
 
 HTTP = {"http_listen": "127.0.0.1:0"}
 
@@ -152,3 +154,21 @@ def test_the_readme_lists_every_route():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [f"{route.verb} {route.path}" for route in ROUTES if f"`{route.verb} {route.path}`" not in readme]
     assert missing == []
+
+
+def test_a_reader_that_goes_away_cancels_the_generate(start_server):
+    running = start_server(**HTTP)
+    slow_model(running, 0.01)  # each token takes a while, so the generate is still running when the reader leaves
+    with client(running) as http:
+        created = session(http)
+        tasks = running.task_count()
+        with http.stream("POST", f"/v1/sessions/{created}/generate?stream=true", json={"max_tokens": 500}) as events:
+            first = next(events.iter_lines())
+        assert first.startswith("data: ")
+        deadline = time.monotonic() + 10
+        while running.task_count() > tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.task_count() <= tasks  # the call's tasks ended with the connection
+        position = int(http.get(f"/v1/sessions/{created}").json()["position"])
+        assert len("The") < position < len("The") + 500  # stopped early, and the session still answers
+        assert http.post(f"/v1/sessions/{created}/step", json={"text": "a"}).json()["position"] == str(position + 1)
