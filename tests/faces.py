@@ -54,7 +54,7 @@ class GrpcFace:
         self._channel = grpc.insecure_channel(address)
         self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
 
-    def call(self, rpc: str, request: dict | list):
+    def call(self, rpc: str, request: dict | list, timeout: float | None = None):
         method = SERVICE.methods_by_name[rpc]
         in_class, out_class = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
         kind = ("stream" if method.client_streaming else "unary") + ("_stream" if method.server_streaming else "_unary")
@@ -64,7 +64,8 @@ class GrpcFace:
         message = ([json_format.ParseDict(item, in_class()) for item in request] if method.client_streaming
                    else json_format.ParseDict(request, in_class()))
         try:
-            answer = callable_(iter(message) if method.client_streaming else message, metadata=self._metadata)
+            answer = callable_(iter(message) if method.client_streaming else message, metadata=self._metadata,
+                               timeout=timeout)
             return [to_json(item) for item in answer] if method.server_streaming else to_json(answer)
         except grpc.RpcError as error:
             status = rpc_status.from_call(error)

@@ -172,3 +172,20 @@ def test_a_reader_that_goes_away_cancels_the_generate(start_server):
         position = int(http.get(f"/v1/sessions/{created}").json()["position"])
         assert len("The") < position < len("The") + 500  # stopped early, and the session still answers
         assert http.post(f"/v1/sessions/{created}/step", json={"text": "a"}).json()["position"] == str(position + 1)
+
+
+def test_a_deadline_in_x_server_timeout_is_the_calls_deadline_as_over_grpc(start_server):
+    running = start_server(**HTTP)
+    with client(running) as http:
+        created = session(http)
+        slow_model(running, 0.3)
+        late = http.post(f"/v1/sessions/{created}/step", json={"text": "ab"}, headers={"x-server-timeout": "0.05"})
+        with pytest.raises(Failed) as over_grpc:
+            GrpcFace(running.address).call("Step", {"session_id": created, "text": "ab"}, timeout=0.05)
+        assert (late.status_code, late.json()["error"]["status"]) == (504, over_grpc.value.status) == \
+            (504, "DEADLINE_EXCEEDED")
+        time.sleep(0.7)  # what was queued has run, or been dropped, by now
+        assert http.get(f"/v1/sessions/{created}").json()["position"] == "3"  # neither late step was applied
+        assert http.post(f"/v1/sessions/{created}/step", json={"text": "c"}, headers={"x-server-timeout": "5"}).is_success
+        bad = http.post(f"/v1/sessions/{created}/step", json={"text": "c"}, headers={"x-server-timeout": "soon"})
+        assert bad.status_code == 400 and "x-server-timeout" in bad.json()["error"]["message"]

@@ -29,7 +29,7 @@ from rnnserve.server.auth import UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, Token
 from rnnserve.server.metrics import HttpMetrics
 from rnnserve.server.settings import Settings
 from rnnserve.server.web import completions, openapi, sse
-from rnnserve.server.web.calls import Aborted, HttpContext, json_body, parse, run, to_json
+from rnnserve.server.web.calls import Aborted, HttpContext, deadline_of, json_body, parse, run, to_json
 from rnnserve.server.web.face import PEER_IDENTITIES, WebFace
 from rnnserve.server.web.routes import INFERENCE, ROUTES, Route
 from rnnserve.server.web.status import error_event, error_response
@@ -58,14 +58,14 @@ def wants_events(request: Request) -> bool:
 
 
 async def streamed(handler: Callable, message: Message | list[Message], identities: list[bytes] | None,
-                   events: bool) -> Response:
+                   deadline: float | None, events: bool) -> Response:
     """A server-streaming call's responses as events, or as one JSON array once the call has ended."""
     if events:
         async def produce(send: sse.Send) -> None:
             async def write(response: Message) -> None:
                 await send(to_json(response))
 
-            await run(handler, message, HttpContext(identities, write))
+            await run(handler, message, HttpContext(identities, write, deadline))
 
         return await sse.event_stream(produce, error_event)
     responses: list[dict] = []
@@ -73,7 +73,7 @@ async def streamed(handler: Callable, message: Message | list[Message], identiti
     async def collect(response: Message) -> None:
         responses.append(to_json(response))
 
-    await run(handler, message, HttpContext(identities, collect))
+    await run(handler, message, HttpContext(identities, collect, deadline))
     return JSONResponse(responses)
 
 
@@ -81,13 +81,13 @@ def rpc_endpoint(route: Route, handler: Callable, gate: Gate, max_body_bytes: in
     async def endpoint(request: Request) -> Response:
         request.scope[METHOD] = route.name
         try:
-            identities = gate.identities(request, route.open)
+            identities, deadline = gate.identities(request, route.open), deadline_of(request)
             body = await json_body(request, max_body_bytes) if route.verb == "POST" else None
             message = parse(route, body if body is not None else ([] if route.method.client_streaming else {}),
                             request.path_params)
             if route.method.server_streaming:
-                return await streamed(handler, message, identities, wants_events(request))
-            response = await run(handler, message, HttpContext(identities))
+                return await streamed(handler, message, identities, deadline, wants_events(request))
+            response = await run(handler, message, HttpContext(identities, deadline=deadline))
         except Exception as error:  # noqa: BLE001  (every failure is answered: errors.to_status maps it)
             return error_response(error)
         unready = route.unready_is_503 and response.status != health_pb2.HealthCheckResponse.SERVING

@@ -9,8 +9,11 @@ mapping (field names as in the .proto).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
@@ -24,6 +27,7 @@ from rnnserve.server.errors import InvalidArgument, to_status
 from rnnserve.server.web.routes import Route
 
 Write = Callable[[Message], Awaitable[None]]
+TIMEOUT_HEADER = "x-server-timeout"
 
 
 class Aborted(Exception):
@@ -42,17 +46,18 @@ def status_of(error: BaseException) -> status_pb2.Status:
 class HttpContext:
     """What an HTTP call gives the servicer in place of grpc.aio.ServicerContext."""
 
-    def __init__(self, identities: list[bytes] | None, write: Write | None = None):
+    def __init__(self, identities: list[bytes] | None, write: Write | None = None, deadline: float | None = None):
+        """`deadline`: a time.monotonic() instant (from `deadline_of`), None for none."""
         self._identities = identities
         self._write = write
+        self.deadline = deadline
 
     def peer_identities(self) -> list[bytes] | None:
         """The caller's identity, the token's name or the client certificate's, as `auth.caller` reads it."""
         return self._identities
 
-    @staticmethod
-    def time_remaining() -> float | None:
-        return None  # HTTP carries no deadline; a caller that gives up closes the connection, which cancels
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     async def write(self, message: Message) -> None:
         await self._write(message)
@@ -92,7 +97,41 @@ def _parse_one(message_class: type[Message], body: object, fields: Mapping[str, 
         raise InvalidArgument("request", str(error)) from None  # names the field and what is wrong with it
 
 
+def deadline_of(request: Request) -> float | None:
+    """The call's deadline from its X-Server-Timeout header (seconds, as Google's HTTP/JSON gateways
+    take it) as a time.monotonic() instant; None without the header."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise InvalidArgument(TIMEOUT_HEADER, "seconds to the call's deadline: a positive number")
+    return time.monotonic() + seconds
+
+
 async def run(handler: Callable, request: Message | list[Message], context: HttpContext) -> Message | None:
+    """`call` within the context's deadline, if it has one: past it, the call is cancelled, as grpc
+    cancels a call at its deadline, and answers DEADLINE_EXCEEDED."""
+    if context.deadline is None:
+        return await call(handler, request, context)
+    task = asyncio.ensure_future(call(handler, request, context))
+    try:
+        done, _ = await asyncio.wait((task,), timeout=context.time_remaining())
+    except asyncio.CancelledError:  # this request itself is cancelled: the caller went away
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.wait((task,))
+    if task.cancelled():  # by the deadline, here or where the engine drops a step that waited past it
+        raise Aborted(status_pb2.Status(code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="Deadline Exceeded"))
+    return task.result()
+
+
+async def call(handler: Callable, request: Message | list[Message], context: HttpContext) -> Message | None:
     """Call a servicer method as grpc would: a request stream as an async iterator, and the responses
     of an async-generator method written to the context."""
     if isinstance(request, list):

@@ -135,7 +135,9 @@ def document(routes: Sequence[Route], extra_paths: dict | None = None) -> dict:
         "openapi": "3.0.3",
         "info": {"title": "rnnserve", "version": metadata.version("rnnserve"),
                  "description": "The rnnserve.v1 Inference service over HTTP/JSON; the same operations, errors "
-                                "and sessions as gRPC."},
+                                "and sessions as gRPC. A call's deadline, if it has one, is the X-Server-Timeout "
+                                "header in seconds: past it the call is cancelled and answers 504 "
+                                "DEADLINE_EXCEEDED, as over gRPC."},
         "paths": paths,
         "components": {"schemas": schemas.components,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
