@@ -5,6 +5,10 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check),
 # chromium (the playground's browser test, driven by Playwright).
 SYSTEM_PACKAGES := prometheus docker-compose chromium
+# Commands the tests use, as command:Debian package, installed when the command is missing: Node and npm run a
+# Node client of the .proto. Checked as commands because Node often comes from elsewhere (NodeSource's nodejs
+# package carries its own npm, and Debian's npm would conflict with it).
+SYSTEM_COMMANDS := node:nodejs npm:npm
 
 .PHONY: serve test bench train train-quick export quantize proto system-packages
 
@@ -23,6 +27,7 @@ serve: $(VENV)/.serving  ## serve the committed default model: gRPC on 127.0.0.1
 
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for c in $(SYSTEM_COMMANDS); do command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c#*:}"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
 test: $(VENV)/.dev system-packages  ## install everything and run the whole test suite

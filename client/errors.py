@@ -103,7 +103,8 @@ class StateIsShipped(RnnserveError):
 
 
 class CapacityExhausted(RnnserveError):
-    """The session table is full and the server's policy refuses a new session."""
+    """The session table is full and the server's policy refuses a new session, or the caller's identity
+    already holds the most sessions one identity may (the server's --max-sessions-per-identity)."""
 
 
 class Unavailable(RnnserveError):

@@ -1,7 +1,9 @@
 """Plain values the clients return, each with `from_pb`: callers never handle protobuf messages.
 
 The wire keeps a prediction as parallel arrays to stay small; here it becomes a list of
-candidates, which is what a caller iterates over.
+candidates, which is what a caller iterates over. Probabilities and logprobs are the float32
+values on the wire, exactly (as Python floats): 0.6000000238418579, not a rounded 0.6 that
+differs from the server's answer and from another client's.
 """
 
 from __future__ import annotations
@@ -13,11 +15,6 @@ from datetime import datetime, timezone
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rnnserve.v1 import rnnserve_pb2 as pb
-
-
-def _float32(value: float) -> float:
-    """A float32 from the wire as the number it holds: 0.6, not 0.6000000238418579."""
-    return float(f"{value:.7g}")
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class Prediction:
     @classmethod
     def from_pb(cls, prediction: pb.Prediction, position: int) -> Prediction:
         columns = zip(prediction.token_ids, prediction.texts, prediction.probabilities, prediction.logprobs)
-        return cls(position, [Candidate(i, text, _float32(p), _float32(logp)) for i, text, p, logp in columns])
+        return cls(position, [Candidate(*column) for column in columns])
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,7 @@ class GeneratedToken:
     @classmethod
     def from_pb(cls, response: pb.GenerateResponse) -> GeneratedToken:
         finish = pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
-        return cls(response.token_id, response.text, _float32(response.probability), response.position,
+        return cls(response.token_id, response.text, response.probability, response.position,
                    None if finish == "unspecified" else finish)
 
 

@@ -2,6 +2,8 @@
 
 The stubs are committed so that the server installs without grpcio-tools; a test regenerates
 them into a temporary folder and fails when the committed ones have drifted from the .proto.
+The google/rpc protos it imports are read from proto/google/rpc, the copies shipped for clients
+in other languages, so the stubs are made from exactly what those clients load.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ PROTO_FILES = ["rnnserve/v1/rnnserve.proto"]
 
 
 def include_paths() -> list[str]:
-    """The well-known types ship with grpcio-tools; google/rpc ships with googleapis-common-protos."""
-    import google.rpc
+    """Beside PROTO_ROOT: the well-known types (google/protobuf), which ship with grpcio-tools."""
     import grpc_tools
 
-    return [str(Path(grpc_tools.__file__).parent / "_proto"), str(Path(google.rpc.__path__[0]).parent.parent)]
+    return [str(Path(grpc_tools.__file__).parent / "_proto")]
 
 
 def generate(out_dir: Path = PROTO_ROOT) -> None:

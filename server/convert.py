@@ -39,6 +39,13 @@ FEW_IDS = 64
 # Session ids (32 characters) and model names come back in NOT_FOUND messages and ErrorInfo; quoting an unbounded
 # one would let a small request make the server send trailers larger than clients accept (16 KiB by default).
 MAX_NAME_CHARS = 128
+# gRPC's default receive limit. A client that kept it loses an answer larger than this with RESOURCE_EXHAUSTED,
+# after the steps were applied, so a StepBatch whose answer could exceed it is refused before any step runs.
+CLIENT_RECEIVE_BYTES = 4 * 1024 * 1024
+# The most one StepBatch answer takes besides its echoed session_id and its candidates: position, request_id and
+# the fields' framing, or instead an in-band error (a google.rpc.Status quoting at most MAX_NAME_CHARS of the
+# id, a few hundred bytes). tests/test_step_batch.py holds every kind of answer to this bound.
+STEP_ANSWER_BYTES = 1024
 FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, Finish.LENGTH: pb.FINISH_REASON_LENGTH,
                   Finish.STOP: pb.FINISH_REASON_STOP}
 
@@ -54,6 +61,7 @@ class RequestReader:
         # The hot path, a single id with every option at its default, reads to one of these: StepInput is
         # immutable, so one per id serves every such step (a third of the cost of reading the fields).
         self._plain_steps = [StepInput(tokens, self._top_k(0), self._temperature(0.0)) for tokens in self._one_token]
+        self.candidate_bytes = candidate_bytes(bundle.vocab.tokens)
 
     @staticmethod
     def session_id(value: str) -> str:
@@ -76,6 +84,31 @@ class RequestReader:
             raise InvalidArgument("token_ids", "give token_ids or text: a step reads at least one token")
         return StepInput(tokens, self._top_k(request.top_k), self._temperature(request.temperature),
                          self.expected_position(request))
+
+    def step_batch(self, request: pb.StepBatchRequest) -> None:
+        """Refuse a StepBatch that breaks a limit of the message as a whole, before any of its steps is queued.
+
+        Its steps would otherwise run (a session named twice, twice), or run and then be lost with an answer
+        too large to deliver; the checks of each single step stay in-band (`step`).
+        """
+        steps, limit = request.steps, self.settings.max_batch_size
+        if len(steps) > limit:
+            raise InvalidArgument("steps", f"at most {limit} steps (the server's maximum batch size), got {len(steps)}")
+        _each_session_once(steps)
+        answer_bytes = self._answer_bytes(steps)
+        if answer_bytes > CLIENT_RECEIVE_BYTES:
+            raise InvalidArgument("steps", f"the answer could take {answer_bytes} bytes, over the {CLIENT_RECEIVE_BYTES} "
+                                           f"a gRPC client accepts by default: send fewer steps or a smaller top_k "
+                                           f"(each step counts {STEP_ANSWER_BYTES} bytes, its session_id and "
+                                           f"{self.candidate_bytes} bytes per top_k)")
+
+    def _answer_bytes(self, steps) -> int:
+        """An upper bound on the encoded StepBatchResponse to `steps`."""
+        total = len(steps) * STEP_ANSWER_BYTES
+        for step in steps:
+            candidates = min(step.top_k or DEFAULT_TOP_K, self.vocab_size)  # a larger top_k is answered an error
+            total += len(step.session_id.encode()) + candidates * self.candidate_bytes
+        return total
 
     def create(self, request: pb.CreateSessionRequest) -> CreateInput:
         tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
@@ -229,9 +262,12 @@ class ResponseWriter:
         return response
 
     @staticmethod
-    def step_error(request: pb.StepRequest, status, into: pb.StepResponse | None = None) -> pb.StepResponse:
+    def step_error(request: pb.StepRequest, status, position: int,
+                   into: pb.StepResponse | None = None) -> pb.StepResponse:
+        """The in-band answer to a failed step: its status, and `position`, where the session stands."""
         response = pb.StepResponse() if into is None else into
         response.session_id = request.session_id
+        response.position = position
         response.request_id = request.request_id
         response.error.CopyFrom(status)
         return response
@@ -280,6 +316,29 @@ class ResponseWriter:
                         vocab_size=sizes["vocab_size"], sha256=bundle.sha256,
                         state_bytes_per_session=bundle.state_bytes_per_session, metrics=metrics,
                         is_default=is_default)
+
+
+def _each_session_once(steps) -> None:
+    """Refuse a session's second step: StepBatch promises each session at most one, so a repeat is a caller's
+    mistake (say, a gateway that merged two users' steps), not a request to step twice."""
+    first_index: dict[str, int] = {}
+    for index, step in enumerate(steps):
+        earlier = first_index.setdefault(step.session_id, index)
+        if earlier != index:
+            field = f"steps[{index}].session_id"
+            raise InvalidArgument(field, f"session {_quotable(field, step.session_id)!r} is also steps[{earlier}]'s: "
+                                         "a StepBatch names each session at most once")
+
+
+def candidate_bytes(texts: list[str]) -> int:
+    """The most one candidate adds to an encoded Prediction: its id (a varint in a packed field), its text (tag,
+    length, UTF-8) and its probability and logprob (4 bytes each in packed fields)."""
+    longest = max(len(text.encode()) for text in texts)
+    return _varint_bytes(len(texts) - 1) + 1 + _varint_bytes(longest) + longest + 2 * 4
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 def _quotable(field: str, value: str) -> str:

@@ -101,7 +101,8 @@ class Durability:
                       refusal, kept)
             return
         restored, expired, over_cap = self._load(snapshot)
-        log.info("restored %d sessions from %s (written %s); %d had expired meanwhile, %d did not fit max_sessions",
+        log.info("restored %d sessions from %s (written %s); %d had expired meanwhile, %d did not fit max_sessions "
+                 "or max_sessions_per_identity",
                  restored, self.path, time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(snapshot.header.written_at)),
                  expired, over_cap)
 
@@ -112,6 +113,8 @@ class Durability:
         for records, rows in snapshot.chunks():
             live = [i for i, record in enumerate(records) if record.last_active + record.ttl > now]
             expired += len(records) - len(live)
+            owners = [records[i].owner for i in live]
+            live = [live[k] for k in self.table.owners.admitted(owners)]  # each owner's most recently active
             live = live[: self.table.max_sessions - len(self.table)]
             sessions = [restore_record(self.table, records[i]) for i in live]
             slots = np.fromiter((session.slot for session in sessions), np.intp, len(live))

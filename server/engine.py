@@ -79,6 +79,7 @@ class Engine:
         runtime = Runtime(bundle, settings.ort_threads, settings.ort_spins)
         self.pool = StatePool(Batcher.pool_rows(runtime), settings.max_sessions)
         self.table = SessionTable(self.pool, max_sessions=settings.max_sessions,
+                                  max_sessions_per_owner=settings.max_sessions_per_identity,
                                   evict_when_full=settings.when_full == "evict-oldest",
                                   remember_removed=settings.remember_removed, rewind_depth=settings.rewind_depth,
                                   rewind_checkpoint_every=settings.rewind_checkpoint_every, events=metrics)

@@ -105,9 +105,22 @@ class CapacityExhausted(RnnserveError):
                          max_sessions=max_sessions)
 
     def extra_details(self) -> list[Message]:
-        violation = error_details_pb2.QuotaFailure.Violation(
-            subject="server", description=f"at most {self.metadata['max_sessions']} sessions")
-        return [error_details_pb2.QuotaFailure(violations=[violation])]
+        return [_quota_failure("server", f"at most {self.metadata['max_sessions']} sessions")]
+
+
+class IdentityQuotaExhausted(RnnserveError):
+    """The caller's identity holds as many sessions as one identity may. Same reason as a full table, told
+    apart by QuotaFailure's subject; no RetryInfo: only the caller's own closing or expiry makes room."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "CAPACITY_EXHAUSTED"
+
+    def __init__(self, max_sessions_per_identity: int):
+        super().__init__(f"this caller's identity already holds {max_sessions_per_identity} sessions, the most one "
+                         "identity may: close one first", max_sessions_per_identity=max_sessions_per_identity)
+
+    def extra_details(self) -> list[Message]:
+        return [_quota_failure("identity", f"at most {self.metadata['max_sessions_per_identity']} sessions")]
 
 
 class RewindBeyondDepth(RnnserveError):
@@ -158,6 +171,11 @@ class ShuttingDown(RnnserveError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry on another replica")
+
+
+def _quota_failure(subject: str, description: str) -> error_details_pb2.QuotaFailure:
+    return error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
+        subject=subject, description=description)])
 
 
 def _packed(message: Message) -> any_pb2.Any:

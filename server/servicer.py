@@ -61,7 +61,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Stream(self, requests, context) -> None:
         owner = caller(context)
         replies: InOrder[pb.StepRequest] = InOrder()
-        writer = asyncio.create_task(self._write_in_order(replies, context))
+        writer = asyncio.create_task(self._write_in_order(replies, owner, context))
         try:
             try:
                 async for request in requests:
@@ -78,6 +78,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def StepBatch(self, request: pb.StepBatchRequest, context) -> pb.StepBatchResponse:
         owner, until = caller(context), deadline(context)
+        self._read.step_batch(request)
         replies = [self._submit_in_band(step, owner, until) for step in request.steps]
         try:
             for reply in replies:  # steps run in one model call settle together: one wake-up for them, not one each
@@ -88,7 +89,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 reply.cancel()  # withdraws what has not been applied when the call is cancelled
         response = pb.StepBatchResponse()
         for step, reply in zip(request.steps, replies):
-            self._reply(step, reply, response.results.add())
+            self._reply(step, reply, owner, response.results.add())
         return response
 
     async def Generate(self, request: pb.GenerateRequest, context) -> None:
@@ -178,7 +179,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             refused.set_exception(error)
             return refused
 
-    def _reply(self, request: pb.StepRequest, reply: asyncio.Future,
+    def _reply(self, request: pb.StepRequest, reply: asyncio.Future, owner: str,
                into: pb.StepResponse | None = None) -> pb.StepResponse:
         """The response to a settled step, its answer or its error in-band, written into `into` if given."""
         error = reply.exception()
@@ -187,8 +188,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         status = to_status(error)
         if self._on_in_band_error is not None:
             self._on_in_band_error(status.code)
-        return self._write.step_error(request, status, into)
+        return self._write.step_error(request, status, self._position(request.session_id, owner), into)
 
-    async def _write_in_order(self, replies: InOrder[pb.StepRequest], context) -> None:
+    def _position(self, session_id: str, owner: str) -> int:
+        """Where `owner`'s session stands now, for the answer to its failed step; 0 when it has no such session.
+
+        Read when the answer is written: on a Stream it counts the steps answered before it (and a later
+        step of the same session, if that one has already been applied).
+        """
+        try:
+            return self._engine.get_session(session_id, owner).position
+        except RnnserveError:
+            return 0
+
+    async def _write_in_order(self, replies: InOrder[pb.StepRequest], owner: str, context) -> None:
         async for request, reply in replies:
-            await context.write(self._reply(request, reply))
+            await context.write(self._reply(request, reply, owner))

@@ -25,6 +25,7 @@ from rnnserve.server.errors import (CapacityExhausted, PositionMismatch, Session
                                     SessionNotFound)
 from rnnserve.server.history import Checkpoint, History
 from rnnserve.server.lines import Line
+from rnnserve.server.quotas import OwnerQuota
 from rnnserve.server.state_pool import StatePool
 
 if TYPE_CHECKING:
@@ -135,12 +136,14 @@ class Session:
 
 class SessionTable:
     def __init__(self, pool: StatePool, *, max_sessions: int, evict_when_full: bool, remember_removed: int,
-                 rewind_depth: int = 0, rewind_checkpoint_every: int = 1, events: SessionEvents | None = None):
+                 rewind_depth: int = 0, rewind_checkpoint_every: int = 1, events: SessionEvents | None = None,
+                 max_sessions_per_owner: int = 0):
         self.pool = pool
         self.rewind_depth = rewind_depth
         self.rewind_checkpoint_every = rewind_checkpoint_every
         self.events = events
         self.max_sessions = max_sessions
+        self.owners = OwnerQuota(max_sessions_per_owner)
         self.evict_when_full = evict_when_full
         self.remember_removed = remember_removed
         self._sessions: dict[str, Session] = {}
@@ -165,7 +168,7 @@ class SessionTable:
         try:
             for _ in range(count):
                 forks.append(self._new(source.owner, ttl))
-        except CapacityExhausted:
+        except BaseException:  # the table full, or the owner at its own cap: all or none
             for fork in forks:
                 self.remove(fork, Removal.CLOSED)
             raise
@@ -210,11 +213,13 @@ class SessionTable:
 
     def _add(self, session_id: str, owner: str, ttl: float, created: float, created_wall: float,
              last_active: float) -> Session:
+        self.owners.check(owner)  # first: an owner at its own cap must not evict anyone's session
         if len(self._sessions) >= self.max_sessions:
             self._make_room()
         recency = self._by_ttl.setdefault(ttl, OrderedDict())
         session = Session(session_id, self.pool.allocate(), owner, ttl, created, created_wall, last_active, recency)
         self._sessions[session_id] = recency[session_id] = session
+        self.owners.added(owner)
         return session
 
     def by_recency(self) -> list[Session]:
@@ -244,6 +249,7 @@ class SessionTable:
         if not session.recency:
             del self._by_ttl[session.ttl]
         self.pool.free(session.slot)
+        self.owners.removed(session.owner)
         session.removed = reason
         self._removed[session.id] = reason, session.owner
         if len(self._removed) > self.remember_removed:

@@ -60,6 +60,12 @@ class Settings:
     when_full: str = _setting(
         "refuse", "What creating a session does when the table is full: 'refuse' answers RESOURCE_EXHAUSTED, "
         "'evict-oldest' removes the least recently active idle session.", choices=FULL_POLICIES)
+    max_sessions_per_identity: int = _setting(
+        0, "Most sessions one identity may hold at once (a token's name, a client certificate's identity; anonymous "
+        "callers are one identity). One more is refused RESOURCE_EXHAUSTED, whatever --when-full says: an identity "
+        "at its cap evicts nobody, not even its own sessions. With N identities, N times this at most "
+        "--max-sessions keeps the table from filling, so that no identity's sessions are evicted for another's. "
+        "0: no cap.", minimum=0)
     default_ttl_seconds: int = _setting(
         3600, "Idle time-to-live of a session that asks for none; an idle session is freed after it.", minimum=1)
     max_ttl_seconds: int = _setting(

@@ -153,7 +153,8 @@ def test_a_restart_neither_renews_nor_revives_a_time_to_live(bundle, start_serve
     assert restored.expires.ToNanoseconds() == pytest.approx(long.expires.ToNanoseconds(), abs=1e6)
 
 
-def test_a_smaller_cap_after_a_restart_keeps_the_most_recently_active(bundle, start_server, tmp_path, caplog):
+@pytest.mark.parametrize("cap", ["max_sessions", "max_sessions_per_identity"])
+def test_a_smaller_cap_after_a_restart_keeps_the_most_recently_active(bundle, start_server, tmp_path, caplog, cap):
     flags = {"snapshot_path": str(tmp_path / "sessions.snap")}
     first = RunningServer(bundle, Settings(listen="127.0.0.1:0", **flags))
     with grpc.insecure_channel(first.address) as channel:
@@ -163,7 +164,7 @@ def test_a_smaller_cap_after_a_restart_keeps_the_most_recently_active(bundle, st
             step(stub, session_id, "a")
     first.stop()
     with caplog.at_level(logging.INFO, "rnnserve.server.durability"):
-        second = start_server(max_sessions=2, metrics_listen="127.0.0.1:0", **flags)
+        second = start_server(**{cap: 2}, metrics_listen="127.0.0.1:0", **flags)
     assert "restored 2 sessions" in caplog.text and "1 did not fit max_sessions" in caplog.text
     found = {name: value for (name, _), value in samples(scrape(f"http://127.0.0.1:{second.server.metrics_port}"
                                                                  "/metrics")).items()}

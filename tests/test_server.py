@@ -102,15 +102,27 @@ def test_a_failed_step_is_answered_in_band_and_the_stream_goes_on(stub):
     assert responses[3].position == 2
 
 
+def test_a_failed_in_band_step_reports_where_its_session_stands(stub):
+    """Not 0: the position of the caller's session, which the failed step left as it was (0 for no session)."""
+    first, second = create(stub, prompt_text="abc"), create(stub, prompt_text="abcde")
+    steps = [pb.StepRequest(session_id=first, token_ids=[10_000]),  # refused on arrival
+             pb.StepRequest(session_id=second, text="x", expected_position=2),  # refused in its turn
+             pb.StepRequest(session_id="no-such-session", text="a")]
+    for responses in (list(stub.Stream(iter(steps))), stub.StepBatch(pb.StepBatchRequest(steps=steps)).results):
+        assert all(r.HasField("error") for r in responses)
+        assert [r.position for r in responses] == [3, 5, 0]
+    assert (position(stub, first), position(stub, second)) == (3, 5)
+
+
 def test_step_batch_answers_each_step_at_its_index(stub, bundle, unbatched):
     sessions = [create(stub) for _ in range(5)]
     steps = [pb.StepRequest(session_id=s, token_ids=[i + 1], request_id=i) for i, s in enumerate(sessions)]
-    steps.insert(2, pb.StepRequest(session_id=sessions[0], top_k=10_000, text="x"))  # a bad step among good ones
-    steps.append(pb.StepRequest(session_id=sessions[0], token_ids=[9]))  # the same session twice: in order
+    refused = create(stub, prompt_text="ab")
+    steps.insert(2, pb.StepRequest(session_id=refused, top_k=10_000, text="x"))  # a bad step among good ones
     results = stub.StepBatch(pb.StepBatchRequest(steps=steps)).results
     assert len(results) == len(steps)
     assert status_details(results[2].error)[1] == ["top_k"]
-    assert results[-1].position == 2 and results[0].position == 1
+    assert results[0].position == 1 and position(stub, refused) == 2
     for index, session_id in enumerate(sessions[1:], start=1):
         reference = unbatched(bundle)
         reference.feed([index + 1])

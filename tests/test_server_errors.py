@@ -24,6 +24,7 @@ EXAMPLES = [
     (InvalidArgument("top_k", "must be in [1, 47]"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (PositionMismatch("s1", expected=3, actual=5), grpc.StatusCode.FAILED_PRECONDITION, "POSITION_MISMATCH"),
     (CapacityExhausted(10), grpc.StatusCode.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED"),
+    (errors.IdentityQuotaExhausted(2), grpc.StatusCode.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED"),
     (ShuttingDown(), grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
     (ServerFault("model call failed"), grpc.StatusCode.INTERNAL, None),
     (RewindBeyondDepth("s1", tokens=9, rewindable=4, depth=32), grpc.StatusCode.OUT_OF_RANGE, "REWIND_BEYOND_DEPTH"),
@@ -71,7 +72,8 @@ def test_status_carries_code_message_and_error_info(error, code, reason):
 
 
 @pytest.mark.parametrize(("error", "retriable"), [(CapacityExhausted(10), True), (ShuttingDown(), True),
-                                                  (SessionNotFound("s"), False), (InvalidArgument("f", "d"), False)])
+                                                  (SessionNotFound("s"), False), (InvalidArgument("f", "d"), False),
+                                                  (errors.IdentityQuotaExhausted(2), False)])
 def test_retry_info_only_where_a_retry_may_succeed(error, retriable):
     assert bool(unpacked(to_status(error), error_details_pb2.RetryInfo)) == retriable
 

@@ -19,6 +19,8 @@ def test_environment_sets_and_flags_override():
     assert settings.max_sessions == 7
     assert settings.listen == "0.0.0.0:9000"
     assert settings.bundle == Path("/models/x")
+    assert settings.max_sessions_per_identity == 0  # no cap unless asked for
+    assert parse_settings([], {"RNNSERVE_MAX_SESSIONS_PER_IDENTITY": "3"}).max_sessions_per_identity == 3
 
 
 def test_every_field_has_a_flag_an_environment_twin_and_help():
@@ -31,6 +33,7 @@ def test_every_field_has_a_flag_an_environment_twin_and_help():
 
 @pytest.mark.parametrize(("argv", "environ", "message"), [
     (["--max-batch-size", "0"], {}, "max_batch_size must be at least 1"),
+    (["--max-sessions-per-identity", "-1"], {}, "max_sessions_per_identity must be at least 0"),
     (["--default-ttl-seconds", "100", "--max-ttl-seconds", "10"], {}, "exceeds max_ttl_seconds"),
     ([], {"RNNSERVE_MAX_SESSIONS": "many"}, "RNNSERVE_MAX_SESSIONS"),
     ([], {"RNNSERVE_WHEN_FULL": "panic"}, "when_full must be one of"),

@@ -305,3 +305,14 @@ def test_a_session_from_a_named_state_generates_from_position_zero(ops):
                  for session in (from_state, read)]
     assert generated[0] == generated[1] and len(generated[0]) == 8
     assert position(ops, from_state) == 8 and position(ops, read) == len(prompt) + 8
+
+
+def test_forks_past_the_owners_own_cap_make_none(start_server):
+    running = start_server(max_sessions_per_identity=3)
+    with grpc.insecure_channel(running.address) as channel:
+        stub = rnnserve_pb2_grpc.InferenceStub(channel)
+        source = create(stub, prompt_token_ids=[1, 2])
+        assert_fails(lambda: stub.ForkSession(pb.ForkSessionRequest(session_id=source, count=3)),
+                     grpc.StatusCode.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED")
+        assert len(running.engine.table) == 1
+        assert len(stub.ForkSession(pb.ForkSessionRequest(session_id=source, count=2)).sessions) == 2

@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 
 from rnnserve.server.batcher import StepAnswer
-from rnnserve.server.errors import (CapacityExhausted, PositionMismatch, SessionEvicted, SessionExpired,
-                                    SessionNotFound)
+from rnnserve.server.errors import (CapacityExhausted, IdentityQuotaExhausted, PositionMismatch, SessionEvicted,
+                                    SessionExpired, SessionNotFound)
 from rnnserve.server.prediction import Prediction
 from rnnserve.server.sessions import Removal, SessionTable
 from rnnserve.server.state_pool import StatePool
 
 
-def make_table(max_sessions=4, evict=False, remember=100) -> SessionTable:
+def make_table(max_sessions=4, evict=False, remember=100, per_owner=0) -> SessionTable:
     pool = StatePool({"h": (1, 2)}, limit=max_sessions)
-    return SessionTable(pool, max_sessions=max_sessions, evict_when_full=evict, remember_removed=remember)
+    return SessionTable(pool, max_sessions=max_sessions, evict_when_full=evict, remember_removed=remember,
+                        max_sessions_per_owner=per_owner)
 
 
 def step(session, tokens, now=None):
@@ -77,6 +78,23 @@ def test_full_table_refuses_or_evicts_the_least_recently_active():
     with pytest.raises(SessionEvicted):
         evicting.get(newer.id, "")
     assert evicting.get(older.id, "") is older
+
+
+@pytest.mark.parametrize("evict", [False, True])
+def test_an_owner_at_its_cap_is_refused_and_evicts_nobody(evict):
+    table = make_table(max_sessions=3, evict=evict, per_owner=2)
+    alice = [table.create("alice", 60) for _ in range(2)]
+    bob = table.create("bob", 60)
+    with pytest.raises(IdentityQuotaExhausted):
+        table.create("alice", 60)
+    assert all(table.get(s.id, s.owner) is s for s in (*alice, bob)) and len(table) == 3
+    table.remove(alice[0], Removal.CLOSED)
+    assert table.create("alice", 60).owner == "alice"  # a place of its own, freed by its own close
+    # as a restore counts: alice is at her cap, bob has room for one more, carol for two
+    assert table.owners.admitted(["alice", "bob", "bob", "alice", "carol"]) == [1, 4]
+    expired = make_table(per_owner=1)
+    session = expired.create("carol", 1)
+    assert expired.expire(time.monotonic() + 2) == 1 and expired.create("carol", 1).owner == "carol"
 
 
 def test_busy_sessions_are_neither_evicted_nor_expired():
