@@ -22,9 +22,10 @@ RUN useradd --system --no-create-home rnnserve
 USER rnnserve
 WORKDIR /home/rnnserve
 
-# gRPC, and Prometheus metrics at /metrics, on every interface of the container: which of them
-# reach the host is decided where the container's ports are published.
+# gRPC, HTTP/JSON (with the playground), and Prometheus metrics at /metrics, on every interface of
+# the container: which of them reach the host is decided where the container's ports are published.
 ENV RNNSERVE_LISTEN=0.0.0.0:50051 \
+    RNNSERVE_HTTP_LISTEN=0.0.0.0:8080 \
     RNNSERVE_METRICS_LISTEN=0.0.0.0:9464
-EXPOSE 50051 9464
+EXPOSE 50051 8080 9464
 CMD ["rnnserve-server"]

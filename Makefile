@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
-# Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check).
-SYSTEM_PACKAGES := prometheus docker-compose
+# Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check),
+# chromium (the playground's browser test, driven by Playwright).
+SYSTEM_PACKAGES := prometheus docker-compose chromium
 # Commands the tests use, as command:Debian package, installed when the command is missing: Node and npm run a
 # Node client of the .proto. Checked as commands because Node often comes from elsewhere (NodeSource's nodejs
 # package carries its own npm, and Debian's npm would conflict with it).
@@ -21,8 +22,8 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.serving
 	$(PIP) -e '.[train,dev]'
 	touch $@
 
-serve: $(VENV)/.serving  ## serve the committed default model on 127.0.0.1:50051
-	$(VENV)/bin/rnnserve-server
+serve: $(VENV)/.serving  ## serve the committed default model: gRPC on 127.0.0.1:50051, HTTP and the playground on 127.0.0.1:8080
+	$(VENV)/bin/rnnserve-server --http-listen 127.0.0.1:8080
 
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

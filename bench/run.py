@@ -33,6 +33,7 @@ from bench.report import Run, machine, write_json, write_markdown
 from bench.sizes import PRESETS, Sizes
 from bench.stats import Results, Rounds
 from bench.targets import verdicts
+from bench.web import web
 from bench.workloads import W1_TO_W4_FLAGS, headline_round, w1_to_w4, w5
 
 HERE = Path(__file__).resolve().parent
@@ -110,6 +111,10 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     with ServerProcess([*command, *W1_TO_W4_FLAGS], logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, rounds, progress)
     await operations()
+    progress("HTTP face: W2 over HTTP/JSON at 1 and 64 sessions, time to first token over SSE and gRPC (fresh server)")
+    http_command = [*command, *W1_TO_W4_FLAGS, "--http-listen", "127.0.0.1:0"]
+    with ServerProcess(http_command, logs / "server-http.log") as server:
+        await web(server, sizes, tokens, results)
     f1_round()
     await m1(command, sizes, tokens, logs, results, progress)
     await headline()

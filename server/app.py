@@ -23,14 +23,17 @@ from rnnserve.server.guard import Guarded
 from rnnserve.server.metrics import Metrics, MetricsEndpoint
 from rnnserve.server.servicer import InferenceServicer
 from rnnserve.server.settings import Settings
+from rnnserve.server.web.app import create_face
+from rnnserve.server.web.face import WebFace
 
 SERVICE_NAME = wire.SERVICE.full_name
 
 
 class Server:
     def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer,
-                 metrics_endpoint: MetricsEndpoint | None = None):
+                 metrics_endpoint: MetricsEndpoint | None = None, web: WebFace | None = None):
         self.grpc_server = grpc_server
+        self.web = web  # the HTTP face, None without --http-listen
         self.engine = engine
         self.health = health_servicer
         self.metrics_endpoint = metrics_endpoint
@@ -40,15 +43,22 @@ class Server:
         """The port /metrics is served on; None with metrics off."""
         return None if self.metrics_endpoint is None else self.metrics_endpoint.port
 
+    @property
+    def http_port(self) -> int | None:
+        """The port the HTTP face is served on; None without one."""
+        return None if self.web is None else self.web.port
+
     async def start(self) -> None:
         await self.engine.start()
         await self.grpc_server.start()
+        if self.web is not None:
+            await self.web.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None) -> None:
         self.engine.drain()
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace)
+        await asyncio.gather(self.grpc_server.stop(grace), *([] if self.web is None else [self.web.stop(grace)]))
         await self.engine.stop()
         if self.metrics_endpoint is not None:
             await asyncio.to_thread(self.metrics_endpoint.close)
@@ -84,4 +94,7 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server)
     port = tls.add_port(grpc_server, settings)
     endpoint = None if metrics is None else MetricsEndpoint(metrics.registry, settings.metrics_listen)
-    return Server(grpc_server, engine, health_servicer, endpoint), port
+    web = None if not settings.http_listen else create_face(
+        settings, {SERVICE_NAME: servicer, health.SERVICE_NAME: health_servicer},
+        None if metrics is None else metrics.registry)
+    return Server(grpc_server, engine, health_servicer, endpoint, web), port

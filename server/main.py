@@ -26,6 +26,8 @@ async def serve(settings: Settings) -> None:
     log.info("serving model %s (%s, %d x %d, sha256 %s) on %s, port %d, event loop %s, GIL switch interval %d us",
              bundle.name, bundle.cell, bundle.states[0].layers, bundle.states[0].hidden, bundle.sha256[:12],
              settings.listen, port, loop_module, round(sys.getswitchinterval() * 1e6))
+    if server.http_port is not None:
+        log.info("HTTP/JSON and the playground on %s, port %d", settings.http_listen, server.http_port)
     if server.metrics_port is not None:
         log.info("metrics at /metrics on %s, port %d", settings.metrics_listen, server.metrics_port)
     stop = asyncio.Event()

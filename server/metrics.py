@@ -195,6 +195,23 @@ class Metrics:
         self._capacity_refusals.inc()
 
 
+class HttpMetrics:
+    """Requests to the HTTP face, in the same registry: `method` is the RPC a route runs (CreateSession,
+    ..., or the page's own name such as Completions), `code` the HTTP status code answered."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._requests = Counter(f"{PREFIX}_http_requests", "Finished HTTP requests by method and HTTP status code.",
+                                 ("method", "code"), registry=registry)
+        self._seconds = Histogram(f"{PREFIX}_http_request_duration_seconds",
+                                  "HTTP request latency from arrival to the end of the response; for server-sent "
+                                  "events the stream's whole life.", ("method",), buckets=SECONDS_BUCKETS,
+                                  registry=registry)
+
+    def record(self, method: str, code: int, seconds: float) -> None:
+        self._requests.labels(method, str(code)).inc()
+        self._seconds.labels(method).observe(seconds)
+
+
 def build_labels() -> dict[str, str]:
     """Versions of rnnserve and of what it serves with, for `rnnserve_build_info`."""
     labels = {"version": metadata.version("rnnserve"), "python": platform.python_version()}

@@ -36,6 +36,10 @@ class Settings:
     metrics_listen: str = _setting(
         "", "host:port to serve Prometheus metrics on, at /metrics, e.g. 127.0.0.1:9464 (the container image "
         "serves them on 0.0.0.0:9464); port 0 lets the system pick one. Empty: no metrics are kept at all.")
+    http_listen: str = _setting(
+        "", "host:port to serve the HTTP/JSON face on (the same operations as gRPC, server-sent events, an "
+        "OpenAI-style /v1/completions, the playground page at /), e.g. 127.0.0.1:8080; port 0 lets the system "
+        "pick one. It shares the engine, TLS, tokens and ownership with gRPC. Empty: no HTTP face.")
     tls_cert: Path | None = _setting(
         None, "PEM certificate (chain) the server presents: serves TLS instead of plaintext. Needs --tls-key.")
     tls_key: Path | None = _setting(

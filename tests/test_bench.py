@@ -34,6 +34,9 @@ REQUIRED = {
     ("W3", "stateful"): ((1,), ("first100_p50_us", "last100_p50_us", "last_first_ratio")),
     ("W3", "stateless"): ((1,), ("first100_p50_us", "last100_p50_us", "last_first_ratio")),
     ("W4", "prefill"): ((1,), ("tokens_per_s",)),
+    ("W2", "http"): ((1, 64), ("tokens_per_s", "p50_us", "p99_us")),  # issue 13: the HTTP face
+    ("TTFT", "sse"): ((1,), ("p50_us",)),
+    ("TTFT", "grpc"): ((1,), ("p50_us",)),
     **{("M1", f"{transport} metrics-{state}"): ((256,), ("tokens_per_s", "server_cpu_us_per_token"))
        for transport in ("stream", "unary") for state in ("on", "off")},
     ("M1", "stream"): ((256,), ("on_off_ratio",)),

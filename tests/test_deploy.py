@@ -92,12 +92,12 @@ def test_prometheus_scrapes_the_port_the_image_serves_metrics_on(compose):
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_rnnserve_health_check_and_published_port_match_the_grpc_port(compose):
+def test_rnnserve_health_check_and_published_ports_match_the_grpc_and_http_ports(compose):
     service = compose["services"]["rnnserve"]
-    grpc_port = port_of(dockerfile_env("RNNSERVE_LISTEN"))
+    grpc_port, http_port = port_of(dockerfile_env("RNNSERVE_LISTEN")), port_of(dockerfile_env("RNNSERVE_HTTP_LISTEN"))
     address = service["healthcheck"]["test"][service["healthcheck"]["test"].index("--address") + 1]
     assert port_of(address) == grpc_port
-    assert [p.split(":")[-1].split("/")[0] for p in service["ports"]] == [grpc_port]
+    assert [p.split(":")[-1].split("/")[0] for p in service["ports"]] == [grpc_port, http_port]
 
 
 def test_grafana_provisions_the_datasource_and_dashboard_the_compose_file_mounts(compose):
