@@ -57,11 +57,13 @@ class F1:
     else: no sessions, no batcher, no gRPC. `threads` and `spinning` are what the server under
     test is given. The run calls `measure_round` at points spread over it (this shared machine
     has slow spells of tens of seconds: one read batch 256 at 11,000 tokens/s for a whole round
-    of every size, and 18,500 minutes later), and each figure is the median of the rounds.
+    of every size, and 18,500 minutes later), and each figure is the median of the rounds. Its rows
+    are the `workload`'s: "F1" for the reference bundle, another name for a copy of it (int8).
     """
 
-    def __init__(self, bundle: Bundle, threads: int, spinning: bool, sizes: Sizes, tokens: list[int]):
-        self._bundle, self._sizes, self._tokens = bundle, sizes, tokens
+    def __init__(self, bundle: Bundle, threads: int, spinning: bool, sizes: Sizes, tokens: list[int],
+                 workload: str = "F1"):
+        self._bundle, self._sizes, self._tokens, self._workload = bundle, sizes, tokens, workload
         self._runtime = Runtime(bundle, threads, spinning)
         self._rounds: list[dict[tuple[str, int], float]] = []
 
@@ -80,9 +82,9 @@ class F1:
     def report(self, results: Results) -> None:
         for variant, batch in self._rounds[0]:
             median = statistics.median(found[variant, batch] for found in self._rounds)
-            results.add("F1", variant, batch, "p50_us", median, "us")
+            results.add(self._workload, variant, batch, "p50_us", median, "us")
             tokens_per_call = self._sizes.prefill_tokens if variant == "prefill" else batch
-            results.add("F1", variant, batch, "tokens_per_s", tokens_per_call / median * 1e6, "tokens/s")
+            results.add(self._workload, variant, batch, "tokens_per_s", tokens_per_call / median * 1e6, "tokens/s")
 
     def _batch_of(self, size: int, length: int = 1) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         tokens = np.array(self._tokens[:size * length], np.int64).reshape(size, length)

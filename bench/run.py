@@ -4,15 +4,17 @@ Order matters on a 2-core machine: each stage has the cores to itself. F1 runs i
 before any server exists; the echo server (F2) is stopped before rnnserve-server starts; M1
 starts its own servers, with metrics and without, one at a time; W5 gets a fresh server so that
 its baseline is a server that never held a session, and the session operations and W6 one that
-holds only theirs (`--only operations` runs that stage alone). F1 and the loops the targets read
-most (W1, W2 at the most sessions, and F2 at one stream and the most, their floors) are measured
-in rounds spread over the run, each figure their median.
+holds only theirs (`--only operations` runs that stage alone), and so do each batcher setting
+(`--only batching`) and the int8 copy of the reference model (`--only int8`). F1 and the loops
+the targets read most (W1, W2 at the most sessions, and F2 at one stream and the most, their
+floors) are measured in rounds spread over the run, each figure their median.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shlex
 import shutil
@@ -24,7 +26,9 @@ import numpy as np
 from rnnserve.server.settings import parse_settings
 
 from bench import plots
+from bench.batching import batching
 from bench.floors import F1, f2
+from bench.int8 import int8
 from bench.metrics_cost import m1
 from bench.operations import session_operations
 from bench.processes import ServerProcess
@@ -61,11 +65,12 @@ def reference_tokens(sizes: Sizes) -> list[int]:
 
 
 def server_command(bundle_path: Path, flags: list[str]) -> list[str]:
-    """The installed `rnnserve-server` entry point (the one users run) on an ephemeral loopback port."""
+    """The installed `rnnserve-server` entry point (the one users run) on an ephemeral loopback port,
+    serving the bundle at `bundle_path` (given relative, so that the command shown reads short)."""
     executable = shutil.which("rnnserve-server", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     if executable is None:
         raise SystemExit("rnnserve-server is not installed in this environment (pip install -e .)")
-    return [executable, "--bundle", str(bundle_path), "--listen", "127.0.0.1:0", *flags]
+    return [executable, "--bundle", os.path.relpath(bundle_path), "--listen", "127.0.0.1:0", *flags]
 
 
 async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: Progress,
@@ -77,14 +82,22 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     bundle = reference_bundle(cache, sizes.model, sizes.model_seed)
     tokens = reference_tokens(sizes)
     settings = parse_settings(server_flags)
-    command = server_command(Path(os.path.relpath(bundle.path)), server_flags)
+    command = server_command(bundle.path, server_flags)
     shown = shlex.join([Path(command[0]).name, *command[1:]])
 
     async def operations() -> None:
         await session_operations(command, sizes, tokens, settings.rewind_depth, logs, results, progress)
 
-    if only == "operations":
-        await operations()
+    async def batching_settings() -> None:
+        await batching(command, sizes, tokens, logs, results, progress)
+
+    async def int8_copy() -> None:
+        await int8(functools.partial(server_command, flags=server_flags), bundle,
+                   settings.ort_threads, settings.ort_spins, sizes, tokens, logs, results, progress)
+
+    stages = {"operations": operations, "batching": batching_settings, "int8": int8_copy}
+    if only is not None:
+        await stages[only]()
         return results, shown
     f1 = F1(bundle, settings.ort_threads, settings.ort_spins, sizes, tokens)
 
@@ -123,6 +136,8 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     progress(f"W5 memory of {sizes.w5_sessions:,} idle sessions (fresh server)")
     with ServerProcess(command + ["--max-sessions", str(sizes.w5_sessions + 1)], logs / "server-w5.log") as server:
         await w5(server, sizes, tokens, bundle.state_bytes_per_session, results)
+    await batching_settings()
+    await int8_copy()
     await headline()
     rounds.report(results)
     return results, shown
@@ -136,10 +151,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preset.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
                         help="a tiny model and tiny counts, for tests (seconds)")
     parser.set_defaults(preset="full")
-    parser.add_argument("--only", choices=["operations"], default=None,
+    parser.add_argument("--only", choices=["operations", "batching", "int8"], default=None,
                         help="run one stage alone: 'operations' is each session operation against a plain step and "
-                             "W6 (cached prompts against cold), on a server of their own; its figures go to "
-                             "<cache>/<preset>-operations unless --out says where, never over bench/results, and "
+                             "W6 (cached prompts against cold), on a server of their own; 'batching' is W1 and W2 "
+                             "unary on a server per batcher setting (fixed and adaptive waits, --loop-max-tokens 0); "
+                             "'int8' is the int8 copy of the reference model: its F1, W1 and W2. Its figures go to "
+                             "<cache>/<preset>-<stage> unless --out says where, never over bench/results, and "
                              "no plots are drawn")
     parser.add_argument("--out", type=Path, default=None,
                         help="where latest.json, latest.md and the plots go (default: bench/results for a full "

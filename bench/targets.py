@@ -1,4 +1,5 @@
-"""The targets of issue 4 (and W6's of issue 11), each a figure read against its floor from the same run.
+"""The targets of issue 4 (W6's of issue 11; W2 multi-2's and unary's of issue 15), each a figure read
+against its floor from the same run.
 
 They mirror ../shared/tools/targets.py (which reads the committed latest.json) so that a run
 says at once where it stands, and latest.md shows every figure beside its floor and ratio.
@@ -45,12 +46,30 @@ def _w2_stream(get: Lookup, sizes: Sizes) -> Verdict:
                    figure >= 0.5 * floor and figure >= 7000)
 
 
-def _w2_multi(get: Lookup, sizes: Sizes) -> Verdict:
+def _against_f1(get: Lookup, sizes: Sizes, variant: str, name: str, share: float) -> Verdict:
+    """W2's StepBatch `variant` at the most sessions against onnxruntime alone at that batch."""
     n = sizes.most_sessions
-    figure, floor = get("W2", "multi", n, "tokens_per_s"), get("F1", "ort", n, "tokens_per_s")
-    return Verdict(f"W2 multi, {n} sessions per message", f"{figure:,.0f} tokens/s",
-                   f"F1 batch {n}: {floor:,.0f} tokens/s", f"{figure / floor:.0%}", ">= 60% of F1",
-                   figure >= 0.6 * floor)
+    figure, floor = get("W2", variant, n, "tokens_per_s"), get("F1", "ort", n, "tokens_per_s")
+    return Verdict(name, f"{figure:,.0f} tokens/s", f"F1 batch {n}: {floor:,.0f} tokens/s", f"{figure / floor:.0%}",
+                   f">= {share:.0%} of F1", figure >= share * floor)
+
+
+def _w2_multi(get: Lookup, sizes: Sizes) -> Verdict:
+    return _against_f1(get, sizes, "multi", f"W2 multi, {sizes.most_sessions} sessions per message", 0.6)
+
+
+def _w2_multi_2(get: Lookup, sizes: Sizes) -> Verdict:
+    """Issue 15: a gateway that keeps two messages in flight, so that its work overlaps the model's."""
+    n = sizes.most_sessions
+    return _against_f1(get, sizes, "multi-2", f"W2 multi-2, {n} sessions in 2 messages in flight", 0.7)
+
+
+def _w2_unary(get: Lookup, sizes: Sizes) -> Verdict:
+    """Issue 15: a Step call per step should cost little more than a stream per session."""
+    n = sizes.most_sessions
+    figure, floor = get("W2", "unary", n, "tokens_per_s"), get("W2", "stream", n, "tokens_per_s")
+    return Verdict(f"W2 unary, {n} sessions", f"{figure:,.0f} tokens/s", f"W2 stream: {floor:,.0f} tokens/s",
+                   f"{figure / floor:.0%}", ">= 70% of W2 stream", figure >= 0.7 * floor)
 
 
 def _w1(get: Lookup, sizes: Sizes) -> Verdict:
@@ -99,8 +118,8 @@ def _m1(get: Lookup, sizes: Sizes) -> Verdict:
                    min(ratios.values()) >= 0.95)
 
 
-CHECKS = {"W2 stream": _w2_stream, "W2 multi": _w2_multi, "W1": _w1, "W3": _w3, "W4": _w4, "W5": _w5, "W6": _w6,
-          "M1": _m1}
+CHECKS = {"W2 stream": _w2_stream, "W2 multi": _w2_multi, "W2 multi-2": _w2_multi_2, "W2 unary": _w2_unary,
+          "W1": _w1, "W3": _w3, "W4": _w4, "W5": _w5, "W6": _w6, "M1": _m1}
 
 
 def verdicts(rows: list[Row], sizes: Sizes) -> list[Verdict]:

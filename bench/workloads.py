@@ -69,32 +69,38 @@ async def unary_steps(server: Endpoint, count: int, steps: int, warmup: int, tok
         return await closed_loop(trips, steps, warmup, server.pid)
 
 
-async def batch_steps(server: Endpoint, count: int, steps: int, warmup: int, tokens: Sequence[int]) -> Timed:
-    """`count` sessions stepped together, one StepBatch message per step, closed loop."""
-    async with sessions(server.stub, count) as ids:
-        trip = batch_round_trip(server.stub, ids, one_token_at_a_time(tokens))
-        return await closed_loop([trip], steps, warmup, server.pid, count)
+async def batch_steps(server: Endpoint, count: int, steps: int, warmup: int, tokens: Sequence[int],
+                      in_flight: int = 1) -> Timed:
+    """`count` sessions stepped in StepBatch messages, closed loop: split into `in_flight` equal groups,
+    each a message per step, so that `in_flight` messages are in flight at once (as a gateway that
+    pipelines keeps them, so that its own work on one overlaps the model's on another)."""
+    size = count // in_flight
+    async with sessions(server.stub, size * in_flight) as ids:
+        trips = [batch_round_trip(server.stub, ids[start:start + size], one_token_at_a_time(tokens))
+                 for start in range(0, len(ids), size)]
+        return await closed_loop(trips, steps, warmup, server.pid, size)
 
 
 async def headline(server: Endpoint, sizes: Sizes, tokens: Sequence[int], rounds: Rounds) -> None:
     """The loops the targets read: W1 (one session, a step at a time over its stream), and W2 at the
-    most sessions, a stream each and all in one StepBatch. Measured in rounds spread over the run."""
+    most sessions: a stream each, a Step call each (read against the streams), all in one StepBatch,
+    and in two StepBatch messages in flight. Measured in rounds spread over the run."""
     rounds.add("W1", "stream", 1, await stream_steps(server, 1, sizes.w1_steps, sizes.warmup_steps, tokens))
-    count = sizes.most_sessions
-    rounds.add("W2", "stream", count, await stream_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
-    rounds.add("W2", "multi", count, await batch_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
+    count, steps, warmup = sizes.most_sessions, sizes.w2_steps, sizes.warmup_steps
+    rounds.add("W2", "stream", count, await stream_steps(server, count, steps, warmup, tokens))
+    rounds.add("W2", "unary", count, await unary_steps(server, count, steps, warmup, tokens))
+    rounds.add("W2", "multi", count, await batch_steps(server, count, steps, warmup, tokens))
+    rounds.add("W2", "multi-2", count, await batch_steps(server, count, steps, warmup, tokens, in_flight=2))
 
 
 async def w2(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Results) -> None:
     """Throughput at each session count, a stream per session and a Step call per step (the most
-    sessions' streams are in `headline`)."""
-    for count in sizes.batches:
-        if count != sizes.most_sessions:
-            results.add_loop("W2", "stream", count,
-                             await stream_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
-    for count in sizes.batches:
-        results.add_loop("W2", "unary", count,
-                         await unary_steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
+    sessions' are in `headline`)."""
+    fewer = [count for count in sizes.batches if count != sizes.most_sessions]
+    for variant, steps in (("stream", stream_steps), ("unary", unary_steps)):
+        for count in fewer:
+            timed = await steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens)
+            results.add_loop("W2", variant, count, timed)
 
 
 def create_round_trip(stub: rnnserve_pb2_grpc.InferenceStub, prompts: Iterator[Sequence[int]], cached: int,

@@ -2,7 +2,8 @@
 
 Runs `python -m bench --smoke` as a user would (a tiny model, tiny counts) into a temporary
 folder, so the committed bench/results are never touched, and checks latest.json's format; and
-`--only operations`, the session operations' stage alone, as its own partial run.
+each stage `--only` runs alone (the session operations, the batcher settings, the int8 copy), as
+its own partial run.
 """
 
 import json
@@ -20,6 +21,22 @@ OPERATION_ROWS = {
     ("W6", "cached"): ((1,), ("p50_us", "cold_cached_ratio")),
     ("W6", "cold"): ((1,), ("p50_us",)),
 }
+LOOP_METRICS = ("tokens_per_s", "p50_us", "p99_us", "client_cpu_us_per_token", "server_cpu_us_per_token")
+# Issue 15: W1 and W2 unary on a server per batcher setting, and the int8 copy of the reference model.
+SETTINGS = ("no-wait", "fixed-200", "fixed-1000", "adaptive-500", "adaptive-2000", "loop-max-tokens-0")
+BATCHING_ROWS = {
+    **{("W1", f"stream-{setting}"): ((1,), LOOP_METRICS) for setting in SETTINGS},
+    **{("W2", f"unary-{setting}"): ((256,), LOOP_METRICS) for setting in SETTINGS},
+}
+INT8_ROWS = {
+    ("F1-int8", "ort"): ((1, 256), ("tokens_per_s", "p50_us")),
+    ("F1-int8", "ort-paced"): ((1,), ("tokens_per_s", "p50_us")),
+    ("F1-int8", "prefill"): ((1,), ("tokens_per_s", "p50_us")),
+    ("W1-int8", "stream"): ((1,), LOOP_METRICS),
+    ("W2-int8", "stream"): ((256,), LOOP_METRICS),
+    ("W2-int8", "unary"): ((256,), LOOP_METRICS),
+}
+STAGES = {"operations": OPERATION_ROWS, "batching": BATCHING_ROWS, "int8": INT8_ROWS}
 
 # (workload, variant): (session counts, metrics), as issue 4 lists them; W5's count is the preset's.
 REQUIRED = {
@@ -31,6 +48,7 @@ REQUIRED = {
     ("W2", "stream"): (SESSIONS, ("tokens_per_s", "p50_us", "p99_us")),
     ("W2", "unary"): (SESSIONS, ("tokens_per_s", "p50_us", "p99_us")),
     ("W2", "multi"): ((256,), ("tokens_per_s",)),
+    ("W2", "multi-2"): ((256,), LOOP_METRICS),
     ("W3", "stateful"): ((1,), ("first100_p50_us", "last100_p50_us", "last_first_ratio")),
     ("W3", "stateless"): ((1,), ("first100_p50_us", "last100_p50_us", "last_first_ratio")),
     ("W4", "prefill"): ((1,), ("tokens_per_s",)),
@@ -42,6 +60,8 @@ REQUIRED = {
     ("M1", "stream"): ((256,), ("on_off_ratio",)),
     ("M1", "unary"): ((256,), ("on_off_ratio",)),
     **OPERATION_ROWS,
+    **BATCHING_ROWS,
+    **INT8_ROWS,
 }
 W5_METRICS = ("rss_bytes", "baseline_rss_bytes", "raw_state_bytes")
 
@@ -79,15 +99,35 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     assert (out / "throughput.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0
 
 
-def test_only_operations_runs_the_session_operations_alone_into_a_folder_of_its_own(tmp_path):
+def run_stage(tmp_path: Path, stage: str) -> dict:
+    """`--only stage` into a cache of its own; its latest.json, after checking it ran that stage alone."""
     cache = tmp_path / "cache"
-    run_bench("--only", "operations", "--cache", str(cache))
-    report = json.loads((cache / "smoke-operations" / "latest.json").read_text())  # never bench/results
+    run_bench("--only", stage, "--cache", str(cache))
+    report = json.loads((cache / f"smoke-{stage}" / "latest.json").read_text())  # never bench/results
+    assert f"--only {stage}" in report["run"]["command"]
+    assert {(r["workload"], r["variant"], r["sessions"], r["metric"]) for r in report["rows"]} == keys(STAGES[stage])
+    return report
 
-    rows = {(r["workload"], r["variant"], r["sessions"], r["metric"]): r for r in report["rows"]}
-    assert rows.keys() == keys(OPERATION_ROWS)
-    for (_, _, _, metric), row in rows.items():
-        assert row["unit"] == ("ratio" if metric.endswith("_ratio") else "us") and row["value"] > 0
-    assert "--only operations" in report["run"]["command"]
+
+def test_only_operations_runs_the_session_operations_alone_into_a_folder_of_its_own(tmp_path):
+    report = run_stage(tmp_path, "operations")
+    for row in report["rows"]:
+        assert row["unit"] == ("ratio" if row["metric"].endswith("_ratio") else "us") and row["value"] > 0
     w6 = {t["name"].startswith("W6"): t["status"] for t in report["targets"]}  # the only target it measures
     assert w6[True] in {"met", "SHORT"} and w6[False] == "missing"
+
+
+def test_only_batching_runs_w1_and_w2_unary_on_a_server_per_batcher_setting(tmp_path):
+    report = run_stage(tmp_path, "batching")
+    assert all(row["value"] > 0 for row in report["rows"] if row["metric"] in ("tokens_per_s", "p50_us"))
+    for setting in SETTINGS:  # each setting on a server of its own
+        assert (tmp_path / "cache" / "logs" / f"server-batching-{setting}.log").is_file()
+
+
+def test_only_int8_serves_the_int8_copy_of_the_reference_bundle(tmp_path):
+    report = run_stage(tmp_path, "int8")
+    assert all(row["value"] > 0 for row in report["rows"] if row["metric"] in ("tokens_per_s", "p50_us"))
+    manifests = list((tmp_path / "cache").glob("*-int8/manifest.json"))
+    assert len(manifests) == 1  # cached beside the reference bundle for the next run, as rnnserve-quantize writes it
+    manifest = json.loads(manifests[0].read_text())
+    assert manifest["version"].endswith("-int8") and "quantization" in manifest

@@ -1,0 +1,65 @@
+"""Issue 15's int8 rows: the reference model's int8 copy (rnnserve-quantize's) served, beside the fp32 rows.
+
+An int8 step reads a quarter of the weight bytes, which is what a small batch waits on, while a
+large batch pays for quantizing its activations: so the copy's F1 is measured at one session and
+at the most, and W1 and W2 (a stream each and a Step call each, at the most sessions) on a server
+serving it, to show whether int8 pays on this machine once gRPC and the batcher are in the way.
+Its rows are named as the fp32 ones with "-int8" on the workload ("F1-int8", "W2-int8").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from rnnserve.bundle import Bundle, BundleError, load_bundle
+from rnnserve.export.quantize import quantize_bundle
+
+from bench.floors import F1
+from bench.load import connect
+from bench.processes import ServerProcess
+from bench.sizes import Sizes
+from bench.stats import Results
+from bench.workloads import stream_steps, unary_steps
+
+SUFFIX = "-int8"
+
+
+def int8_bundle(source: Bundle, tokens: Sequence[int]) -> Bundle:
+    """The cached int8 copy of `source`, beside it, or a new one when it is missing or no longer loads.
+
+    rnnserve-quantize refuses a copy that costs too much accuracy; random weights have none to
+    lose, so no cost is refused, and the reference tokens stand in for a validation split.
+    """
+    path = source.path.with_name(source.path.name + SUFFIX)
+    try:
+        return load_bundle(path)
+    except BundleError:
+        return quantize_bundle(source.path, path, np.array(tokens, np.int64), max_bpc_cost=math.inf)
+
+
+async def int8(command: Callable[[Path], list[str]], bundle: Bundle, threads: int, spinning: bool, sizes: Sizes,
+               tokens: list[int], logs: Path, results: Results, progress: Callable[[str], None]) -> None:
+    """F1 of the int8 copy at one session and the most, then W1 and W2 on a server of its own serving it.
+
+    `command` is the server's command line for a bundle path, with the run's flags.
+    """
+    progress("int8 copy of the reference bundle")
+    quantized = int8_bundle(bundle, tokens)
+    count = sizes.most_sessions
+    progress(f"F1{SUFFIX} at batch 1 and {count}")
+    f1 = F1(quantized, threads, spinning, replace(sizes, batches=(1, count)), tokens, f"F1{SUFFIX}")
+    for _ in range(sizes.f1_rounds):
+        f1.measure_round()
+    f1.report(results)
+    progress(f"W1{SUFFIX} and W2{SUFFIX} at {count} sessions (fresh server)")
+    with ServerProcess(command(quantized.path), logs / f"server{SUFFIX}.log") as process:
+        async with connect(process) as server:
+            results.add_loop(f"W1{SUFFIX}", "stream", 1,
+                             await stream_steps(server, 1, sizes.w1_steps, sizes.warmup_steps, tokens))
+            for variant, steps in (("stream", stream_steps), ("unary", unary_steps)):
+                results.add_loop(f"W2{SUFFIX}", variant, count,
+                                 await steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens))
