@@ -4,7 +4,8 @@ An int8 step reads a quarter of the weight bytes, which is what a small batch wa
 large batch pays for quantizing its activations: so the copy's F1 is measured at one session and
 at the most, and W1 and W2 (a stream each and a Step call each, at the most sessions) on a server
 serving it, to show whether int8 pays on this machine once gRPC and the batcher are in the way.
-Its rows are named as the fp32 ones with "-int8" on the workload ("F1-int8", "W2-int8").
+Its rows are named as the fp32 ones with "-int8" on the workload ("F1-int8", "W2-int8"), and
+"F1-fp32" is the fp32 bundle's F1 measured beside the copy's.
 """
 
 from __future__ import annotations
@@ -45,16 +46,22 @@ async def int8(command: Callable[[Path], list[str]], bundle: Bundle, threads: in
                tokens: list[int], logs: Path, results: Results, progress: Callable[[str], None]) -> None:
     """F1 of the int8 copy at one session and the most, then W1 and W2 on a server of its own serving it.
 
+    The fp32 bundle's F1 is measured again beside it ("F1-fp32"), round for round, so that the two
+    are read at the same moments of this shared machine rather than minutes apart.
+
     `command` is the server's command line for a bundle path, with the run's flags.
     """
     progress("int8 copy of the reference bundle")
     quantized = int8_bundle(bundle, tokens)
     count = sizes.most_sessions
-    progress(f"F1{SUFFIX} at batch 1 and {count}")
-    f1 = F1(quantized, threads, spinning, replace(sizes, batches=(1, count)), tokens, f"F1{SUFFIX}")
+    progress(f"F1{SUFFIX} and F1-fp32 at batch 1 and {count}, in turn")
+    floors = [F1(copy, threads, spinning, replace(sizes, batches=(1, count)), tokens, name)
+              for copy, name in ((quantized, f"F1{SUFFIX}"), (bundle, "F1-fp32"))]
     for _ in range(sizes.f1_rounds):
-        f1.measure_round()
-    f1.report(results)
+        for f1 in floors:
+            f1.measure_round()
+    for f1 in floors:
+        f1.report(results)
     progress(f"W1{SUFFIX} and W2{SUFFIX} at {count} sessions (fresh server)")
     with ServerProcess(command(quantized.path), logs / f"server{SUFFIX}.log") as process:
         async with connect(process) as server:

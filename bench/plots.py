@@ -20,7 +20,8 @@ CURVES = [("F1", "ort", "tokens_per_s", "F1 onnxruntime in-process (batch = sess
           ("F2", "echo", "messages_per_s", "F2 grpc.aio echo, a stream per session"),
           ("W2", "stream", "tokens_per_s", "W2 server, a stream per session"),
           ("W2", "unary", "tokens_per_s", "W2 server, a Step call per step"),
-          ("W2", "multi", "tokens_per_s", "W2 server, all sessions in one StepBatch")]
+          ("W2", "multi", "tokens_per_s", "W2 server, all sessions in one StepBatch"),
+          ("W2", "multi-2", "tokens_per_s", "W2 server, two StepBatch messages in flight")]
 
 # The latency series compared in each panel, each with one colour in every panel: the echo floor
 # and the server's per-step APIs (W1 exists at 1 session only).

@@ -29,9 +29,9 @@ BATCHING_ROWS = {
     **{("W2", f"unary-{setting}"): ((256,), LOOP_METRICS) for setting in SETTINGS},
 }
 INT8_ROWS = {
-    ("F1-int8", "ort"): ((1, 256), ("tokens_per_s", "p50_us")),
-    ("F1-int8", "ort-paced"): ((1,), ("tokens_per_s", "p50_us")),
-    ("F1-int8", "prefill"): ((1,), ("tokens_per_s", "p50_us")),
+    **{(floor, "ort"): ((1, 256), ("tokens_per_s", "p50_us")) for floor in ("F1-int8", "F1-fp32")},
+    **{(floor, variant): ((1,), ("tokens_per_s", "p50_us"))
+       for floor in ("F1-int8", "F1-fp32") for variant in ("ort-paced", "prefill")},
     ("W1-int8", "stream"): ((1,), LOOP_METRICS),
     ("W2-int8", "stream"): ((256,), LOOP_METRICS),
     ("W2-int8", "unary"): ((256,), LOOP_METRICS),
