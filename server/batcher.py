@@ -125,6 +125,24 @@ class Batcher:
             self._admit(session, step)
         return step.future
 
+    def refuse_in_turn(self, session: Session, error: RnnserveError) -> asyncio.Future[StepAnswer]:
+        """A future failing with `error`, for a step refused before it could queue, settled in the step's turn in
+        the session's line (entered now, behind the work already there) with the position the session then
+        stands at: what an in-band answer, given in order, must report."""
+        loop = asyncio.get_running_loop()
+        turn, refused = loop.create_future(), loop.create_future()
+
+        def settle(_: asyncio.Future) -> None:
+            error.session_position = session.position
+            if not refused.done():
+                refused.set_exception(error)
+            self._leave(session)
+
+        turn.add_done_callback(settle)
+        if session.line.enter(turn):
+            turn.set_result(None)
+        return refused
+
     async def hold(self, session: Session) -> Hold:
         """Wait for the session's earlier work, then own it until `Hold.release`."""
         granted = asyncio.get_running_loop().create_future()
@@ -157,6 +175,7 @@ class Batcher:
                 item.future.set_result(session.replay(item.expected_position, item.tokens))
                 return False
         except RnnserveError as error:
+            error.session_position = session.position
             item.future.set_exception(error)
             return False
         self._enqueue(item)
@@ -314,7 +333,9 @@ class Batcher:
     def _fail(self, batch: list[Step]) -> None:
         for step in batch:
             if not step.future.done():
-                step.future.set_exception(ServerFault("the model call failed; nothing was applied, retry the step"))
+                fault = ServerFault("the model call failed; nothing was applied, retry the step")
+                fault.session_position = step.session.position
+                step.future.set_exception(fault)
             self._finish(step)
 
     # Outside batches -------------------------------------------------------------------------

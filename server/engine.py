@@ -23,7 +23,7 @@ from rnnserve.bundle import Bundle
 from rnnserve.initial_states import load_initial_states
 from rnnserve.server.batcher import Batcher, StepAnswer
 from rnnserve.server.durability import Durability
-from rnnserve.server.errors import InvalidArgument, ModelNotFound, ShuttingDown
+from rnnserve.server.errors import InvalidArgument, ModelNotFound, RnnserveError, ShuttingDown
 from rnnserve.server.generate import GeneratedToken, StopStrings, continue_session
 from rnnserve.server.memory import release_free_memory
 from rnnserve.server.metrics import Metrics
@@ -191,6 +191,16 @@ class Engine:
 
     def get_session(self, session_id: str, owner: str) -> Session:
         return self.table.get(session_id, owner)
+
+    def refused_step(self, session_id: str, owner: str, error: RnnserveError) -> asyncio.Future:
+        """A future failing with `error`, for a step refused before it could queue: in the step's turn when the
+        session is the caller's (see `Batcher.refuse_in_turn`), at once otherwise."""
+        try:
+            return self.batcher.refuse_in_turn(self.table.get(session_id, owner), error)
+        except RnnserveError:  # no such session of this owner: nothing to wait for, no position to report
+            refused = asyncio.get_running_loop().create_future()
+            refused.set_exception(error)
+            return refused
 
     async def close_session(self, session_id: str, owner: str) -> int:
         """Close after the work queued before the close; work queued after it fails NOT_FOUND. Returns the position."""

@@ -31,6 +31,9 @@ class RnnserveError(Exception):
     def __init__(self, message: str, **metadata: object):
         super().__init__(message)
         self.metadata = {key: str(value) for key, value in metadata.items()}
+        # Where the step's session stood when the step was refused in its turn, for an in-band answer;
+        # None when that is not known (then the session's position when the answer is written is reported).
+        self.session_position: int | None = None
 
     def extra_details(self) -> list[Message]:
         """Details beyond ErrorInfo and RetryInfo, for the subclasses that have more to say."""

@@ -171,13 +171,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return self._engine.step(self._read.session_id(request.session_id), owner, self._read.step(request), until)
 
     def _submit_in_band(self, request: pb.StepRequest, owner: str, until: float | None = None) -> asyncio.Future:
-        """Like `_submit`, but a request refused at once is a failed future, answered in its turn."""
+        """Like `_submit`, but a request refused at once is a failed future too, settled in its turn."""
         try:
             return self._submit(request, owner, until)
         except RnnserveError as error:
-            refused = asyncio.get_running_loop().create_future()
-            refused.set_exception(error)
-            return refused
+            return self._engine.refused_step(request.session_id, owner, error)
 
     def _reply(self, request: pb.StepRequest, reply: asyncio.Future, owner: str,
                into: pb.StepResponse | None = None) -> pb.StepResponse:
@@ -188,14 +186,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         status = to_status(error)
         if self._on_in_band_error is not None:
             self._on_in_band_error(status.code)
-        return self._write.step_error(request, status, self._position(request.session_id, owner), into)
+        position = error.session_position if isinstance(error, RnnserveError) else None
+        if position is None:
+            position = self._position(request.session_id, owner)
+        return self._write.step_error(request, status, position, into)
 
     def _position(self, session_id: str, owner: str) -> int:
-        """Where `owner`'s session stands now, for the answer to its failed step; 0 when it has no such session.
-
-        Read when the answer is written: on a Stream it counts the steps answered before it (and a later
-        step of the same session, if that one has already been applied).
-        """
+        """Where `owner`'s session stands now, for the answer to a step whose error does not say (no such session,
+        or an error of the transport): 0 when it has no such session."""
         try:
             return self._engine.get_session(session_id, owner).position
         except RnnserveError:
