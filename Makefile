@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
-# Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check).
-SYSTEM_PACKAGES := prometheus docker-compose
+# Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check),
+# Redis and HAProxy (replicas sharing sessions behind a proxy).
+SYSTEM_PACKAGES := prometheus docker-compose redis-server haproxy
 
 .PHONY: serve test bench train train-quick export quantize proto system-packages
 
@@ -14,7 +15,7 @@ $(VENV)/.serving: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.serving
-	$(PIP) -e '.[train,dev]'
+	$(PIP) -e '.[train,dev,redis]'
 	touch $@
 
 serve: $(VENV)/.serving  ## serve the committed default model on 127.0.0.1:50051

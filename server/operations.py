@@ -11,7 +11,7 @@ the batcher's model thread but outside its batches.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +57,8 @@ def score_rows(next_logits: np.ndarray, logits: np.ndarray, tokens: np.ndarray) 
 
 class Operations:
     def __init__(self, table: SessionTable, pool: StatePool, batcher: Batcher, cache: PrefixCache,
-                 states: NamedStates, model: ModelIdentity, accepting: Callable[[], None]):
+                 states: NamedStates, model: ModelIdentity, accepting: Callable[[], None],
+                 find: Callable[[str, str], Awaitable[Session]]):
         self.table = table
         self.pool = pool
         self.batcher = batcher
@@ -65,11 +66,12 @@ class Operations:
         self.states = states
         self.model = model
         self._accepting = accepting
+        self._find = find  # the live session of an owner, woken from the session store if need be
         self._shapes = {name: array.shape[1:] for name, array in pool.arrays.items()}
 
     async def _held(self, session_id: str, owner: str, expected_position: int | None):
         """The live session, held (release the hold when done), at the expected position if one is given."""
-        session = self.table.get(session_id, owner)
+        session = await self._find(session_id, owner)
         hold = await self.batcher.hold(session)
         try:
             session.ensure_live()
@@ -175,22 +177,36 @@ class Operations:
     async def export(self, session_id: str, owner: str, expected_position: int | None) -> tuple[Session, bytes]:
         session, hold = await self._held(session_id, owner, expected_position)
         try:
-            history = session.history
-            portable = PortableSession(
-                session.position, self.pool.rows(session.slot), "" if session.initial is None else session.initial.name,
-                None if session.initial is None else session.initial.rows,
-                [] if history is None else list(history.checkpoints),
-                [] if history is None else history.tokens)
-            return session, encode(portable, self.model, self._shapes)
+            return session, self.blob_of(session)
         finally:
             hold.release()
+
+    def blob_of(self, session: Session) -> bytes:
+        """The session as a portable blob: what ExportSession answers and the session store keeps."""
+        history = session.history
+        portable = PortableSession(
+            session.position, self.pool.rows(session.slot), "" if session.initial is None else session.initial.name,
+            None if session.initial is None else session.initial.rows,
+            [] if history is None else list(history.checkpoints),
+            [] if history is None else history.tokens)
+        return encode(portable, self.model, self._shapes)
+
+    def decode(self, blob: bytes) -> PortableSession:
+        """The session in `blob`, checked whole against this server's model; refused with the reason otherwise."""
+        return decode(blob, self.model, self._shapes)
 
     def import_(self, owner: str, blob: bytes, ttl: float, top_k: int,
                 temperature: float) -> tuple[Session, Prediction | None]:
         """A new session of `owner` continuing the exported one; nothing is created when the blob is refused."""
         self._accepting()
-        portable = decode(blob, self.model, self._shapes)
+        portable = self.decode(blob)
         session = self.table.create(owner, ttl)
+        self.install(session, portable)
+        session.move_to(portable.position, time.monotonic())
+        return session, self.prediction(session, top_k, temperature)
+
+    def install(self, session: Session, portable: PortableSession) -> None:
+        """Give `session` (new in the table) the rows, initial state and history of `portable`; not its position."""
         self.pool.set_rows(session.slot, portable.rows)
         if portable.initial_rows is not None:
             session.initial = NamedState(portable.initial_state, "imported", portable.initial_rows, None)
@@ -199,8 +215,6 @@ class Operations:
                                       portable.checkpoints, portable.tokens)
         else:
             session.history = self.table.new_history(Checkpoint(portable.position, portable.rows))
-        session.move_to(portable.position, time.monotonic())
-        return session, self.prediction(session, top_k, temperature)
 
     # Named states ------------------------------------------------------------------------------
 

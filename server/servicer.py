@@ -48,7 +48,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
-        return self._write.session(self._engine.get_session(self._read.session_id(request.session_id), caller(context)))
+        session = await self._engine.find_session(self._read.session_id(request.session_id), caller(context))
+        return self._write.session(session)
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
         position = await self._engine.close_session(self._read.session_id(request.session_id), caller(context))
