@@ -100,9 +100,8 @@ class Metrics:
                                          "Model calls that failed; none of their steps was applied.")
         self._created = per_model(Counter, "sessions_created", "Sessions created.")
         self._restored = per_model(Counter, "sessions_restored",
-                                   "Sessions taken over from the snapshot at start or woken from the session store: with "
-                                   "sessions_created, what "
-                                   "sessions_active and sessions_ended add up to.")
+                                   "Sessions taken over from the snapshot at start or woken from the session store: "
+                                   "with sessions_created, what sessions_active and sessions_ended add up to.")
         ended = Counter(f"{PREFIX}_sessions_ended", "Sessions removed, by reason: closed, expired, evicted, or moved "
                         "to the session store (hibernated or handed over; taken back as sessions_restored).",
                         (*MODEL_LABELS, "reason"), registry=registry)
