@@ -1,9 +1,12 @@
-"""When to try a call again: exponential backoff with jitter, on UNAVAILABLE only.
+"""When to try a call again: exponential backoff with jitter, on UNAVAILABLE (and a CANCELLED we did not ask for).
 
 UNAVAILABLE means the call may not have reached the server (no connection yet, or a server
 draining), so only calls that are harmless to repeat are retried: reads, closes, and steps
 that carry expected_position (the server answers an exact retry from its record instead of
-applying it twice). Every other code is the server's considered answer and is raised at once.
+applying it twice). A CANCELLED status that reaches us (our own cancellation raises
+asyncio.CancelledError or is never answered) is the same case: a stopping gRPC server cancels
+the calls that reach it after it began to stop, before they start. Every other code is the
+server's considered answer and is raised at once.
 Jitter keeps many clients that lost the same server from reconnecting in lockstep.
 """
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+import grpc
 
 from rnnserve.client.errors import RnnserveError, Unavailable
 
@@ -33,7 +38,8 @@ class RetryPolicy:
         Raises `error` when the call must not be repeated. A RetryInfo delay from the server is
         a floor: it knows better than our schedule when it will have room again.
         """
-        if not (retry_safe and isinstance(error, Unavailable) and attempt < self.retries):
+        retryable = isinstance(error, Unavailable) or error.code == grpc.StatusCode.CANCELLED
+        if not (retry_safe and retryable and attempt < self.retries):
             raise error from None
         backoff = min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt)
         return max(backoff * random.uniform(1 - self.jitter, 1 + self.jitter), error.retry_after or 0.0)

@@ -10,6 +10,10 @@
 - Write-through: with --write-through-every n, a step whose tokens cross a multiple of n is
   answered only once the store has the session after it; writes of many sessions share a round
   trip in a background task, so the loop never waits on Redis.
+- Handover on request: a replica asked for a session that another live replica holds (routing
+  changed: a replica came or went, or a call came without the routing header) asks the holder
+  to put it at rest, waits a moment, and takes it; the holder finishes the work queued on the
+  session first. Routing by session id makes this rare: once per session whose replica changed.
 - Fencing: every write is a compare-and-set on the holder (see `session_store`); a refused write,
   or a lease found lapsed, means another replica may have the session, and the copy here goes.
 - Faults: with Redis unreachable or slow, sessions held keep serving, hibernation pauses, the fault
@@ -36,6 +40,10 @@ from rnnserve.server.snapshot import SessionRecord
 
 CHUNK_SESSIONS = 512  # sessions moved per round trip: bounds the loop's pause and the bytes in flight
 RETRY_AFTER_FAULT_SECONDS = 1.0
+# After asking a holder for a session, how often and how long to look for it at rest before answering UNAVAILABLE:
+# a holder answers within a few milliseconds, after the steps already queued on the session.
+HANDOVER_POLL_SECONDS = 0.005
+HANDOVER_POLLS = 60
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,8 @@ class Hibernation:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep_lease(), name="rnnserve-store-lease"),
-                       asyncio.create_task(self._write_loop(), name="rnnserve-store-writer")]
+                       asyncio.create_task(self._write_loop(), name="rnnserve-store-writer"),
+                       asyncio.create_task(self._answer_release_requests(), name="rnnserve-store-handover")]
         if self.hibernate_after_seconds:
             self._tasks.append(asyncio.create_task(self._sweep(), name="rnnserve-hibernation"))
         if self.events is not None:
@@ -123,6 +132,8 @@ class Hibernation:
                                      RETRY_AFTER_FAULT_SECONDS)
         try:
             claim = await self.store.claim(session_id, owner)
+            if isinstance(claim, HeldElsewhere):
+                claim = await self._ask_for(session_id, owner, claim.holder)
         except StoreFault as fault:
             self._fault(fault)
             raise SessionUnavailable(session_id, "cannot be read from the session store now",
@@ -130,11 +141,34 @@ class Hibernation:
         if claim is None:
             raise SessionNotFound(session_id)
         if isinstance(claim, HeldElsewhere):
-            raise SessionUnavailable(session_id, f"is live on replica {claim.holder}, and routing may be moving it",
+            raise SessionUnavailable(session_id, f"is live on replica {claim.holder}, which has not let it go",
                                      RETRY_AFTER_FAULT_SECONDS)
         if isinstance(claim, Lost):
             raise SessionNotFound(session_id, "was lost with the replica that held it (it had stored no state)")
         await self._install(session_id, claim)
+
+    async def _ask_for(self, session_id: str, owner: str, holder: str) -> Claimed | HeldElsewhere | Lost | None:
+        """Ask the holder to put the session at rest, then claim it; still HeldElsewhere if it did not in time."""
+        if not await self.store.ask_release(holder, session_id):
+            return HeldElsewhere(holder)  # no one listens: a replica that died, whose lease has not lapsed yet
+        for _ in range(HANDOVER_POLLS):
+            await asyncio.sleep(HANDOVER_POLL_SECONDS)
+            claim = await self.store.claim(session_id, owner)
+            if not isinstance(claim, HeldElsewhere):
+                return claim
+        return claim
+
+    async def _answer_release_requests(self) -> None:
+        """Put at rest each session another replica asks for; listen again after a fault."""
+        while True:
+            try:
+                async for session_id in self.store.release_requests():
+                    session = self.table.held(session_id)
+                    if session is not None and session.removed is None:
+                        await self._move([session])
+            except StoreFault as fault:
+                self._fault(fault)
+                await asyncio.sleep(RETRY_AFTER_FAULT_SECONDS)
 
     async def _install(self, session_id: str, claim: Claimed) -> None:
         """Admit the claimed session whole, or give the claim back and refuse: never a partial or zeroed state."""
@@ -285,8 +319,12 @@ class Hibernation:
                 written = [True] * len(pending)
             for (session, _, waiters), ok in zip(pending.values(), written):
                 for future, value in waiters:
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if ok:
                         future.set_result(value)
+                    else:  # the step ran on a stale copy: refused, so that its retry reaches the session's holder
+                        future.set_exception(SessionUnavailable(session.id, "is held by another replica now"))
                 if not ok:
                     await self._drop([session], "another replica holds it now")
 

@@ -6,6 +6,8 @@ One hash per session and one key per live replica:
                                position, last step), state (the `session_blob` bytes, as ExportSession
                                answers them); it expires with the session (PEXPIRE = its idle time left)
     rnnserve:replica:<holder>  the lease of a live replica, renewed every lease / 3
+    rnnserve:release:<holder>  a channel: ids of sessions that other replicas ask the holder to put at
+                               rest, because routing now sends their calls there
 
 `holder` names the replica that has the session live, as "<replica id>/<incarnation>" (a random
 incarnation per process, so a replica restarted under the same id holds nothing of its former
@@ -22,6 +24,7 @@ parser for the replies that carry state bytes. Every failure to reach Redis is `
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,6 +33,8 @@ from redis.exceptions import RedisError
 
 SESSION_PREFIX = "rnnserve:session:"
 REPLICA_PREFIX = "rnnserve:replica:"
+RELEASE_PREFIX = "rnnserve:release:"
+LISTEN_SECONDS = 1.0  # how long one wait for a release request lasts before it is renewed
 
 # KEYS[1] the session; ARGV owner, holder, replica prefix. Answers {status, ...}.
 _CLAIM = """
@@ -142,6 +147,22 @@ class SessionStore:
     async def release(self, session_id: str) -> None:
         """Give back a claim this replica could not use (no room): the session stays at rest for another."""
         await self._run(self._release([SESSION_PREFIX + session_id], [self.holder]))
+
+    async def ask_release(self, holder: str, session_id: str) -> bool:
+        """Ask `holder` to put the session at rest; False when no replica of that name listens (it died)."""
+        return bool(await self._run(self.redis.publish(RELEASE_PREFIX + holder, session_id)))
+
+    async def release_requests(self) -> AsyncIterator[str]:
+        """The ids of sessions other replicas ask this one to put at rest, as they come."""
+        listener = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await self._run(listener.subscribe(RELEASE_PREFIX + self.holder))
+            while True:
+                message = await self._run(listener.get_message(timeout=LISTEN_SECONDS))
+                if message is not None:
+                    yield message["data"].decode()
+        finally:
+            await listener.aclose()
 
     async def renew_lease(self) -> bool:
         """Renew this replica's lease; False when it had lapsed (or this is the first), so that sessions held

@@ -240,6 +240,10 @@ class SessionTable:
             raise SessionExpired(session_id)
         return session
 
+    def held(self, session_id: str) -> Session | None:
+        """The session `session_id` if this table holds it, whoever owns it: for moving it, never for answering."""
+        return self._sessions.get(session_id)
+
     def removal(self, session_id: str) -> Removal | None:
         """Why `session_id` left this table, if it is among those remembered."""
         return self._removed.get(session_id, (None, None))[0]

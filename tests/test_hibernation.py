@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.bundle import Bundle
 from rnnserve.server.app import STORE_HEALTH_NAME
-from rnnserve.server.session_store import SESSION_PREFIX
+from rnnserve.server.session_store import REPLICA_PREFIX, SESSION_PREFIX
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
@@ -95,21 +95,34 @@ def test_an_idle_session_hibernates_and_wakes_bit_exact_on_another_replica(repli
     assert answer.position == len("The quick brown fox")
 
 
-def test_a_session_live_on_one_replica_is_refused_on_another(replicas):
-    a = replicas(hibernate_after_seconds=0.2)
+def test_a_session_asked_for_elsewhere_is_handed_over_never_live_twice(replicas):
+    a = replicas(hibernate_after_seconds=0)
     b = replicas(hibernate_after_seconds=0)
     session_id = create(a.stub, prompt_text="abc")
-    # Registered at creation: b may not take it while a holds it, even before a ever stored its state.
-    error, _ = assert_fails(lambda: step(b.stub, session_id, "d", 3), grpc.StatusCode.UNAVAILABLE)
-    assert "is live on replica" in error.details()
+    before = export(a.stub, session_id)
+    assert export(b.stub, session_id) == before  # b asked a for it: a put it at rest, b took it
+    assert (a.held, b.held) == (0, 1)
+    step(a.stub, session_id, "d", 3)  # and back: routing may send it anywhere, it is live in one place
+    assert (a.held, b.held) == (1, 0)
+    a.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    store = redis.Redis.from_url(a.running.engine.settings.redis_url)
+    wait_until(lambda: not store.exists(SESSION_PREFIX + session_id))  # closed everywhere
+    assert_fails(lambda: step(b.stub, session_id, "e", 4), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+
+
+def test_a_second_owner_is_refused_not_merged(replicas):
+    a = replicas(hibernate_after_seconds=0, write_through_every=1)
+    session_id = create(a.stub, prompt_text="abc")
+    store = redis.Redis.from_url(a.running.engine.settings.redis_url)
+    # Another replica took the session (as after a lapse of a's lease) and is alive, deaf to requests.
+    store.hset(SESSION_PREFIX + session_id, "holder", "intruder/1")
+    store.set(REPLICA_PREFIX + "intruder/1", b"1", px=60_000)
+    # The step runs on a's copy, but its write is refused: the step is refused with it, and the copy goes.
+    assert_fails(lambda: step(a.stub, session_id, "d", 3), grpc.StatusCode.UNAVAILABLE)
     wait_until(lambda: a.held == 0)
-    step(b.stub, session_id, "d", 3)  # at rest now: b takes it
     error, _ = assert_fails(lambda: step(a.stub, session_id, "e", 4), grpc.StatusCode.UNAVAILABLE)
-    assert "is live on replica" in error.details()  # a second owner is refused, not merged
-    b.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
-    wait_until(lambda: not redis.Redis.from_url(b.running.engine.settings.redis_url).exists(SESSION_PREFIX +
-                                                                                              session_id))
-    assert_fails(lambda: step(a.stub, session_id, "e", 4), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert "is live on replica intruder/1" in error.details()
+    assert store.hget(SESSION_PREFIX + session_id, "holder") == b"intruder/1"
 
 
 def test_another_callers_session_does_not_exist_in_the_store_either(replicas, tmp_path):
