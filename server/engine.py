@@ -216,17 +216,21 @@ class Engine:
 
     async def find_session(self, session_id: str, owner: str) -> Session:
         """The live session `session_id` of `owner`; one not held here is woken from the session store, if any."""
-        try:
-            return self.table.get(session_id, owner)
-        except (SessionNotFound, SessionUnavailable):
-            if not self._may_wake(session_id):
-                raise
+        session = self._held(session_id, owner)
+        if session is not None:
+            return session
         self._accepting()
         return await self.hibernation.wake(session_id, owner)
 
-    def _may_wake(self, session_id: str) -> bool:
-        """Whether a miss may be in the store: never seen here, or moved there; not closed, expired or evicted."""
-        return self.hibernation is not None and self.table.removal(session_id) in (None, Removal.MOVED)
+    def _held(self, session_id: str, owner: str) -> Session | None:
+        """The live session held here; None for a miss that may be in the session store (never seen here, or moved
+        there); the table's answer for the rest (closed, expired, evicted, another owner's)."""
+        try:
+            return self.table.get(session_id, owner)
+        except (SessionNotFound, SessionUnavailable):
+            if self.hibernation is None or self.table.removal(session_id) not in (None, Removal.MOVED):
+                raise
+            return None
 
     async def close_session(self, session_id: str, owner: str) -> int:
         """Close after the work queued before the close; work queued after it fails NOT_FOUND. Returns the position."""
@@ -248,11 +252,8 @@ class Engine:
              deadline: float | None = None) -> asyncio.Future[StepAnswer]:
         """Queue a step; the future holds its answer. `deadline` is a time.monotonic() instant."""
         self._accepting()
-        try:
-            session = self.table.get(session_id, owner)
-        except (SessionNotFound, SessionUnavailable):
-            if not self._may_wake(session_id):
-                raise
+        session = self._held(session_id, owner)
+        if session is None:  # the slow path: wake it from the session store first
             return asyncio.ensure_future(self._woken_step(session_id, owner, step, deadline))
         return self._submit(session, step, deadline)
 
@@ -262,7 +263,6 @@ class Engine:
         return answer if self.hibernation is None else self.hibernation.after_step(session, len(step.tokens), answer)
 
     async def _woken_step(self, session_id: str, owner: str, step: StepInput, deadline: float | None) -> StepAnswer:
-        """The slow path of a step whose session is not held here: wake it, then step it."""
         session = await self.find_session(session_id, owner)
         return await self._submit(session, step, deadline)
 

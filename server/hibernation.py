@@ -165,7 +165,7 @@ class Hibernation:
                 async for session_id in self.store.release_requests():
                     session = self.table.held(session_id)
                     if session is not None and session.removed is None:
-                        await self._move([session])
+                        await self.put_at_rest([session])
             except StoreFault as fault:
                 self._fault(fault)
                 await asyncio.sleep(RETRY_AFTER_FAULT_SECONDS)
@@ -206,7 +206,7 @@ class Hibernation:
             cutoff = time.monotonic() - self.hibernate_after_seconds
             while idle := self.table.idle(cutoff, CHUNK_SESSIONS):
                 try:
-                    await self._move(idle)
+                    await self.put_at_rest(idle)
                 except StoreFault as fault:
                     self._fault(fault)
                     break
@@ -217,7 +217,7 @@ class Hibernation:
         held = self.table.by_recency()  # no session joins: a draining engine neither creates nor wakes any
         for start in range(0, len(held), CHUNK_SESSIONS):
             try:
-                moved += await self._move(held[start:start + CHUNK_SESSIONS])
+                moved += await self.put_at_rest(held[start:start + CHUNK_SESSIONS])
             except StoreFault as fault:
                 self._fault(fault)
                 log.error("could not hand %d sessions to the session store: they end with this replica",
@@ -225,7 +225,7 @@ class Hibernation:
                 return
         log.info("handed %d sessions to the session store in %.3f s", moved, time.perf_counter() - started)
 
-    async def _move(self, sessions: list[Session]) -> int:
+    async def put_at_rest(self, sessions: list[Session]) -> int:
         """Put `sessions` at rest in the store and free them here; how many were written."""
         holds = [await self.batcher.hold(session) for session in sessions]  # free ones are granted at once
         try:
@@ -257,7 +257,9 @@ class Hibernation:
 
     def created(self, session: Session) -> asyncio.Future[None] | None:
         """Register a new session, so that no other replica takes its id while it lives here; with write-through,
-        its state too, and the future settles once stored."""
+        its state too, and the future settles once stored. Skipped while the store is at fault: serving goes on."""
+        if not self.healthy:
+            return None
         if self.write_through_every:
             done = asyncio.get_running_loop().create_future()
             self._queue(session, True, (done, None))
@@ -266,7 +268,9 @@ class Hibernation:
         return None
 
     def after_step(self, session: Session, tokens: int, answer: asyncio.Future[StepAnswer]) -> asyncio.Future:
-        """The step's answer, held back until the store has the session when the step crosses a write-through mark."""
+        """The step's answer, held back until the store has the session when the step crosses a write-through mark
+        (not while the store is at fault: then the step is answered at once, and the session stored when it next
+        crosses a mark with the store back)."""
         if not self.write_through_every:
             return answer
         every = self.write_through_every
@@ -279,7 +283,7 @@ class Hibernation:
                 stored.cancel()
             elif future.exception() is not None:
                 stored.set_exception(future.exception())
-            elif session.removed is None and future.result().position // every != (
+            elif self.healthy and session.removed is None and future.result().position // every != (
                     future.result().position - tokens) // every:
                 self._queue(session, True, (stored, future.result()))
             else:
@@ -321,7 +325,7 @@ class Hibernation:
                 for future, value in waiters:
                     if future.done():
                         continue
-                    if ok:
+                    if ok or session.removed is not None:  # stored, or stored since by its move, or closed
                         future.set_result(value)
                     else:  # the step ran on a stale copy: refused, so that its retry reaches the session's holder
                         future.set_exception(SessionUnavailable(session.id, "is held by another replica now"))

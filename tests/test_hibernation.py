@@ -172,7 +172,7 @@ def test_write_through_stores_the_session_every_n_tokens(replicas, every):
 
 
 def test_with_redis_down_held_sessions_serve_and_nothing_partial_is_answered(replicas, redis_server):
-    a = replicas(hibernate_after_seconds=0.3)
+    a = replicas(hibernate_after_seconds=0.3, write_through_every=1)  # write-through steps do not wait for it
     held = create(a.stub, prompt_text="held")
     resting = create(a.stub, prompt_text="resting")
     wait_until(lambda: a.held == 0)
@@ -187,3 +187,28 @@ def test_with_redis_down_held_sessions_serve_and_nothing_partial_is_answered(rep
     assert a.held == 1
     redis_server.start()
     wait_until(lambda: a.store_health() == health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_after_its_lease_lapsed_a_replica_drops_the_sessions_taken_meanwhile(replicas):
+    a = replicas(hibernate_after_seconds=0)
+    kept, taken = create(a.stub, prompt_text="kept"), create(a.stub, prompt_text="taken")
+    store = redis.Redis.from_url(a.running.engine.settings.redis_url)
+    wait_until(lambda: store.exists(SESSION_PREFIX + taken))  # registered
+    holder = store.hget(SESSION_PREFIX + taken, "holder").decode()
+    store.delete(REPLICA_PREFIX + holder)  # a's lease lapsed (a stall, a partition)...
+    store.hset(SESSION_PREFIX + taken, "holder", "intruder/1")  # ...and another replica took one of its sessions
+    wait_until(lambda: a.held == 1)  # found at a's next renewal
+    assert step(a.stub, kept, "!", len("kept")).position == len("kept!")
+    error, _ = assert_fails(lambda: step(a.stub, taken, "!", len("taken")), grpc.StatusCode.UNAVAILABLE)
+    assert "intruder/1" in error.details()
+
+
+def test_waking_respects_the_session_cap_and_leaves_the_session_at_rest(replicas):
+    a = replicas(hibernate_after_seconds=0.2)
+    b = replicas(hibernate_after_seconds=0, max_sessions=1)
+    resting = create(a.stub, prompt_text="resting")
+    wait_until(lambda: a.held == 0)
+    create(b.stub, prompt_text="full")
+    assert_fails(lambda: step(b.stub, resting, "!", len("resting")), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 "CAPACITY_EXHAUSTED")
+    assert step(a.stub, resting, "!", len("resting")).position == len("resting!")  # given back whole
