@@ -197,6 +197,7 @@ def test_after_its_lease_lapsed_a_replica_drops_the_sessions_taken_meanwhile(rep
     holder = store.hget(SESSION_PREFIX + taken, "holder").decode()
     store.delete(REPLICA_PREFIX + holder)  # a's lease lapsed (a stall, a partition)...
     store.hset(SESSION_PREFIX + taken, "holder", "intruder/1")  # ...and another replica took one of its sessions
+    store.set(REPLICA_PREFIX + "intruder/1", b"1", px=60_000)
     wait_until(lambda: a.held == 1)  # found at a's next renewal
     assert step(a.stub, kept, "!", len("kept")).position == len("kept!")
     error, _ = assert_fails(lambda: step(a.stub, taken, "!", len("taken")), grpc.StatusCode.UNAVAILABLE)
