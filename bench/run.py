@@ -29,6 +29,7 @@ from bench.metrics_cost import m1
 from bench.operations import session_operations
 from bench.processes import ServerProcess
 from bench.reference import reference_bundle
+from bench.replicas import scale_out
 from bench.report import Run, machine, write_json, write_markdown
 from bench.sizes import PRESETS, Sizes
 from bench.stats import Results, Rounds
@@ -82,8 +83,14 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     async def operations() -> None:
         await session_operations(command, sizes, tokens, settings.rewind_depth, logs, results, progress)
 
+    async def replicas() -> None:
+        await scale_out(command, bundle, sizes, tokens, logs, results, progress)
+
     if only == "operations":
         await operations()
+        return results, shown
+    if only == "replicas":
+        await replicas()
         return results, shown
     f1 = F1(bundle, settings.ort_threads, settings.ort_spins, sizes, tokens)
 
@@ -119,6 +126,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     with ServerProcess(command + ["--max-sessions", str(sizes.w5_sessions + 1)], logs / "server-w5.log") as server:
         await w5(server, sizes, tokens, bundle.state_bytes_per_session, results)
     await headline()
+    await replicas()
     rounds.report(results)
     return results, shown
 
@@ -131,9 +139,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preset.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
                         help="a tiny model and tiny counts, for tests (seconds)")
     parser.set_defaults(preset="full")
-    parser.add_argument("--only", choices=["operations"], default=None,
+    parser.add_argument("--only", choices=["operations", "replicas"], default=None,
                         help="run one stage alone: 'operations' is each session operation against a plain step and "
-                             "W6 (cached prompts against cold), on a server of their own; its figures go to "
+                             "W6 (cached prompts against cold), on a server of their own; 'replicas' is R1-R4 "
+                             "(the proxy, hibernation, write-through, memory with Redis); its figures go to "
                              "<cache>/<preset>-operations unless --out says where, never over bench/results, and "
                              "no plots are drawn")
     parser.add_argument("--out", type=Path, default=None,

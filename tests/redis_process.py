@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import redis
 from serving import free_port
 
 BINARY = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -43,6 +44,16 @@ class RedisProcess:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start; its log:\n{self.log.read_text()[-3000:]}")
+
+    def flush(self) -> None:
+        """Empty it, for the next stage of a run."""
+        with redis.Redis.from_url(self.url) as client:
+            client.flushall()
+
+    def used_memory(self) -> int:
+        """Bytes Redis holds (INFO memory used_memory)."""
+        with redis.Redis.from_url(self.url) as client:
+            return int(client.info("memory")["used_memory"])
 
     def stop(self) -> None:
         """Kill it outright: its data goes with it, as with a crashed Redis without persistence."""

@@ -2,7 +2,8 @@
 
 Runs `python -m bench --smoke` as a user would (a tiny model, tiny counts) into a temporary
 folder, so the committed bench/results are never touched, and checks latest.json's format; and
-`--only operations`, the session operations' stage alone, as its own partial run.
+`--only operations`, the session operations' stage alone, as its own partial run, and `--only replicas`,
+issue 12's scale-out stage (Redis and HAProxy as real peers).
 """
 
 import json
@@ -20,6 +21,15 @@ OPERATION_ROWS = {
     ("W6", "cached"): ((1,), ("p50_us", "cold_cached_ratio")),
     ("W6", "cold"): ((1,), ("p50_us",)),
 }
+# Issue 12: the proxy against direct, hibernation and wake-up, write-through off, every 16 and every token.
+LOOP_METRICS = ("tokens_per_s", "p50_us", "p99_us")
+REPLICA_ROWS = {
+    **{("R1", f"{kind}-{path}"): ((256,), LOOP_METRICS) for kind in ("unary", "stream") for path in ("direct", "proxy")},
+    ("R2", "hibernate"): ((1,), ("p50_us", "p99_us")),
+    ("R2", "wake"): ((1,), ("p50_us", "p99_us")),
+    **{("R3", variant): ((1, 256), LOOP_METRICS) for variant in ("off", "every-16", "every-1")},
+}
+R4_METRICS = ("rss_bytes", "baseline_rss_bytes", "active_sessions", "redis_used_memory_bytes")
 
 # (workload, variant): (session counts, metrics), as issue 4 lists them; W5's count is the preset's.
 REQUIRED = {
@@ -39,6 +49,7 @@ REQUIRED = {
     ("M1", "stream"): ((256,), ("on_off_ratio",)),
     ("M1", "unary"): ((256,), ("on_off_ratio",)),
     **OPERATION_ROWS,
+    **REPLICA_ROWS,
 }
 W5_METRICS = ("rss_bytes", "baseline_rss_bytes", "raw_state_bytes")
 
@@ -67,6 +78,7 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     found = {(r["workload"], r["variant"], r["sessions"], r["metric"]) for r in rows}
     required = keys(REQUIRED)
     required |= {("W5", "idle", report["run"]["sizes"]["w5_sessions"], m) for m in W5_METRICS}
+    required |= {("R4", "hibernating", report["run"]["sizes"]["w5_sessions"], m) for m in R4_METRICS}
     assert required - found == set()
     assert len(found) == len(rows)  # a figure measured in rounds is reported once, as their median
     assert (tmp_path / "cache" / "logs" / "echo-round2.log").is_file()  # the echo floor measured again for round 2
@@ -88,3 +100,16 @@ def test_only_operations_runs_the_session_operations_alone_into_a_folder_of_its_
     assert "--only operations" in report["run"]["command"]
     w6 = {t["name"].startswith("W6"): t["status"] for t in report["targets"]}  # the only target it measures
     assert w6[True] in {"met", "SHORT"} and w6[False] == "missing"
+
+
+def test_only_replicas_runs_the_scale_out_stage_alone(tmp_path):
+    cache = tmp_path / "cache"
+    run_bench("--only", "replicas", "--cache", str(cache))
+    report = json.loads((cache / "smoke-replicas" / "latest.json").read_text())  # never bench/results
+
+    found = {(r["workload"], r["variant"], r["sessions"], r["metric"]) for r in report["rows"]}
+    required = keys(REPLICA_ROWS) | {("R4", "hibernating", report["run"]["sizes"]["w5_sessions"], m)
+                                     for m in R4_METRICS}
+    assert required - found == set()
+    rows = {(r["workload"], r["variant"], r["sessions"], r["metric"]): r["value"] for r in report["rows"]}
+    assert rows["R4", "hibernating", report["run"]["sizes"]["w5_sessions"], "active_sessions"] >= 1
