@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -213,3 +215,11 @@ def test_waking_respects_the_session_cap_and_leaves_the_session_at_rest(replicas
     assert_fails(lambda: step(b.stub, resting, "!", len("resting")), grpc.StatusCode.RESOURCE_EXHAUSTED,
                  "CAPACITY_EXHAUSTED")
     assert step(a.stub, resting, "!", len("resting")).position == len("resting!")  # given back whole
+
+
+def test_serving_without_redis_loads_no_redis_client():
+    code = ("import sys, asyncio; from rnnserve.server.app import create_server; from rnnserve.server.settings import "
+            "Settings\nasync def main():\n    server, _ = create_server(Settings(listen='127.0.0.1:0'))\n"
+            "asyncio.run(main()); print(sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'hiredis')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
