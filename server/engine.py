@@ -94,7 +94,7 @@ class Engine:
                                  max_bytes=settings.prefix_cache_bytes, row_bytes=self.pool.row_bytes, events=metrics)
         self.states = NamedStates(self.cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)])
         self.operations = Operations(self.table, self.pool, self.batcher, self.cache, self.states,
-                                     ModelIdentity.of(bundle), self._accepting, self.find_session)
+                                     ModelIdentity.of(bundle), self._accepting, self.find_session, self._made)
         self.hibernation = self._hibernation() if settings.redis_url else None
         if metrics is not None:
             metrics.watch_sessions(lambda: len(self.table), self.pool.row_bytes, settings.max_sessions)
@@ -126,6 +126,12 @@ class Engine:
                            hibernate_after_seconds=settings.hibernate_after_seconds,
                            write_through_every=settings.write_through_every, sweep_seconds=settings.sweep_seconds,
                            events=self.metrics)
+
+    def _made(self, session: Session) -> None:
+        """A session a fork or an import made: registered in the session store as a created one is (its id routes
+        it to any replica), without waiting for the write."""
+        if self.hibernation is not None:
+            self.hibernation.created(session)
 
     def drain(self) -> None:
         """Refuse new work (UNAVAILABLE); work already accepted goes on."""

@@ -58,7 +58,7 @@ def score_rows(next_logits: np.ndarray, logits: np.ndarray, tokens: np.ndarray) 
 class Operations:
     def __init__(self, table: SessionTable, pool: StatePool, batcher: Batcher, cache: PrefixCache,
                  states: NamedStates, model: ModelIdentity, accepting: Callable[[], None],
-                 find: Callable[[str, str], Awaitable[Session]]):
+                 find: Callable[[str, str], Awaitable[Session]], made: Callable[[Session], None]):
         self.table = table
         self.pool = pool
         self.batcher = batcher
@@ -67,6 +67,7 @@ class Operations:
         self.model = model
         self._accepting = accepting
         self._find = find  # the live session of an owner, woken from the session store if need be
+        self._made = made  # told of each session a fork or an import makes, as of a created one
         self._shapes = {name: array.shape[1:] for name, array in pool.arrays.items()}
 
     async def _held(self, session_id: str, owner: str, expected_position: int | None):
@@ -94,9 +95,12 @@ class Operations:
         self._accepting()
         source, hold = await self._held(session_id, owner, expected_position)
         try:
-            return self.table.fork(source, count, source.ttl if ttl is None else ttl)
+            forks = self.table.fork(source, count, source.ttl if ttl is None else ttl)
         finally:
             hold.release()
+        for fork in forks:
+            self._made(fork)
+        return forks
 
     async def reset(self, session_id: str, owner: str, expected_position: int | None) -> Session:
         self._accepting()
@@ -203,6 +207,7 @@ class Operations:
         session = self.table.create(owner, ttl)
         self.install(session, portable)
         session.move_to(portable.position, time.monotonic())
+        self._made(session)
         return session, self.prediction(session, top_k, temperature)
 
     def install(self, session: Session, portable: PortableSession) -> None:

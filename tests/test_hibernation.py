@@ -112,6 +112,17 @@ def test_a_session_asked_for_elsewhere_is_handed_over_never_live_twice(replicas)
     assert_fails(lambda: step(b.stub, session_id, "e", 4), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
 
 
+def test_forks_and_imports_are_found_from_any_replica(replicas):
+    a = replicas(hibernate_after_seconds=0)
+    b = replicas(hibernate_after_seconds=0)
+    source = create(a.stub, prompt_text="abc")
+    (fork,) = a.stub.ForkSession(pb.ForkSessionRequest(session_id=source, count=1)).sessions
+    imported = a.stub.ImportSession(pb.ImportSessionRequest(state=export(a.stub, source))).session
+    for made in (fork, imported):  # routed by its own id, it may be asked for on another replica first
+        assert step(b.stub, made.session_id, "d", 3).position == 4
+    assert (a.held, b.held) == (1, 2)
+
+
 def test_a_second_owner_is_refused_not_merged(replicas):
     a = replicas(hibernate_after_seconds=0, write_through_every=1)
     session_id = create(a.stub, prompt_text="abc")
