@@ -16,7 +16,8 @@ COPY client client
 COPY export export
 # A plain install (not editable), so the default bundle in rnnserve/models/default is inside the
 # installed package and the sources can go.
-RUN pip install . && rm -rf /src
+# The `redis` extra lets replicas share sessions through Redis (--redis-url); unused without it.
+RUN pip install '.[redis]' && rm -rf /src
 
 RUN useradd --system --no-create-home rnnserve
 USER rnnserve

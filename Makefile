@@ -3,8 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 # Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check),
-# chromium (the playground's browser test, driven by Playwright).
-SYSTEM_PACKAGES := prometheus docker-compose chromium
+# chromium (the playground's browser test, driven by Playwright), Redis and HAProxy (replicas sharing sessions
+# behind a proxy).
+SYSTEM_PACKAGES := prometheus docker-compose chromium redis-server haproxy
 # Commands the tests use, as command:Debian package, installed when the command is missing: Node and npm run a
 # Node client of the .proto. Checked as commands because Node often comes from elsewhere (NodeSource's nodejs
 # package carries its own npm, and Debian's npm would conflict with it).
@@ -19,7 +20,7 @@ $(VENV)/.serving: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.serving
-	$(PIP) -e '.[train,dev]'
+	$(PIP) -e '.[train,dev,redis]'
 	touch $@
 
 serve: $(VENV)/.serving  ## serve the committed default model: gRPC on 127.0.0.1:50051, HTTP and the playground on 127.0.0.1:8080

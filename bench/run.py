@@ -5,7 +5,8 @@ before any server exists; the echo server (F2) is stopped before rnnserve-server
 starts its own servers, with metrics and without, one at a time; W5 gets a fresh server so that
 its baseline is a server that never held a session, and the session operations and W6 one that
 holds only theirs (`--only operations` runs that stage alone), and so do each batcher setting
-(`--only batching`) and the int8 copy of the reference model (`--only int8`). F1 and the loops
+(`--only batching`), the int8 copy of the reference model (`--only int8`) and issue 12's
+scale-out stage, with Redis and HAProxy as real peers (`--only replicas`). F1 and the loops
 the targets read most (W1, W2 at the most sessions, and F2 at one stream and the most, their
 floors) are measured in rounds spread over the run, each figure their median.
 """
@@ -33,6 +34,7 @@ from bench.metrics_cost import m1
 from bench.operations import session_operations
 from bench.processes import ServerProcess
 from bench.reference import reference_bundle
+from bench.replicas import scale_out
 from bench.report import Run, machine, write_json, write_markdown
 from bench.sizes import PRESETS, Sizes
 from bench.stats import Results, Rounds
@@ -95,7 +97,10 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
         await int8(functools.partial(server_command, flags=server_flags), bundle,
                    settings.ort_threads, settings.ort_spins, sizes, tokens, logs, results, progress)
 
-    stages = {"operations": operations, "batching": batching_settings, "int8": int8_copy}
+    async def replicas() -> None:
+        await scale_out(command, bundle, sizes, tokens, logs, results, progress)
+
+    stages = {"operations": operations, "batching": batching_settings, "int8": int8_copy, "replicas": replicas}
     if only is not None:
         await stages[only]()
         return results, shown
@@ -139,6 +144,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     await batching_settings()
     await int8_copy()
     await headline()
+    await replicas()
     rounds.report(results)
     return results, shown
 
@@ -151,11 +157,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preset.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
                         help="a tiny model and tiny counts, for tests (seconds)")
     parser.set_defaults(preset="full")
-    parser.add_argument("--only", choices=["operations", "batching", "int8"], default=None,
+    parser.add_argument("--only", choices=["operations", "batching", "int8", "replicas"], default=None,
                         help="run one stage alone: 'operations' is each session operation against a plain step and "
                              "W6 (cached prompts against cold), on a server of their own; 'batching' is W1 and W2 "
                              "unary on a server per batcher setting (fixed and adaptive waits, --loop-max-tokens 0); "
-                             "'int8' is the int8 copy of the reference model: its F1, W1 and W2. Its figures go to "
+                             "'int8' is the int8 copy of the reference model: its F1, W1 and W2; 'replicas' is R1-R4 "
+                             "(the proxy, hibernation, write-through, memory with Redis). Its figures go to "
                              "<cache>/<preset>-<stage> unless --out says where, never over bench/results, and "
                              "no plots are drawn")
     parser.add_argument("--out", type=Path, default=None,

@@ -52,7 +52,7 @@ class AsyncClient(ClientBase):
         """One call, retried on UNAVAILABLE with backoff when `retry_safe`; failures raise RnnserveError."""
         for attempt in itertools.count():
             try:
-                return await method(request, **self._connection.call_options(timeout))
+                return await method(request, **self._connection.call_options(timeout, request))
             except grpc.RpcError as error:
                 await asyncio.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
 
@@ -142,7 +142,7 @@ class AsyncSession(SessionHandle):
                        stop: Sequence[str] = (), timeout: float | None = None) -> AsyncIterator[GeneratedToken]:
         """As `Session.generate`, an async iterator; leaving `async for` early cancels the generation."""
         request = self._generate_request(tokens, max_tokens, temperature, top_k, top_p, seed, stop)
-        call = self._client._inference.Generate(request, **self._client._connection.call_options(timeout))
+        call = self._client._inference.Generate(request, **self._client._connection.call_options(timeout, request))
         with self._generation(call):
             async for response in call:
                 yield self._generated(response)

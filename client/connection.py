@@ -17,6 +17,9 @@ from rnnserve.v1 import rnnserve_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
+# Metadata naming the session a call is about, for a proxy in front of replicas to route by
+# (deploy/haproxy): every step of a session then reaches the replica that holds it.
+SESSION_HEADER = "x-session-id"
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,14 @@ class Connection:
             return module.insecure_channel(self.address, self._channel_options)
         return module.secure_channel(self.address, self.tls.credentials(), self._channel_options)
 
-    def call_options(self, timeout: float | None) -> dict:
-        """Keyword arguments for a stub call: its deadline (per-call override or default) and the token."""
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
+    def call_options(self, timeout: float | None, request: object = None) -> dict:
+        """Keyword arguments for a stub call: its deadline (per-call override or default), the token, and the
+        session the request names (if any) as `x-session-id`."""
+        metadata = self.metadata
+        session_id = getattr(request, "session_id", "")
+        if session_id:
+            metadata = (*metadata, (SESSION_HEADER, session_id))
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": metadata}
 
 
 class ClientBase:

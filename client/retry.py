@@ -1,12 +1,14 @@
-"""When to try a call again: exponential backoff with jitter, on UNAVAILABLE only.
+"""When to try a call again: exponential backoff with jitter, on UNAVAILABLE (and a CANCELLED we did not ask for).
 
 UNAVAILABLE means the call may not have reached the server (no connection yet, or a server
 draining), so only calls that are harmless to repeat are retried: reads, closes, and steps
 that carry expected_position (the server answers an exact retry from its record instead of
 applying it twice), and resets and rewinds that carry it (a resend whose first try landed is
 refused as a PositionMismatch). Never forks, imports or registrations: a resend whose first try
-landed would make or replace something again. Every other code is the server's considered
-answer and is raised at once.
+landed would make or replace something again. A CANCELLED status that reaches us (our own
+cancellation raises asyncio.CancelledError or is never answered) is the same case as UNAVAILABLE:
+a stopping gRPC server cancels the calls that reach it after it began to stop, before they start.
+Every other code is the server's considered answer and is raised at once.
 Jitter keeps many clients that lost the same server from reconnecting in lockstep.
 """
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+import grpc
 
 from rnnserve.client.errors import RnnserveError, Unavailable
 
@@ -36,7 +40,8 @@ class RetryPolicy:
         Raises `error` when the call must not be repeated. A RetryInfo delay from the server is
         a floor: it knows better than our schedule when it will have room again.
         """
-        if not (retry_safe and isinstance(error, Unavailable) and attempt < self.retries):
+        retryable = isinstance(error, Unavailable) or error.code == grpc.StatusCode.CANCELLED
+        if not (retry_safe and retryable and attempt < self.retries):
             raise error from None
         backoff = min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt)
         return max(backoff * random.uniform(1 - self.jitter, 1 + self.jitter), error.retry_after or 0.0)

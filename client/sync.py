@@ -47,7 +47,7 @@ class Client(ClientBase):
         """One call, retried on UNAVAILABLE with backoff when `retry_safe`; failures raise RnnserveError."""
         for attempt in itertools.count():
             try:
-                return method(request, **self._connection.call_options(timeout))
+                return method(request, **self._connection.call_options(timeout, request))
             except grpc.RpcError as error:
                 time.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
 
@@ -162,7 +162,7 @@ class Session(SessionHandle):
         `tokens` are fed first. Not retried; stopping early cancels the generation.
         """
         request = self._generate_request(tokens, max_tokens, temperature, top_k, top_p, seed, stop)
-        call = self._client._inference.Generate(request, **self._client._connection.call_options(timeout))
+        call = self._client._inference.Generate(request, **self._client._connection.call_options(timeout, request))
         with self._generation(call):
             for response in call:
                 yield self._generated(response)

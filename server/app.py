@@ -1,8 +1,9 @@
 """The gRPC server: the Inference servicer with the stock health and reflection services.
 
 `create_server` returns the server and the port it bound (pass port 0 for an ephemeral one);
-`Server.stop` drains in order: health goes NOT_SERVING, new work is refused UNAVAILABLE, calls
-in flight get the grace period, then the engine's background tasks stop. Unless metrics are
+`Server.stop` drains in order: health goes NOT_SERVING, new work is refused UNAVAILABLE, with a
+session store every session is handed to it (after the work already queued on it), calls in
+flight get the grace period, then the engine's background tasks stop. Unless metrics are
 off, the server's metrics live in a registry of its own, served on their own port.
 """
 
@@ -27,6 +28,9 @@ from rnnserve.server.web.app import create_face
 from rnnserve.server.web.face import WebFace
 
 SERVICE_NAME = wire.SERVICE.full_name
+# Health of the session store (--redis-url), apart from the service's: a replica whose Redis is down
+# still serves the sessions it holds, so a proxy keeps routing to it while this reports the fault.
+STORE_HEALTH_NAME = "rnnserve.session_store"
 
 
 class Server:
@@ -54,10 +58,18 @@ class Server:
         if self.web is not None:
             await self.web.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.engine.hibernation is not None:
+            self.engine.hibernation.on_health = self._report_store_health
+            await self.health.set(STORE_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    def _report_store_health(self, healthy: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        asyncio.ensure_future(self.health.set(STORE_HEALTH_NAME, status))
 
     async def stop(self, grace: float | None) -> None:
         self.engine.drain()
         await self.health.enter_graceful_shutdown()
+        await self.engine.hand_off()
         await asyncio.gather(self.grpc_server.stop(grace), *([] if self.web is None else [self.web.stop(grace)]))
         await self.engine.stop()
         if self.metrics_endpoint is not None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -23,7 +24,8 @@ from rnnserve.bundle import Bundle
 from rnnserve.initial_states import load_initial_states
 from rnnserve.server.batcher import Batcher, StepAnswer
 from rnnserve.server.durability import Durability
-from rnnserve.server.errors import InvalidArgument, ModelNotFound, RnnserveError, ShuttingDown
+from rnnserve.server.errors import (InvalidArgument, ModelNotFound, RnnserveError, SessionNotFound,
+                                    SessionUnavailable, ShuttingDown)
 from rnnserve.server.generate import GeneratedToken, StopStrings, continue_session
 from rnnserve.server.memory import release_free_memory
 from rnnserve.server.metrics import Metrics
@@ -36,6 +38,9 @@ from rnnserve.server.sessions import Removal, Session, SessionTable
 from rnnserve.server.settings import Settings
 from rnnserve.server.snapshot import ModelIdentity
 from rnnserve.server.state_pool import StatePool
+
+if TYPE_CHECKING:
+    from rnnserve.server.hibernation import Hibernation
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +98,9 @@ class Engine:
                                  max_bytes=settings.prefix_cache_bytes, min_tokens=settings.prefix_cache_min_tokens,
                                  row_bytes=self.pool.row_bytes, events=metrics)
         self.states = NamedStates(self.cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)])
-        self.operations = Operations(self.table, self.pool, self.batcher, self.states,
-                                     ModelIdentity.of(bundle), self._accepting)
+        self.operations = Operations(self.table, self.pool, self.batcher, self.states, ModelIdentity.of(bundle),
+                                     self._accepting, self.find_session, self._made)
+        self.hibernation = self._hibernation() if settings.redis_url else None
         if metrics is not None:
             metrics.watch_sessions(lambda: len(self.table), self.pool.row_bytes, settings.max_sessions)
             metrics.watch_prefix_cache(lambda: len(self.cache), lambda: self.cache.bytes)
@@ -110,12 +116,40 @@ class Engine:
             self.durability.start()
         self._tasks = [asyncio.create_task(self.batcher.run(), name="rnnserve-batcher"),
                        asyncio.create_task(self._sweep(), name="rnnserve-sweep")]
+        if self.hibernation is not None:
+            self.hibernation.start()
+
+    def _hibernation(self) -> Hibernation:
+        """Sessions kept in Redis besides memory. Imported here: serving without Redis needs no Redis client."""
+        from rnnserve.server.hibernation import Hibernation
+        from rnnserve.server.session_store import SessionStore, replica_holder
+
+        settings = self.settings
+        store = SessionStore(settings.redis_url, replica_holder(settings.replica_id or default_replica_id(settings)),
+                             lease_seconds=settings.redis_lease_seconds, timeout_seconds=settings.redis_timeout_seconds)
+        return Hibernation(store, self.table, self.batcher, self.operations,
+                           hibernate_after_seconds=settings.hibernate_after_seconds,
+                           write_through_every=settings.write_through_every, sweep_seconds=settings.sweep_seconds,
+                           events=self.metrics)
+
+    def _made(self, session: Session) -> None:
+        """A session a fork or an import made: registered in the session store as a created one is (its id routes
+        it to any replica), without waiting for the write."""
+        if self.hibernation is not None:
+            self.hibernation.created(session)
 
     def drain(self) -> None:
         """Refuse new work (UNAVAILABLE); work already accepted goes on."""
         self._draining = True
 
+    async def hand_off(self) -> None:
+        """With a session store, move every session there (call after `drain`): another replica continues each."""
+        if self.hibernation is not None:
+            await self.hibernation.hand_off()
+
     async def stop(self) -> None:
+        if self.hibernation is not None:
+            await self.hibernation.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -176,6 +210,8 @@ class Engine:
             self.table.remove(session, Removal.CLOSED)
             raise
         self._record_first_prediction(arrived)
+        if self.hibernation is not None and (stored := self.hibernation.created(session)) is not None:
+            await stored
         return Created(session, answer, cached)
 
     def _start_from_cache(self, session: Session, prompt: np.ndarray) -> int:
@@ -189,8 +225,30 @@ class Engine:
         session.move_to(len(hit.tokens), time.monotonic())
         return len(hit.tokens)
 
-    def get_session(self, session_id: str, owner: str) -> Session:
-        return self.table.get(session_id, owner)
+    async def find_session(self, session_id: str, owner: str) -> Session:
+        """The live session `session_id` of `owner`; one not held here is woken from the session store, if any."""
+        session = self._held(session_id, owner)
+        if session is not None:
+            return session
+        self._accepting()
+        return await self.hibernation.wake(session_id, owner)
+
+    def _held(self, session_id: str, owner: str) -> Session | None:
+        """The live session held here; None for a miss that may be in the session store (never seen here, or moved
+        there); the table's answer for the rest (closed, expired, evicted, another owner's)."""
+        try:
+            return self.table.get(session_id, owner)
+        except (SessionNotFound, SessionUnavailable):
+            if self.hibernation is None or self.table.removal(session_id) not in (None, Removal.MOVED):
+                raise
+            return None
+
+    def position_held(self, session_id: str, owner: str) -> int:
+        """Where `owner`'s session held here stands; 0 when none is (never seen, gone, moved, another owner's)."""
+        try:
+            return self.table.get(session_id, owner).position
+        except RnnserveError:
+            return 0
 
     def refused_step(self, session_id: str, owner: str, error: RnnserveError) -> asyncio.Future:
         """A future failing with `error`, for a step refused before it could queue: in the step's turn when the
@@ -204,13 +262,15 @@ class Engine:
 
     async def close_session(self, session_id: str, owner: str) -> int:
         """Close after the work queued before the close; work queued after it fails NOT_FOUND. Returns the position."""
-        session = self.table.get(session_id, owner)
+        session = await self.find_session(session_id, owner)
         hold = await self.batcher.hold(session)
         try:
             session.ensure_live()
             self.table.remove(session, Removal.CLOSED)
         finally:
             hold.release()
+        if self.hibernation is not None:
+            self.hibernation.closed(session.id)
         log.debug("closed session %s at position %d", session.id, session.position)
         return session.position
 
@@ -220,16 +280,26 @@ class Engine:
              deadline: float | None = None) -> asyncio.Future[StepAnswer]:
         """Queue a step; the future holds its answer. `deadline` is a time.monotonic() instant."""
         self._accepting()
-        session = self.table.get(session_id, owner)
-        return self.batcher.submit(session, step.tokens, step.top_k, step.temperature, step.expected_position,
-                                   deadline)
+        session = self._held(session_id, owner)
+        if session is None:  # the slow path: wake it from the session store first
+            return asyncio.ensure_future(self._woken_step(session_id, owner, step, deadline))
+        return self._submit(session, step, deadline)
+
+    def _submit(self, session: Session, step: StepInput, deadline: float | None) -> asyncio.Future[StepAnswer]:
+        answer = self.batcher.submit(session, step.tokens, step.top_k, step.temperature, step.expected_position,
+                                     deadline)
+        return answer if self.hibernation is None else self.hibernation.after_step(session, len(step.tokens), answer)
+
+    async def _woken_step(self, session_id: str, owner: str, step: StepInput, deadline: float | None) -> StepAnswer:
+        session = await self.find_session(session_id, owner)
+        return await self._submit(session, step, deadline)
 
     async def generate(self, session_id: str, owner: str, request: GenerateInput,
                        send: Callable[[GeneratedToken], Awaitable[None]]) -> None:
         """Read the request's tokens if any, then generate, holding the session throughout."""
         arrived = time.perf_counter()
         self._accepting()
-        session = self.table.get(session_id, owner)
+        session = await self.find_session(session_id, owner)
         hold = await self.batcher.hold(session)
         try:
             session.ensure_live()
@@ -249,3 +319,8 @@ class Engine:
         """A prompt that arrived at `arrived` (time.perf_counter()) now has its prediction."""
         if self.metrics is not None:
             self.metrics.record_first_prediction(time.perf_counter() - arrived)
+
+
+def default_replica_id(settings: Settings) -> str:
+    """hostname:port, the port as given in --listen: unique among replicas on one host and across hosts."""
+    return f"{socket.gethostname()}:{settings.listen.rpartition(':')[2]}"

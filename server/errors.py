@@ -181,6 +181,18 @@ def _quota_failure(subject: str, description: str) -> error_details_pb2.QuotaFai
         subject=subject, description=description)])
 
 
+class SessionUnavailable(RnnserveError):
+    """A session this replica cannot serve now, though it may exist: moved to the session store, live on another
+    replica, or in a store that cannot be read. A retry (routed again, or after the store recovers) may succeed;
+    nothing was applied. No ErrorInfo reason of its own: UNAVAILABLE with RetryInfo already says what to do."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, session_id: str, why: str, retry_after_seconds: float = 0.0):
+        super().__init__(f"session {session_id!r} {why}; retry", session_id=session_id)
+        self.retry_after_seconds = retry_after_seconds
+
+
 def _packed(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)

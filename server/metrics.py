@@ -22,6 +22,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
 
 from rnnserve.bundle import Bundle
 from rnnserve.server.batcher import BatchReport
+from rnnserve.server.sessions import Removal
 
 PREFIX = "rnnserve"
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}  # 5 -> "NOT_FOUND"
@@ -99,11 +100,12 @@ class Metrics:
                                          "Model calls that failed; none of their steps was applied.")
         self._created = per_model(Counter, "sessions_created", "Sessions created.")
         self._restored = per_model(Counter, "sessions_restored",
-                                   "Sessions taken over from the snapshot at start: with sessions_created, what "
-                                   "sessions_active and sessions_ended add up to.")
-        ended = Counter(f"{PREFIX}_sessions_ended", "Sessions removed, by reason: closed, expired or evicted.",
+                                   "Sessions taken over from the snapshot at start or woken from the session store: "
+                                   "with sessions_created, what sessions_active and sessions_ended add up to.")
+        ended = Counter(f"{PREFIX}_sessions_ended", "Sessions removed, by reason: closed, expired, evicted, or moved "
+                        "to the session store (hibernated or handed over; taken back as sessions_restored).",
                         (*MODEL_LABELS, "reason"), registry=registry)
-        self._ended = {reason: ended.labels(**model, reason=reason) for reason in ("closed", "expired", "evicted")}
+        self._ended = {reason.value: ended.labels(**model, reason=reason.value) for reason in Removal}
         self._session_tokens = per_model(Histogram, "session_length_tokens",
                                          "Tokens a session had consumed when it was removed.",
                                          buckets=SESSION_TOKEN_BUCKETS)
@@ -125,6 +127,29 @@ class Metrics:
                                          "Prompts held in the prefix-state cache, named states included.")
         self._prefix_bytes = per_model(Gauge, "prefix_cache_bytes",
                                        "Memory held by the prefix-state cache's evictable entries.")
+        self._declare_store_metrics(registry)
+
+    def _declare_store_metrics(self, registry: CollectorRegistry) -> None:
+        self._store_up = Gauge(f"{PREFIX}_session_store_up", "1 while the session store (Redis, --redis-url) answers, "
+                               "0 while it cannot be reached: sessions held keep serving, hibernation pauses.",
+                               registry=registry)
+        self._store_writes = Counter(f"{PREFIX}_session_store_writes", "Sessions written to the session store: "
+                                     "registrations, write-through, hibernation and hand-off.", registry=registry)
+        self._store_write_seconds = Histogram(f"{PREFIX}_session_store_write_seconds",
+                                              "One round trip of writes to the session store, however many sessions.",
+                                              buckets=SECONDS_BUCKETS, registry=registry)
+        self._hibernated = Counter(f"{PREFIX}_sessions_hibernated", "Sessions put at rest in the session store "
+                                   "(idle, or handed over by a draining replica).", registry=registry)
+
+    def record_store_up(self, up: bool) -> None:
+        self._store_up.set(1 if up else 0)
+
+    def record_store_write(self, sessions: int, seconds: float) -> None:
+        self._store_writes.inc(sessions)
+        self._store_write_seconds.observe(seconds)
+
+    def record_hibernated(self, sessions: int) -> None:
+        self._hibernated.inc(sessions)
 
     def watch_sessions(self, count: Callable[[], int], row_bytes: int, limit: int) -> None:
         """Read the number of sessions held when Prometheus scrapes, not each time it changes."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,20 +57,23 @@ def score_rows(next_logits: np.ndarray, logits: np.ndarray, tokens: np.ndarray) 
 
 class Operations:
     def __init__(self, table: SessionTable, pool: StatePool, batcher: Batcher, states: NamedStates,
-                 model: ModelIdentity, accepting: Callable[[], None]):
+                 model: ModelIdentity, accepting: Callable[[], None], find: Callable[[str, str], Awaitable[Session]],
+                 made: Callable[[Session], None]):
         self.table = table
         self.pool = pool
         self.batcher = batcher
         self.states = states
         self.model = model
         self._accepting = accepting
+        self._find = find  # the live session of an owner, woken from the session store if need be
+        self._made = made  # told of each session a fork or an import makes, as of a created one
         self.shapes = {name: array.shape[1:] for name, array in pool.arrays.items()}
 
     @contextlib.asynccontextmanager
     async def _holding(self, session_id: str, owner: str, expected_position: int | None) -> AsyncIterator[Session]:
         """The live session, after its earlier work and with no step of it running until the block ends, at the
         expected position if one is given."""
-        session = self.table.get(session_id, owner)
+        session = await self._find(session_id, owner)
         hold = await self.batcher.hold(session)
         try:
             session.ensure_live()
@@ -91,7 +94,10 @@ class Operations:
                    expected_position: int | None) -> list[Session]:
         self._accepting()
         async with self._holding(session_id, owner, expected_position) as source:
-            return self.table.fork(source, count, source.ttl if ttl is None else ttl)
+            forks = self.table.fork(source, count, source.ttl if ttl is None else ttl)
+        for fork in forks:
+            self._made(fork)
+        return forks
 
     async def reset(self, session_id: str, owner: str, expected_position: int | None) -> Session:
         self._accepting()
@@ -160,20 +166,35 @@ class Operations:
 
     async def export(self, session_id: str, owner: str, expected_position: int | None) -> tuple[Session, bytes]:
         async with self._holding(session_id, owner, expected_position) as session:
-            history = session.history
-            portable = PortableSession(
-                session.position, self.pool.rows(session.slot), "" if session.initial is None else session.initial.name,
-                None if session.initial is None else session.initial.rows,
-                [] if history is None else list(history.checkpoints),
-                [] if history is None else history.tokens)
-            return session, encode(portable, self.model, self.shapes)
+            return session, self.blob_of(session)
+
+    def blob_of(self, session: Session) -> bytes:
+        """The session as a portable blob: what ExportSession answers and the session store keeps."""
+        history = session.history
+        portable = PortableSession(
+            session.position, self.pool.rows(session.slot), "" if session.initial is None else session.initial.name,
+            None if session.initial is None else session.initial.rows,
+            [] if history is None else list(history.checkpoints),
+            [] if history is None else history.tokens)
+        return encode(portable, self.model, self.shapes)
+
+    def decode(self, blob: bytes) -> PortableSession:
+        """The session in `blob`, checked whole against this server's model; refused with the reason otherwise."""
+        return decode(blob, self.model, self.shapes, len(self.pool.arrays[NEXT_LOGITS][0]))
 
     def import_(self, owner: str, blob: bytes, ttl: float, top_k: int,
                 temperature: float) -> tuple[Session, Prediction | None]:
         """A new session of `owner` continuing the exported one; nothing is created when the blob is refused."""
         self._accepting()
-        portable = decode(blob, self.model, self.shapes, len(self.pool.arrays[NEXT_LOGITS][0]))
+        portable = self.decode(blob)
         session = self.table.create(owner, ttl)
+        self.install(session, portable)
+        session.move_to(portable.position, time.monotonic())
+        self._made(session)
+        return session, self.prediction(session, top_k, temperature)
+
+    def install(self, session: Session, portable: PortableSession) -> None:
+        """Give `session` (new in the table) the rows, initial state and history of `portable`; not its position."""
         self.pool.set_rows(session.slot, portable.rows)
         if portable.initial_rows is not None:
             session.initial = NamedState(portable.initial_state, IMPORTED, portable.initial_rows, None)
@@ -182,8 +203,6 @@ class Operations:
                                       portable.checkpoints, portable.tokens)
         else:
             session.history = self.table.new_history(Checkpoint(portable.position, portable.rows))
-        session.move_to(portable.position, time.monotonic())
-        return session, self.prediction(session, top_k, temperature)
 
     # Named states ------------------------------------------------------------------------------
 

@@ -48,7 +48,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
-        return self._write.session(self._engine.get_session(self._read.session_id(request.session_id), caller(context)))
+        session = await self._engine.find_session(self._read.session_id(request.session_id), caller(context))
+        return self._write.session(session)
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
         position = await self._engine.close_session(self._read.session_id(request.session_id), caller(context))
@@ -194,10 +195,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _position(self, session_id: str, owner: str) -> int:
         """Where `owner`'s session stands now, for the answer to a step whose error does not say (no such session,
         or an error of the transport): 0 when it has no such session."""
-        try:
-            return self._engine.get_session(session_id, owner).position
-        except RnnserveError:
-            return 0
+        return self._engine.position_held(session_id, owner)
 
     async def _write_in_order(self, replies: InOrder[pb.StepRequest], owner: str, context) -> None:
         async for request, reply in replies:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from rnnserve.server.errors import (CapacityExhausted, PositionMismatch, SessionEvicted, SessionExpired,
-                                    SessionNotFound)
+from rnnserve.server.errors import (CapacityExhausted, PositionMismatch, RnnserveError, SessionEvicted,
+                                    SessionExpired, SessionNotFound, SessionUnavailable)
 from rnnserve.server.history import Checkpoint, History
 from rnnserve.server.lines import Line
 from rnnserve.server.quotas import OwnerQuota
@@ -51,8 +51,11 @@ class Removal(enum.Enum):
     CLOSED = "closed"
     EXPIRED = "expired"
     EVICTED = "evicted"
+    MOVED = "moved"  # hibernated or handed over to the session store: live again wherever it is next named
 
-    def error(self, session_id: str) -> SessionNotFound:
+    def error(self, session_id: str) -> RnnserveError:
+        if self is Removal.MOVED:
+            return SessionUnavailable(session_id, "moved to the session store while this call waited")
         if self is Removal.EXPIRED:
             return SessionExpired(session_id)
         if self is Removal.EVICTED:
@@ -241,6 +244,25 @@ class SessionTable:
             self.remove(session, Removal.EXPIRED)
             raise SessionExpired(session_id)
         return session
+
+    def held(self, session_id: str) -> Session | None:
+        """The session `session_id` if this table holds it, whoever owns it: for moving it, never for answering."""
+        return self._sessions.get(session_id)
+
+    def removal(self, session_id: str) -> Removal | None:
+        """Why `session_id` left this table, if it is among those remembered."""
+        return self._removed.get(session_id, (None, None))[0]
+
+    def idle(self, before: float, limit: int) -> list[Session]:
+        """Up to `limit` sessions with no work in progress, last active before `before` (time.monotonic())."""
+        found: list[Session] = []
+        for recency in self._by_ttl.values():
+            for session in recency.values():
+                if session.last_active >= before or len(found) >= limit:
+                    break  # the rest of this TTL group was active later still
+                if not session.line.busy:
+                    found.append(session)
+        return found
 
     def remove(self, session: Session, reason: Removal) -> None:
         """Free the session's slot; work still waiting in its line finds it removed and fails NOT_FOUND."""

@@ -123,6 +123,25 @@ class Settings:
     snapshot_interval_seconds: float = _setting(
         0.0, "Also write the snapshot this often, so that a crash (kill -9) loses at most this much work. "
         "0: only on SIGTERM or SIGINT.", minimum=0)
+    redis_url: str = _setting(
+        "", "Redis holding sessions at rest, for replicas behind a proxy that routes by session id "
+        "(e.g. redis://redis:6379/0; needs the 'redis' extra): idle sessions hibernate there, a drained replica hands "
+        "its sessions over, and any replica wakes a session it is asked for. Empty: sessions live in this process "
+        "only.")
+    replica_id: str = _setting(
+        "", "This replica's name in the session store, telling whose a live session is. Empty: hostname:port.")
+    hibernate_after_seconds: float = _setting(
+        300.0, "With --redis-url: a session idle this long moves to Redis and frees its slot; its next call, on any "
+        "replica, brings it back. 0: sessions hibernate only when the replica is drained.", minimum=0)
+    write_through_every: int = _setting(
+        0, "With --redis-url: also store a session every this many tokens, answering the step that crosses the mark "
+        "only once Redis has it, so that a replica killed outright (kill -9) loses at most the tokens since. "
+        "0: off.", minimum=0)
+    redis_lease_seconds: float = _setting(
+        10.0, "How long a replica's hold on its sessions outlives its last renewal (every third of this): how soon "
+        "the sessions of a replica that died can be taken by another.", minimum=0.1)
+    redis_timeout_seconds: float = _setting(
+        1.0, "How long a Redis call may take before it counts as a fault (Redis down or slow).", minimum=0.001)
     rewind_depth: int = _setting(
         32, "How many of its last tokens a session can undo (RewindSession). Each session keeps its token log "
         "(4 bytes a token) and a checkpoint of its state (one row, 8.5 KiB for the shipped model) every "
@@ -164,6 +183,8 @@ class Settings:
                 raise ValueError(f"{settings_field.name} must be one of {', '.join(rules['choices'])}, got {value!r}")
         if self.snapshot_interval_seconds and not self.snapshot_path:
             raise ValueError("snapshot_interval_seconds needs a snapshot_path to write to")
+        if self.write_through_every and not self.redis_url:
+            raise ValueError("write_through_every needs a redis_url to write to")
         if self.default_ttl_seconds > self.max_ttl_seconds:
             raise ValueError(f"default_ttl_seconds ({self.default_ttl_seconds}) exceeds max_ttl_seconds "
                              f"({self.max_ttl_seconds})")

@@ -16,8 +16,8 @@ from pathlib import Path
 from types import TracebackType
 
 import yaml
-from serving import free_port
-from serving import free_port
+from serving import end_process, free_port
+from serving import end_process, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -57,12 +57,7 @@ class PrometheusProcess:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        end_process(self._process)
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_SECONDS

@@ -2,8 +2,8 @@
 
 Runs `python -m bench --smoke` as a user would (a tiny model, tiny counts) into a temporary
 folder, so the committed bench/results are never touched, and checks latest.json's format; and
-each stage `--only` runs alone (the session operations, the batcher settings, the int8 copy), as
-its own partial run.
+each stage `--only` runs alone (the session operations, the batcher settings, the int8 copy, and
+issue 12's scale-out stage with Redis and HAProxy as real peers), as its own partial run.
 """
 
 import json
@@ -37,6 +37,16 @@ INT8_ROWS = {
     ("W2-int8", "unary"): ((256,), LOOP_METRICS),
 }
 STAGES = {"operations": OPERATION_ROWS, "batching": BATCHING_ROWS, "int8": INT8_ROWS}
+# Issue 12: the proxy against direct, hibernation and wake-up, write-through off, every 16 and every token.
+REPLICA_METRICS = ("tokens_per_s", "p50_us", "p99_us")
+REPLICA_ROWS = {
+    **{("R1", f"{kind}-{path}"): ((256,), REPLICA_METRICS)
+       for kind in ("unary", "stream") for path in ("direct", "proxy")},
+    ("R2", "hibernate"): ((1,), ("p50_us", "p99_us")),
+    ("R2", "wake"): ((1,), ("p50_us", "p99_us")),
+    **{("R3", variant): ((1, 256), REPLICA_METRICS) for variant in ("off", "every-16", "every-1")},
+}
+R4_METRICS = ("rss_bytes", "baseline_rss_bytes", "active_sessions", "redis_used_memory_bytes")
 
 # (workload, variant): (session counts, metrics), as issue 4 lists them; W5's count is the preset's.
 REQUIRED = {
@@ -62,6 +72,7 @@ REQUIRED = {
     **OPERATION_ROWS,
     **BATCHING_ROWS,
     **INT8_ROWS,
+    **REPLICA_ROWS,
 }
 W5_METRICS = ("rss_bytes", "baseline_rss_bytes", "raw_state_bytes")
 
@@ -90,6 +101,7 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     found = {(r["workload"], r["variant"], r["sessions"], r["metric"]) for r in rows}
     required = keys(REQUIRED)
     required |= {("W5", "idle", report["run"]["sizes"]["w5_sessions"], m) for m in W5_METRICS}
+    required |= {("R4", "hibernating", report["run"]["sizes"]["w5_sessions"], m) for m in R4_METRICS}
     assert required - found == set()
     assert len(found) == len(rows)  # a figure measured in rounds is reported once, as their median
     assert (tmp_path / "cache" / "logs" / "echo-round2.log").is_file()  # the echo floor measured again for round 2
@@ -131,3 +143,16 @@ def test_only_int8_serves_the_int8_copy_of_the_reference_bundle(tmp_path):
     assert len(manifests) == 1  # cached beside the reference bundle for the next run, as rnnserve-quantize writes it
     manifest = json.loads(manifests[0].read_text())
     assert manifest["version"].endswith("-int8") and "quantization" in manifest
+
+
+def test_only_replicas_runs_the_scale_out_stage_alone(tmp_path):
+    cache = tmp_path / "cache"
+    run_bench("--only", "replicas", "--cache", str(cache))
+    report = json.loads((cache / "smoke-replicas" / "latest.json").read_text())  # never bench/results
+
+    found = {(r["workload"], r["variant"], r["sessions"], r["metric"]) for r in report["rows"]}
+    required = keys(REPLICA_ROWS) | {("R4", "hibernating", report["run"]["sizes"]["w5_sessions"], m)
+                                     for m in R4_METRICS}
+    assert required - found == set()
+    rows = {(r["workload"], r["variant"], r["sessions"], r["metric"]): r["value"] for r in report["rows"]}
+    assert rows["R4", "hibernating", report["run"]["sizes"]["w5_sessions"], "active_sessions"] >= 1

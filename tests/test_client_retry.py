@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from rnnserve.client import Client
-from rnnserve.client.errors import InvalidArgument, Unavailable
+from rnnserve.client.errors import InvalidArgument, RnnserveError, Unavailable
 from rnnserve.client.retry import RetryPolicy
 from serving import free_port
 
@@ -34,6 +34,13 @@ def test_unsafe_calls_and_other_codes_are_not_retried():
         RetryPolicy().backoff(0, DOWN, retry_safe=False)
     with pytest.raises(InvalidArgument):
         RetryPolicy().backoff(0, InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, "top_k"), retry_safe=True)
+
+
+def test_a_call_a_stopping_server_cancelled_is_retried_like_unavailable():
+    cancelled = RnnserveError(grpc.StatusCode.CANCELLED, "CANCELLED")  # what grpc answers calls reaching it mid-stop
+    assert RetryPolicy(jitter=0.0).backoff(0, cancelled, retry_safe=True) == 0.2
+    with pytest.raises(RnnserveError):
+        RetryPolicy().backoff(0, cancelled, retry_safe=False)
 
 
 def test_the_server_retry_delay_is_a_floor():

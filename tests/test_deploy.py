@@ -27,6 +27,7 @@ from rnnserve.v1 import rnnserve_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rnnserve.json"
+REPLICAS_PROFILE = {"redis", "replica1", "replica2", "replica3", "haproxy"}
 
 
 def tool(name: str, package: str) -> str:
@@ -60,7 +61,7 @@ def installed(command: str) -> str:
 
 
 def test_every_service_has_a_health_check(compose):
-    assert set(compose["services"]) == {"rnnserve", "prometheus", "grafana"}
+    assert set(compose["services"]) == {"rnnserve", "prometheus", "grafana", *REPLICAS_PROFILE}
     for name, service in compose["services"].items():
         assert service["healthcheck"]["test"][0] == "CMD", name
 
@@ -68,7 +69,28 @@ def test_every_service_has_a_health_check(compose):
 def test_rnnserve_is_built_from_the_dockerfile_without_the_train_extra(compose):
     assert Path(compose["services"]["rnnserve"]["build"]["context"]) == ROOT
     installs = re.findall(r"pip install (.+)", (ROOT / "Dockerfile").read_text())
-    assert installs and all("train" not in line and "[" not in line for line in installs)
+    # The redis extra (the session store's client) only: no torch in the serving image.
+    assert installs and all("train" not in line and set(re.findall(r"\[(.*?)\]", line)) <= {"redis"}
+                            for line in installs)
+
+
+def test_the_replicas_profile_puts_three_replicas_behind_the_proxy_it_tests(compose):
+    """The proxy runs the haproxy.cfg that tests/test_replicas.py runs, routing to the replicas by name."""
+    services = compose["services"]
+    assert {name for name, service in services.items() if service.get("profiles") == ["replicas"]} == REPLICAS_PROFILE
+    config = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    (mount,) = services["haproxy"]["volumes"]
+    assert Path(mount.split(":")[0]) == DEPLOY / "haproxy" / "haproxy.cfg"
+    grpc_port = port_of(dockerfile_env("RNNSERVE_LISTEN"))
+    assert re.findall(r"server (replica\d) (\S+)", config) == [(name, f"{name}:{grpc_port}")
+                                                                 for name in ("replica1", "replica2", "replica3")]
+    for name in ("replica1", "replica2", "replica3"):
+        environment = services[name]["environment"]
+        assert environment["RNNSERVE_REPLICA_ID"] == name
+        assert environment["RNNSERVE_REDIS_URL"].startswith("redis://redis:")
+    checked = subprocess.run([tool("haproxy", "haproxy"), "-c", "-f", DEPLOY / "haproxy" / "haproxy.cfg"],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_mounted_files_exist(compose):

@@ -10,7 +10,7 @@ from google.rpc import error_details_pb2
 from rnnserve.server import errors
 from rnnserve.server.errors import (CapacityExhausted, IncompatibleState, InvalidArgument, ModelNotFound,
                                     PositionMismatch, RewindBeyondDepth, RnnserveError, ServerFault, SessionEvicted,
-                                    SessionExpired, SessionNotFound, ShuttingDown, StateIsShipped, StateNotFound,
+                                    SessionExpired, SessionNotFound, SessionUnavailable, ShuttingDown, StateIsShipped, StateNotFound,
                                     to_status)
 from rnnserve.server.guard import Guarded
 from rnnserve.v1 import rnnserve_pb2
@@ -31,6 +31,7 @@ EXAMPLES = [
     (IncompatibleState("another model"), grpc.StatusCode.FAILED_PRECONDITION, "INCOMPATIBLE_STATE"),
     (StateNotFound("sonnet", ["ode"]), grpc.StatusCode.NOT_FOUND, "STATE_NOT_FOUND"),
     (StateIsShipped("sonnet"), grpc.StatusCode.FAILED_PRECONDITION, "STATE_IS_SHIPPED"),
+    (SessionUnavailable("s1", "moved to the session store"), grpc.StatusCode.UNAVAILABLE, None),
 ]
 
 
