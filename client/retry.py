@@ -8,7 +8,10 @@ refused as a PositionMismatch). Never forks, imports or registrations: a resend 
 landed would make or replace something again. A CANCELLED status that reaches us (our own
 cancellation raises asyncio.CancelledError or is never answered) is the same case as UNAVAILABLE:
 a stopping gRPC server cancels the calls that reach it after it began to stop, before they start.
-Every other code is the server's considered answer and is raised at once.
+So is an UNKNOWN without an rnnserve ErrorInfo: the server never answers UNKNOWN (its faults are
+INTERNAL), so that one comes from the transport, e.g. a proxy whose replica died mid-call ("Stream
+removed"), and the call may or may not have arrived. Every other code is the server's considered
+answer and is raised at once.
 Jitter keeps many clients that lost the same server from reconnecting in lockstep.
 """
 
@@ -20,6 +23,10 @@ from dataclasses import dataclass
 import grpc
 
 from rnnserve.client.errors import RnnserveError, Unavailable
+
+
+# Codes that, without an rnnserve ErrorInfo, tell of the transport rather than of the server (see above).
+TRANSPORT_CODES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class RetryPolicy:
         Raises `error` when the call must not be repeated. A RetryInfo delay from the server is
         a floor: it knows better than our schedule when it will have room again.
         """
-        retryable = isinstance(error, Unavailable) or error.code == grpc.StatusCode.CANCELLED
+        retryable = isinstance(error, Unavailable) or error.code in TRANSPORT_CODES and error.reason is None
         if not (retry_safe and retryable and attempt < self.retries):
             raise error from None
         backoff = min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt)

@@ -43,6 +43,18 @@ def test_a_call_a_stopping_server_cancelled_is_retried_like_unavailable():
         RetryPolicy().backoff(0, cancelled, retry_safe=False)
 
 
+def test_an_unknown_from_the_transport_is_retried_but_not_one_the_server_explained():
+    """A proxy whose replica died mid-call answers UNKNOWN "Stream removed"; the server itself never answers
+    UNKNOWN, and a status carrying its ErrorInfo is its considered answer."""
+    removed = RnnserveError(grpc.StatusCode.UNKNOWN, "Stream removed (Data frame with END_STREAM flag received)")
+    assert RetryPolicy(jitter=0.0).backoff(0, removed, retry_safe=True) == 0.2
+    with pytest.raises(RnnserveError):
+        RetryPolicy().backoff(0, removed, retry_safe=False)
+    explained = RnnserveError(grpc.StatusCode.UNKNOWN, "odd", reason="SOMETHING_NEW")
+    with pytest.raises(RnnserveError):
+        RetryPolicy().backoff(0, explained, retry_safe=True)
+
+
 def test_the_server_retry_delay_is_a_floor():
     draining = Unavailable(grpc.StatusCode.UNAVAILABLE, "draining", retry_after=3.0)
     assert RetryPolicy(initial_backoff=0.1).backoff(0, draining, retry_safe=True) == 3.0
