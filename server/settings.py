@@ -90,8 +90,9 @@ class Settings:
         "never waits. Serves many unary Step callers with fewer, fuller calls. 0: off.", minimum=0)
     loop_max_tokens: int = _setting(
         1, "A model call of at most this many tokens (steps x step length) runs on the event loop's thread when "
-        "nothing else is waiting, skipping the hand-off to the model thread and back: a lone session's step is "
-        "faster, and the loop never blocks for more than such a call. 0 runs every call on the model thread.",
+        "nothing else is waiting and the previous call was lone too, skipping the hand-off to the model thread "
+        "and back: a lone session's step is faster, and the loop never blocks for more than such a call. 0 runs "
+        "every call on the model thread.",
         minimum=0)
     ort_threads: int = _setting(
         0, "onnxruntime intra-op threads; 0 gives it one per CPU this process may run on.", minimum=0)
