@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from rnnserve.bundle import Bundle
-from rnnserve.server.runtime import Runtime
+from rnnserve.server.model.runtime import Runtime
 
 from bench.load import closed_loop, connect, one_token_at_a_time, open_streams, stream_round_trip
 from bench.processes import ServerProcess

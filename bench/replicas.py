@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from rnnserve.bundle import Bundle
-from rnnserve.server.engine import CreateInput, Engine, StepInput
+from rnnserve.server.core.engine import CreateInput, Engine, StepInput
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2_grpc
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnserve import bundle as bundle_format
-from rnnserve.server.runtime import session_options
+from rnnserve.server.model.runtime import session_options
 from rnnserve.server.settings import Settings
 
 SERVER_DEFAULTS = Settings()

@@ -17,15 +17,16 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from rnnserve.bundle import Bundle, default_bundle_path, load_bundle
-from rnnserve.server import auth, logs, tls, wire
-from rnnserve.server.convert import RequestReader, ResponseWriter
-from rnnserve.server.engine import Engine
-from rnnserve.server.guard import Guarded
+from rnnserve.server import logs
+from rnnserve.server.core.engine import Engine
+from rnnserve.server.faces import auth, tls, wire
+from rnnserve.server.faces.convert import RequestReader, ResponseWriter
+from rnnserve.server.faces.guard import Guarded
+from rnnserve.server.faces.servicer import InferenceServicer
+from rnnserve.server.faces.web.app import create_face
+from rnnserve.server.faces.web.face import WebFace
 from rnnserve.server.metrics import Metrics, MetricsEndpoint
-from rnnserve.server.servicer import InferenceServicer
 from rnnserve.server.settings import Settings
-from rnnserve.server.web.app import create_face
-from rnnserve.server.web.face import WebFace
 
 SERVICE_NAME = wire.SERVICE.full_name
 # Health of the session store (--redis-url), apart from the service's: a replica whose Redis is down

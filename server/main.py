@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from rnnserve.bundle import BundleError
 from rnnserve.server import event_loop
 from rnnserve.server.app import create_server
-from rnnserve.server.auth import TokensFileError
+from rnnserve.server.faces.auth import TokensFileError
 from rnnserve.server.logs import configure_logging
 from rnnserve.server.settings import Settings, parse_settings
 

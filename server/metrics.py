@@ -21,8 +21,8 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
                                disable_created_metrics, start_http_server)
 
 from rnnserve.bundle import Bundle
-from rnnserve.server.batcher import BatchReport
-from rnnserve.server.sessions import Removal
+from rnnserve.server.core.batcher import BatchReport
+from rnnserve.server.core.sessions import Removal
 
 PREFIX = "rnnserve"
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}  # 5 -> "NOT_FOUND"

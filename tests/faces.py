@@ -18,10 +18,10 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_status import rpc_status
 
 from conftest import LOOPBACK
+from rnnserve.server.faces.web.calls import to_json
+from rnnserve.server.faces.web.routes import INFERENCE, ROUTES
+from rnnserve.server.faces.web.status import CODES
 from rnnserve.server.settings import Settings
-from rnnserve.server.web.calls import to_json
-from rnnserve.server.web.routes import INFERENCE, ROUTES
-from rnnserve.server.web.status import CODES
 from rnnserve.v1 import rnnserve_pb2
 from serving import RunningServer
 

@@ -12,10 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rnnserve.client import Client, Unauthenticated
-from rnnserve.server import auth
-from rnnserve.server.auth import Tokens, TokensFileError, bearer_token
+from rnnserve.server.faces import auth
+from rnnserve.server.faces.auth import Tokens, TokensFileError, bearer_token
+from rnnserve.server.faces.wire import SERVICE
 from rnnserve.server.main import main
-from rnnserve.server.wire import SERVICE
 from serving import raw_call
 from test_metrics import samples, scrape
 

@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from rnnserve.server.batcher import Batcher, BatchReport, row_limit
-from rnnserve.server.errors import PositionMismatch, ServerFault, SessionNotFound
-from rnnserve.server.runtime import Runtime
-from rnnserve.server.sessions import Removal, SessionTable
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.core.batcher import Batcher, BatchReport, row_limit
+from rnnserve.server.core.errors import PositionMismatch, ServerFault, SessionNotFound
+from rnnserve.server.core.sessions import Removal, SessionTable
+from rnnserve.server.model.runtime import Runtime
+from rnnserve.server.model.state_pool import StatePool
 from serving import assert_prediction
 
 

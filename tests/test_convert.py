@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rnnserve.server.convert import RequestReader
-from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.core.errors import InvalidArgument
+from rnnserve.server.faces.convert import RequestReader
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 

@@ -21,13 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.processes import ServerProcess
 from bench.run import server_command
 from rnnserve.bundle import Bundle
-from rnnserve.server.batcher import Batcher
-from rnnserve.server.runtime import Runtime
+from rnnserve.server.core.batcher import Batcher
+from rnnserve.server.model.runtime import Runtime
 from rnnserve.server.settings import Settings, parse_settings
-from rnnserve.server.snapshot import ModelIdentity, open_snapshot
+from rnnserve.server.store.snapshot import ModelIdentity, open_snapshot
 from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.vocab import Vocabulary
 from rnnserve.v1 import rnnserve_pb2_grpc
+from rnnserve.vocab import Vocabulary
 from serving import TINY_TEXT, RunningServer, assert_fails, create
 from test_metrics import samples, scrape
 
@@ -143,7 +143,7 @@ def test_a_restart_neither_renews_nor_revives_a_time_to_live(bundle, start_serve
         long = stub.CreateSession(pb.CreateSessionRequest(ttl_seconds=60)).session
     first.stop()
     time.sleep(1.1)  # the short session's time-to-live passes while no server runs
-    with caplog.at_level(logging.INFO, "rnnserve.server.durability"):
+    with caplog.at_level(logging.INFO, "rnnserve.server.store.durability"):
         second = start_server(**flags)
     assert "restored 1 sessions" in caplog.text and "1 had expired meanwhile" in caplog.text
     with grpc.insecure_channel(second.address) as channel:
@@ -163,7 +163,7 @@ def test_a_smaller_cap_after_a_restart_keeps_the_most_recently_active(bundle, st
         for session_id in (sessions[1], sessions[0], sessions[2]):  # sessions[1] is now the least recently active
             step(stub, session_id, "a")
     first.stop()
-    with caplog.at_level(logging.INFO, "rnnserve.server.durability"):
+    with caplog.at_level(logging.INFO, "rnnserve.server.store.durability"):
         second = start_server(**{cap: 2}, metrics_listen="127.0.0.1:0", **flags)
     assert "restored 2 sessions" in caplog.text and "1 did not fit max_sessions" in caplog.text
     found = {name: value for (name, _), value in samples(scrape(f"http://127.0.0.1:{second.server.metrics_port}"
@@ -185,7 +185,7 @@ def test_a_corrupt_snapshot_is_refused_and_the_server_starts_empty(bundle, start
     first.stop()
     damaged = path.read_bytes()[:-1]
     path.write_bytes(damaged)
-    with caplog.at_level(logging.INFO, "rnnserve.server.durability"):
+    with caplog.at_level(logging.INFO, "rnnserve.server.store.durability"):
         second = start_server(snapshot_path=str(path))
     assert "snapshot refused, no session restored" in caplog.text and "corrupt or truncated" in caplog.text
     assert len(second.engine.table) == 0 and (tmp_path / "sessions.snap.refused").read_bytes() == damaged

@@ -5,8 +5,8 @@ import asyncio
 import grpc
 import pytest
 
-from rnnserve.server.generate import StopStrings, continue_session
-from rnnserve.server.sampling import Sampler, SamplingParams
+from rnnserve.server.core.generate import StopStrings, continue_session
+from rnnserve.server.core.sampling import Sampler, SamplingParams
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import assert_prediction, create, error_details, position, slow_model

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rnnserve.bundle import Bundle
 from rnnserve.server.app import STORE_HEALTH_NAME
-from rnnserve.server.session_store import REPLICA_PREFIX, SESSION_PREFIX
 from rnnserve.server.settings import Settings
+from rnnserve.server.store.session_store import REPLICA_PREFIX, SESSION_PREFIX
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 from redis_process import RedisProcess

@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 
-from rnnserve.server import sessions
-from rnnserve.server.batcher import StepAnswer
-from rnnserve.server.prediction import Prediction
-from rnnserve.server.sessions import Session, SessionTable
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.core import sessions
+from rnnserve.server.core.batcher import StepAnswer
+from rnnserve.server.core.prediction import Prediction
+from rnnserve.server.core.sessions import Session, SessionTable
+from rnnserve.server.model.state_pool import StatePool
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import assert_fails, create, position

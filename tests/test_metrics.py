@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from rnnserve.server.batcher import BatchReport
+from rnnserve.server.core.batcher import BatchReport
 from rnnserve.server.metrics import Metrics, MetricsEndpoint, batch_size_buckets
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc

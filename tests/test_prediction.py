@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rnnserve.server.prediction import Ranker
+from rnnserve.server.core.prediction import Ranker
 
 
 def per_row(logits: np.ndarray, temperature: float) -> np.ndarray:

@@ -34,7 +34,7 @@ from rnnserve.bundle import Bundle
 from rnnserve.client import AsyncClient
 from rnnserve.client.errors import PositionMismatch
 from rnnserve.client.retry import RetryPolicy
-from rnnserve.server.session_store import SESSION_PREFIX
+from rnnserve.server.store.session_store import SESSION_PREFIX
 from serving import TINY_TEXT, free_port
 
 SESSIONS = 300

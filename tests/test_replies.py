@@ -2,7 +2,7 @@
 
 import asyncio
 
-from rnnserve.server.replies import InOrder
+from rnnserve.server.faces.replies import InOrder
 
 
 def test_replies_come_out_in_push_order_as_they_settle():

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from rnnserve.server.sampling import Sampler, SamplingParams
+from rnnserve.server.core.sampling import Sampler, SamplingParams
 
 LOGITS = np.log(np.array([0.05, 0.4, 0.3, 0.2, 0.05], np.float32))  # [vocab]
 

@@ -7,12 +7,12 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from rnnserve.server import errors
-from rnnserve.server.errors import (CapacityExhausted, IncompatibleState, InvalidArgument, ModelNotFound,
+from rnnserve.server.core import errors
+from rnnserve.server.core.errors import (CapacityExhausted, IncompatibleState, InvalidArgument, ModelNotFound,
                                     PositionMismatch, RewindBeyondDepth, RnnserveError, ServerFault, SessionEvicted,
                                     SessionExpired, SessionNotFound, SessionUnavailable, ShuttingDown, StateIsShipped, StateNotFound,
                                     to_status)
-from rnnserve.server.guard import Guarded
+from rnnserve.server.faces.guard import Guarded
 from rnnserve.v1 import rnnserve_pb2
 
 # One instance of every error type, with the code and ErrorInfo reason the caller must see.

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rnnserve.server.runtime import session_options
+from rnnserve.server.model.runtime import session_options
 from rnnserve.server.settings import Settings, build_parser, parse_settings
 
 

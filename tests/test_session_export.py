@@ -13,8 +13,8 @@ import grpc
 import pytest
 from serving import RunningServer, assert_fails, create, position
 
-from rnnserve.server import session_blob
 from rnnserve.server.settings import Settings
+from rnnserve.server.store import session_blob
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 

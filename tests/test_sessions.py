@@ -5,12 +5,12 @@ import time
 import numpy as np
 import pytest
 
-from rnnserve.server.batcher import StepAnswer
-from rnnserve.server.errors import (CapacityExhausted, IdentityQuotaExhausted, PositionMismatch, SessionEvicted,
+from rnnserve.server.core.batcher import StepAnswer
+from rnnserve.server.core.errors import (CapacityExhausted, IdentityQuotaExhausted, PositionMismatch, SessionEvicted,
                                     SessionExpired, SessionNotFound)
-from rnnserve.server.prediction import Prediction
-from rnnserve.server.sessions import Removal, SessionTable
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.core.prediction import Prediction
+from rnnserve.server.core.sessions import Removal, SessionTable
+from rnnserve.server.model.state_pool import StatePool
 
 
 def make_table(max_sessions=4, evict=False, remember=100, per_owner=0) -> SessionTable:

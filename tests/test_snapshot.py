@@ -9,8 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from rnnserve.server import snapshot
-from rnnserve.server.snapshot import (LastStep, ModelIdentity, SessionRecord, SnapshotHeader, SnapshotRefused,
+from rnnserve.server.store import snapshot
+from rnnserve.server.store.snapshot import (LastStep, ModelIdentity, SessionRecord, SnapshotHeader, SnapshotRefused,
                                       SnapshotWriter, open_snapshot, remove_leftovers)
 
 MODEL = ModelIdentity("tiny-lstm", "test", "a1" * 32)
@@ -106,7 +106,7 @@ def test_a_failed_write_leaves_the_previous_snapshot_in_place(tmp_path, monkeypa
 # Killed at this point of the second write: the file holds the first snapshot, whole.
 WRITE_THEN_HANG = textwrap.dedent("""
     import pathlib, sys
-    from rnnserve.server.snapshot import SnapshotHeader, SnapshotWriter
+    from rnnserve.server.store.snapshot import SnapshotHeader, SnapshotWriter
     from test_snapshot import MODEL, ROWS, records, rows, write
     path = pathlib.Path(sys.argv[1])
     write(path, [(records(2), rows(2))])

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from rnnserve.server import state_pool
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.model import state_pool
+from rnnserve.server.model.state_pool import StatePool
 
 ROWS = {"h": (2, 3), "c": (2, 3), "next_logits": (5,)}
 

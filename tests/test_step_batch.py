@@ -8,7 +8,7 @@ limit, and leaves every session of the message where it was.
 import grpc
 import pytest
 
-from rnnserve.server.convert import CLIENT_RECEIVE_BYTES, STEP_ANSWER_BYTES, candidate_bytes
+from rnnserve.server.faces.convert import CLIENT_RECEIVE_BYTES, STEP_ANSWER_BYTES, candidate_bytes
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import assert_fails, create, position, status_details

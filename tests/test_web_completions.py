@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from faces import ALICE as TOKEN, GrpcFace, serve_both_faces
-from rnnserve.server.web.completions import StopsLeftOut
+from rnnserve.server.faces.web.completions import StopsLeftOut
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 

@@ -1,7 +1,7 @@
 """One suite, two faces: each scenario runs over gRPC and over HTTP/JSON against one server, and the
 answers must agree (session ids and timestamps aside), errors' status, message and details included.
 
-The HTTP face runs the servicer's own methods (server/web/calls.py), so agreement is expected; these
+The HTTP face runs the servicer's own methods (server/faces/web/calls.py), so agreement is expected; these
 tests are what keeps it so as routes, conversions and RPCs change.
 """
 

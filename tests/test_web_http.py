@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2
 
 from certificates import Authority
 from faces import Failed, GrpcFace, HttpFace, read_events
+from rnnserve.server.faces.web.face import bind
+from rnnserve.server.faces.web.routes import ROUTES
 from rnnserve.server.settings import parse_settings
-from rnnserve.server.web.face import bind
-from rnnserve.server.web.routes import ROUTES
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import slow_model

@@ -12,10 +12,10 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
 from conftest import LOOPBACK
+from rnnserve.server.faces.web.completions import OPENAPI_PATHS
+from rnnserve.server.faces.web.openapi import document
+from rnnserve.server.faces.web.routes import ROUTES
 from rnnserve.server.settings import Settings
-from rnnserve.server.web.completions import OPENAPI_PATHS
-from rnnserve.server.web.openapi import document
-from rnnserve.server.web.routes import ROUTES
 from rnnserve.v1 import rnnserve_pb2
 from serving import RunningServer
 

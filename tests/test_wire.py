@@ -8,7 +8,7 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from rnnserve.server.wire import SERVICE
+from rnnserve.server.faces.wire import SERVICE
 from rnnserve.v1 import rnnserve_pb2 as pb
 from serving import assert_fails, create, position, raw_call, raw_method
 

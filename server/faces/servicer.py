@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 import grpc
 
-from rnnserve.server.auth import caller
-from rnnserve.server.convert import RequestReader, ResponseWriter
-from rnnserve.server.engine import Engine
-from rnnserve.server.errors import RnnserveError, to_status
-from rnnserve.server.generate import GeneratedToken
-from rnnserve.server.named_states import check_name
-from rnnserve.server.replies import InOrder
+from rnnserve.server.core.engine import Engine
+from rnnserve.server.core.errors import RnnserveError, to_status
+from rnnserve.server.core.generate import GeneratedToken
+from rnnserve.server.core.named_states import check_name
+from rnnserve.server.faces.auth import caller
+from rnnserve.server.faces.convert import RequestReader, ResponseWriter
+from rnnserve.server.faces.replies import InOrder
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 

@@ -14,7 +14,7 @@ from importlib import metadata
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from rnnserve.server.web.routes import Route
+from rnnserve.server.faces.web.routes import Route
 
 F = FieldDescriptor
 _INTEGERS = {  # type: (minimum, maximum)

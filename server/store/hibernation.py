@@ -30,13 +30,13 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from rnnserve.server.batcher import Batcher, StepAnswer
-from rnnserve.server.durability import record_of, restore_record
-from rnnserve.server.errors import CapacityExhausted, RnnserveError, SessionNotFound, SessionUnavailable
-from rnnserve.server.operations import Operations
-from rnnserve.server.session_store import Claimed, HeldElsewhere, Lost, SessionStore, StoreFault, Write
-from rnnserve.server.sessions import Removal, Session, SessionTable
-from rnnserve.server.snapshot import SessionRecord
+from rnnserve.server.core.batcher import Batcher, StepAnswer
+from rnnserve.server.core.errors import CapacityExhausted, RnnserveError, SessionNotFound, SessionUnavailable
+from rnnserve.server.core.operations import Operations
+from rnnserve.server.core.sessions import Removal, Session, SessionTable
+from rnnserve.server.store.durability import record_of, restore_record
+from rnnserve.server.store.session_store import Claimed, HeldElsewhere, Lost, SessionStore, StoreFault, Write
+from rnnserve.server.store.snapshot import SessionRecord
 
 CHUNK_SESSIONS = 512  # sessions moved per round trip: bounds the loop's pause and the bytes in flight
 RETRY_AFTER_FAULT_SECONDS = 1.0

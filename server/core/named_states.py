@@ -17,10 +17,10 @@ import numpy as np
 
 from rnnserve.bundle import Bundle
 from rnnserve.initial_states import ShippedState
-from rnnserve.server.batcher import NEXT_LOGITS
-from rnnserve.server.errors import InvalidArgument, StateIsShipped, StateNotFound
-from rnnserve.server.prefix_cache import PrefixCache
-from rnnserve.server.state_pool import Row
+from rnnserve.server.core.batcher import NEXT_LOGITS
+from rnnserve.server.core.errors import InvalidArgument, StateIsShipped, StateNotFound
+from rnnserve.server.core.prefix_cache import PrefixCache
+from rnnserve.server.model.state_pool import Row
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SHIPPED = "bundle"

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from rnnserve.server.runtime import session_options
+from rnnserve.server.model.runtime import session_options
 
 
 class Prediction(NamedTuple):

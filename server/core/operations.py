@@ -17,15 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server.batcher import NEXT_LOGITS, Batcher, StepAnswer
-from rnnserve.server.errors import InvalidArgument, RewindBeyondDepth
-from rnnserve.server.history import Checkpoint, History
-from rnnserve.server.named_states import IMPORTED, NamedState, NamedStates
-from rnnserve.server.prediction import Prediction
-from rnnserve.server.session_blob import PortableSession, decode, encode
-from rnnserve.server.sessions import Session, SessionTable
-from rnnserve.server.snapshot import ModelIdentity
-from rnnserve.server.state_pool import Row, StatePool
+from rnnserve.server.core.batcher import NEXT_LOGITS, Batcher, StepAnswer
+from rnnserve.server.core.errors import InvalidArgument, RewindBeyondDepth
+from rnnserve.server.core.history import Checkpoint, History
+from rnnserve.server.core.named_states import IMPORTED, NamedState, NamedStates
+from rnnserve.server.core.prediction import Prediction
+from rnnserve.server.core.sessions import Session, SessionTable
+from rnnserve.server.model.state_pool import Row, StatePool
+from rnnserve.server.store.session_blob import PortableSession, decode, encode
+from rnnserve.server.store.snapshot import ModelIdentity
 
 NOTHING_READ = "the session has read nothing yet, so nothing predicts its next token: step at least one token first"
 

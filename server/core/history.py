@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server.state_pool import Row, StatePool
+from rnnserve.server.model.state_pool import Row, StatePool
 
 TOKEN_TYPE = "i"  # array typecode of the token log: int32, ample for any vocabulary
 

@@ -25,14 +25,14 @@ from starlette.routing import Mount, Route as StarletteRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from rnnserve.server.auth import UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, Tokens, bearer_token
+from rnnserve.server.faces.auth import UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, Tokens, bearer_token
+from rnnserve.server.faces.web import completions, openapi, sse
+from rnnserve.server.faces.web.calls import Aborted, HttpContext, deadline_of, json_body, parse, run, to_json
+from rnnserve.server.faces.web.face import PEER_IDENTITIES, WebFace
+from rnnserve.server.faces.web.routes import INFERENCE, ROUTES, Route
+from rnnserve.server.faces.web.status import error_event, error_response
 from rnnserve.server.metrics import HttpMetrics
 from rnnserve.server.settings import Settings
-from rnnserve.server.web import completions, openapi, sse
-from rnnserve.server.web.calls import Aborted, HttpContext, deadline_of, json_body, parse, run, to_json
-from rnnserve.server.web.face import PEER_IDENTITIES, WebFace
-from rnnserve.server.web.routes import INFERENCE, ROUTES, Route
-from rnnserve.server.web.status import error_event, error_response
 
 STATIC = Path(__file__).parent / "static"
 METHOD = "rnnserve.method"  # the scope key naming, for metrics, what a request ran

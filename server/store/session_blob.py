@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server.errors import IncompatibleState, InvalidArgument
-from rnnserve.server.history import TOKEN_TYPE, Checkpoint
-from rnnserve.server.snapshot import ModelIdentity
-from rnnserve.server.state_pool import Row
+from rnnserve.server.core.errors import IncompatibleState, InvalidArgument
+from rnnserve.server.core.history import TOKEN_TYPE, Checkpoint
+from rnnserve.server.model.state_pool import Row
+from rnnserve.server.store.snapshot import ModelIdentity
 
 MAGIC = b"RNNSESS\0"
 FORMAT_VERSION = 1

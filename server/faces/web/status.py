@@ -11,8 +11,8 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from starlette.responses import JSONResponse
 
-from rnnserve.server.web import sse
-from rnnserve.server.web.calls import status_of
+from rnnserve.server.faces.web import sse
+from rnnserve.server.faces.web.calls import status_of
 
 # google/rpc/code.proto gives each code its HTTP equivalent.
 HTTP_CODES = {

@@ -22,25 +22,25 @@ import numpy as np
 
 from rnnserve.bundle import Bundle
 from rnnserve.initial_states import load_initial_states
-from rnnserve.server.batcher import Batcher, StepAnswer
-from rnnserve.server.durability import Durability
-from rnnserve.server.errors import (InvalidArgument, ModelNotFound, RnnserveError, SessionNotFound,
+from rnnserve.server.core.batcher import Batcher, StepAnswer
+from rnnserve.server.store.durability import Durability
+from rnnserve.server.core.errors import (InvalidArgument, ModelNotFound, RnnserveError, SessionNotFound,
                                     SessionUnavailable, ShuttingDown)
-from rnnserve.server.generate import GeneratedToken, StopStrings, continue_session
-from rnnserve.server.memory import release_free_memory
+from rnnserve.server.core.generate import GeneratedToken, StopStrings, continue_session
+from rnnserve.server.core.named_states import NamedStates, shipped_state
+from rnnserve.server.core.operations import Operations
+from rnnserve.server.core.prefix_cache import PrefixCache
+from rnnserve.server.core.sampling import Sampler, SamplingParams
+from rnnserve.server.core.sessions import Removal, Session, SessionTable
 from rnnserve.server.metrics import Metrics
-from rnnserve.server.named_states import NamedStates, shipped_state
-from rnnserve.server.operations import Operations
-from rnnserve.server.prefix_cache import PrefixCache
-from rnnserve.server.runtime import Runtime
-from rnnserve.server.sampling import Sampler, SamplingParams
-from rnnserve.server.sessions import Removal, Session, SessionTable
+from rnnserve.server.model.memory import release_free_memory
+from rnnserve.server.model.runtime import Runtime
+from rnnserve.server.model.state_pool import StatePool
 from rnnserve.server.settings import Settings
-from rnnserve.server.snapshot import ModelIdentity
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.store.snapshot import ModelIdentity
 
 if TYPE_CHECKING:
-    from rnnserve.server.hibernation import Hibernation
+    from rnnserve.server.store.hibernation import Hibernation
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ class Engine:
 
     def _hibernation(self) -> Hibernation:
         """Sessions kept in Redis besides memory. Imported here: serving without Redis needs no Redis client."""
-        from rnnserve.server.hibernation import Hibernation
-        from rnnserve.server.session_store import SessionStore, replica_holder
+        from rnnserve.server.store.hibernation import Hibernation
+        from rnnserve.server.store.session_store import SessionStore, replica_holder
 
         settings = self.settings
         store = SessionStore(settings.redis_url, replica_holder(settings.replica_id or default_replica_id(settings)),

@@ -11,15 +11,15 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rnnserve.bundle import Bundle
-from rnnserve.server.batcher import StepAnswer
-from rnnserve.server.engine import CreateInput, GenerateInput, StepInput
-from rnnserve.server.errors import InvalidArgument
-from rnnserve.server.generate import Finish, GeneratedToken
-from rnnserve.server.named_states import NamedState, check_name
-from rnnserve.server.operations import Scored
-from rnnserve.server.prediction import Prediction
-from rnnserve.server.sampling import SamplingParams
-from rnnserve.server.sessions import Session
+from rnnserve.server.core.batcher import StepAnswer
+from rnnserve.server.core.engine import CreateInput, GenerateInput, StepInput
+from rnnserve.server.core.errors import InvalidArgument
+from rnnserve.server.core.generate import Finish, GeneratedToken
+from rnnserve.server.core.named_states import NamedState, check_name
+from rnnserve.server.core.operations import Scored
+from rnnserve.server.core.prediction import Prediction
+from rnnserve.server.core.sampling import SamplingParams
+from rnnserve.server.core.sessions import Session
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 

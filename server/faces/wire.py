@@ -18,7 +18,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from rnnserve.server.errors import InvalidArgument
+from rnnserve.server.core.errors import InvalidArgument
 from rnnserve.v1 import rnnserve_pb2
 
 SERVICE = rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"]

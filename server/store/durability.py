@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from rnnserve.bundle import Bundle
-from rnnserve.server.batcher import StepAnswer
-from rnnserve.server.history import Checkpoint
-from rnnserve.server.prediction import Prediction
-from rnnserve.server.sessions import Session, SessionTable
-from rnnserve.server.snapshot import (LastStep, ModelIdentity, SessionRecord, Snapshot, SnapshotHeader,
+from rnnserve.server.core.batcher import StepAnswer
+from rnnserve.server.core.history import Checkpoint
+from rnnserve.server.core.prediction import Prediction
+from rnnserve.server.core.sessions import Session, SessionTable
+from rnnserve.server.store.snapshot import (LastStep, ModelIdentity, SessionRecord, Snapshot, SnapshotHeader,
                                       SnapshotRefused, SnapshotWriter, open_snapshot, remove_leftovers)
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.model.state_pool import StatePool
 
 CHUNK_SESSIONS = 1024  # sessions read per turn of the loop: bounds both the pause and the copy being written
 # A last step of more tokens (a long prompt) is not kept for exact retries across a restart: its

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from rnnserve.server.wire import method_handler
+from rnnserve.server.faces.wire import method_handler
 
 MIN_TOKEN_CHARS = 16  # a shorter token is guessable, which is no authentication
 UNAUTHENTICATED_MESSAGE = "missing or unknown bearer token: send metadata 'authorization: Bearer <token>'"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import grpc
 from grpc_status import rpc_status
 
-from rnnserve.server.errors import to_status
+from rnnserve.server.core.errors import to_status
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from rnnserve.server.errors import IdentityQuotaExhausted
+from rnnserve.server.core.errors import IdentityQuotaExhausted
 
 
 class OwnerQuota:

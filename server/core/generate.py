@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server.batcher import NEXT_LOGITS, Hold
-from rnnserve.server.sampling import Sampler
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.core.batcher import NEXT_LOGITS, Hold
+from rnnserve.server.core.sampling import Sampler
+from rnnserve.server.model.state_pool import StatePool
 from rnnserve.vocab import Vocabulary
 
 

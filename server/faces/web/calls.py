@@ -23,8 +23,8 @@ from google.protobuf.message_factory import GetMessageClass
 from google.rpc import status_pb2
 from starlette.requests import Request
 
-from rnnserve.server.errors import InvalidArgument, to_status
-from rnnserve.server.web.routes import Route
+from rnnserve.server.core.errors import InvalidArgument, to_status
+from rnnserve.server.faces.web.routes import Route
 
 Write = Callable[[Message], Awaitable[None]]
 TIMEOUT_HEADER = "x-server-timeout"

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from rnnserve.server.state_pool import Row
+from rnnserve.server.model.state_pool import Row
 
 
 class CacheEvents(Protocol):

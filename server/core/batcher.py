@@ -29,11 +29,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from rnnserve.server.errors import RnnserveError, ServerFault
-from rnnserve.server.prediction import Prediction, Ranker
-from rnnserve.server.runtime import RunResult, Runtime
-from rnnserve.server.sessions import Session
-from rnnserve.server.state_pool import Row, StatePool
+from rnnserve.server.core.errors import RnnserveError, ServerFault
+from rnnserve.server.core.prediction import Prediction, Ranker
+from rnnserve.server.core.sessions import Session
+from rnnserve.server.model.runtime import RunResult, Runtime
+from rnnserve.server.model.state_pool import Row, StatePool
 
 NEXT_LOGITS = "next_logits"  # the pool's row for the prediction after a session's last token
 

@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from rnnserve.server.errors import (CapacityExhausted, PositionMismatch, RnnserveError, SessionEvicted,
+from rnnserve.server.core.errors import (CapacityExhausted, PositionMismatch, RnnserveError, SessionEvicted,
                                     SessionExpired, SessionNotFound, SessionUnavailable)
-from rnnserve.server.history import Checkpoint, History
-from rnnserve.server.lines import Line
-from rnnserve.server.quotas import OwnerQuota
-from rnnserve.server.state_pool import StatePool
+from rnnserve.server.core.history import Checkpoint, History
+from rnnserve.server.core.lines import Line
+from rnnserve.server.core.quotas import OwnerQuota
+from rnnserve.server.model.state_pool import StatePool
 
 if TYPE_CHECKING:
-    from rnnserve.server.batcher import StepAnswer
-    from rnnserve.server.named_states import NamedState
+    from rnnserve.server.core.batcher import StepAnswer
+    from rnnserve.server.core.named_states import NamedState
 
 
 class SessionEvents(Protocol):

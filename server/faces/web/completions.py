@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from rnnserve.server.errors import InvalidArgument
-from rnnserve.server.web import sse
-from rnnserve.server.web.calls import HttpContext, json_body
-from rnnserve.server.web.openapi import EVENT
-from rnnserve.server.web.status import error_event, error_response
+from rnnserve.server.core.errors import InvalidArgument
+from rnnserve.server.faces.web import sse
+from rnnserve.server.faces.web.calls import HttpContext, json_body
+from rnnserve.server.faces.web.openapi import EVENT
+from rnnserve.server.faces.web.status import error_event, error_response
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
