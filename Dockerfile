@@ -14,8 +14,8 @@ COPY proto proto
 COPY server server
 COPY client client
 COPY export export
-# A plain install (not editable), so the default bundle in rnnserve/models/default is inside the
-# installed package and the sources can go.
+# A plain install (not editable), so the shipped model repository in rnnserve/models (the default
+# model's float version 1 and its int8 version 2) is inside the installed package and the sources can go.
 # The `redis` extra lets replicas share sessions through Redis (--redis-url); unused without it.
 RUN pip install '.[redis]' && rm -rf /src
 

@@ -43,11 +43,11 @@ train: $(VENV)/.dev  ## retrain the default model (~100 min on 2 cores), then `m
 train-quick: $(VENV)/.dev  ## the quick configuration (~26 min on 2 cores)
 	$(VENV)/bin/rnnserve-train --preset quick --out runs/quick
 
-export: $(VENV)/.dev  ## write runs/default into the served bundle (rnnserve/models/default), quick run beside it
-	$(VENV)/bin/rnnserve-export --run runs/default $(if $(wildcard runs/quick/checkpoint.pt),--compare runs/quick)
+export: $(VENV)/.dev  ## write runs/default into the shipped model's version 1 (its float graph), quick run beside it; then `make quantize`
+	$(VENV)/bin/rnnserve-export --run runs/default --out rnnserve/models/shakespeare-lstm/1 $(if $(wildcard runs/quick/checkpoint.pt),--compare runs/quick)
 
-quantize: $(VENV)/.dev  ## an int8 copy of the served bundle in runs/default-int8, if it costs <= 0.02 bits/char
-	$(VENV)/bin/rnnserve-quantize --out runs/default-int8
+quantize: $(VENV)/.dev  ## version 2 of the shipped model: the int8 copy of version 1, if it costs <= 0.02 bits/char
+	$(VENV)/bin/rnnserve-quantize rnnserve/models/shakespeare-lstm/1 --version 2 --out rnnserve/models/shakespeare-lstm/2
 
 proto: $(VENV)/.dev  ## regenerate the gRPC stubs from proto/
 	$(PY) proto/generate.py

@@ -6,7 +6,9 @@ small batch waits on. It costs some accuracy, so the copy is measured against th
 on the same validation split and refused (nothing written, the numbers printed) when it costs
 more than `--max-bpc-cost` bits per character. Both bundles' step times are measured and
 recorded; whether int8 pays depends on the model's size and the machine (tiny models gain
-nothing), so a slower int8 is reported, not refused. Runs without torch, from a bundle alone.
+nothing), so a slower int8 is reported, not refused. The bundle's shipped initial states are
+recomputed from their prompts with the int8 graph, since a state belongs to the graph that made
+it. Runs without torch, from a bundle alone.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from rnnserve import bundle as bundle_format
 from rnnserve.evaluate import evaluate_bundle
 from rnnserve.export.cost import measure_step_cost
+from rnnserve.initial_states import recompute_initial_states
 
 MAX_BPC_COST = 0.02  # what issue #2 allows int8 to cost
 QUANTIZED_OPS = ["LSTM", "GRU", "RNN", "MatMul", "Gemm"]  # the recurrence and the output projection
@@ -62,9 +65,13 @@ def compare_outputs(reference: bundle_format.Bundle, candidate: bundle_format.Bu
     return {key: round(value, 6) for key, value in worst.items()}
 
 
-def quantize_bundle(source_dir: Path, out_dir: Path, val_ids: np.ndarray,
-                    max_bpc_cost: float = MAX_BPC_COST) -> bundle_format.Bundle:
-    """Write the int8 bundle of `source_dir` to `out_dir`, or raise QuantizationRefused with the numbers."""
+def quantize_bundle(source_dir: Path, out_dir: Path, val_ids: np.ndarray, max_bpc_cost: float = MAX_BPC_COST,
+                    version: str | None = None) -> bundle_format.Bundle:
+    """Write the int8 bundle of `source_dir` to `out_dir`, or raise QuantizationRefused with the numbers.
+
+    `version` is the manifest's (in a model repository, its version directory's number); by default the
+    source's with "-int8".
+    """
     source = bundle_format.load_bundle(source_dir)
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "bundle"
@@ -88,11 +95,12 @@ def quantize_bundle(source_dir: Path, out_dir: Path, val_ids: np.ndarray,
             raise QuantizationRefused(f"int8 costs {report['bpc_cost']:.4f} bits per character "
                                       f"(limit {max_bpc_cost}): {json.dumps(report)}")
 
-        manifest["version"] = f"{source.version}-int8"
+        manifest["version"] = version or f"{source.version}-int8"
         manifest["metrics"] = {**manifest.get("metrics", {}), **int8_score.to_dict()}
         manifest["serving_cost"] = int8_cost
         manifest["quantization"] = report
         bundle_format.write_manifest(staging, manifest)
+        recompute_initial_states(staging)  # copied with the float graph's states
         return bundle_format.install(staging, out_dir)
 
 
@@ -103,8 +111,11 @@ def main(argv: list[str] | None = None) -> None:
                     "the float bundle: validation bits per character and step time. Nothing is written if it costs "
                     "more than --max-bpc-cost bits per character.")
     parser.add_argument("bundle", type=Path, nargs="?", default=bundle_format.default_bundle_path(),
-                        help="the float bundle directory (default: the committed default bundle)")
+                        help="the float bundle directory (default: the shipped default model's default version)")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    parser.add_argument("--version", default=None,
+                        help="version recorded in the manifest; in a model repository, the number of the --out "
+                             "version directory (default: the source's version with -int8)")
     parser.add_argument("--corpus", default=None,
                         help="UTF-8 text file or folder whose validation split is measured (default: the default "
                              "Shakespeare corpus, the split the default bundle was measured on)")
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     source = bundle_format.load_bundle(args.bundle)
     try:
         bundle = quantize_bundle(args.bundle, args.out, source.vocab.encode(load_corpus(args.corpus).val_text),
-                                 args.max_bpc_cost)
+                                 args.max_bpc_cost, args.version)
     except QuantizationRefused as refusal:
         sys.exit(f"rnnserve-quantize: refused: {refusal}")
     report = bundle.manifest["quantization"]

@@ -90,9 +90,23 @@ class Bundle:
         return sum(4 * s.layers * s.hidden for s in self.states)
 
 
+DEFAULT_MODEL = "shakespeare-lstm"
+
+
+def default_repository_path() -> Path:
+    """The model repository shipped inside the package (rnnserve/repository.py reads its layout)."""
+    return Path(__file__).resolve().parent / "models"
+
+
 def default_bundle_path() -> Path:
-    """The model shipped inside the package, served when no other bundle is named."""
-    return Path(__file__).resolve().parent / "models" / "default"
+    """The bundle served when no other is named: the default version of the shipped default model.
+
+    The version is the one the model's model.json pins (the float graph; the int8 copy beside it
+    is a version too), read rather than written here so that pinning another needs no code change.
+    """
+    from rnnserve.repository import scan_model  # imported here: it imports this module's BundleError
+
+    return scan_model(default_repository_path() / DEFAULT_MODEL).version_path()
 
 
 def sha256_of(path: Path) -> str:

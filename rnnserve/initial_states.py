@@ -65,19 +65,41 @@ def state_after(bundle: Bundle, prompt: str) -> tuple[dict[str, np.ndarray], np.
     return {spec.name: state[0] for spec, state in zip(bundle.states, states)}, logits[0, -1]
 
 
+def _write_state(bundle: Bundle, name: str, prompt: str, relative: str | None = None) -> dict:
+    """Compute the state after `prompt` with the bundle's graph into its file (`relative` to the bundle,
+    states/NAME.f32 by default); the manifest entry that names it."""
+    states, next_logits = state_after(bundle, prompt)
+    relative = relative or f"{STATES_DIR}/{name}.f32"
+    (bundle.path / relative).parent.mkdir(parents=True, exist_ok=True)
+    values = np.concatenate([*(states[spec.name].ravel() for spec in bundle.states), next_logits.ravel()])
+    values.astype(_DTYPE).tofile(bundle.path / relative)
+    return {"name": name, "file": relative, "prompt": prompt}
+
+
 def add_initial_state(bundle_dir: Path, name: str, prompt: str) -> ShippedState:
     """Compute the state after `prompt` and ship it in the bundle as `name` (replacing one of that name)."""
-    bundle = load_bundle(bundle_dir)
-    states, next_logits = state_after(bundle, prompt)
-    relative = f"{STATES_DIR}/{name}.f32"
-    (bundle_dir / STATES_DIR).mkdir(exist_ok=True)
-    values = np.concatenate([*(states[spec.name].ravel() for spec in bundle.states), next_logits.ravel()])
-    values.astype(_DTYPE).tofile(bundle_dir / relative)
+    entry = _write_state(load_bundle(bundle_dir), name, prompt)
     manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
-    entries = [entry for entry in manifest.get("initial_states", []) if entry["name"] != name]
-    manifest["initial_states"] = [*entries, {"name": name, "file": relative, "prompt": prompt}]
+    entries = [old for old in manifest.get("initial_states", []) if old["name"] != name]
+    manifest["initial_states"] = [*entries, entry]
     write_manifest(bundle_dir, manifest)
     return next(state for state in load_initial_states(load_bundle(bundle_dir)) if state.name == name)
+
+
+def recompute_initial_states(bundle_dir: Path) -> list[ShippedState]:
+    """Recompute every shipped state from its prompt with the bundle's own graph, names and order kept.
+
+    A state is only meaningful for the graph that made it: a bundle whose graph was replaced (an
+    int8 copy of a float bundle) would otherwise start sessions from another graph's state.
+    """
+    bundle = load_bundle(bundle_dir)
+    entries = [{**entry, **_write_state(bundle, entry["name"], entry.get("prompt", ""), entry["file"])}
+               for entry in bundle.manifest.get("initial_states", [])]
+    if entries:
+        manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
+        manifest["initial_states"] = entries
+        write_manifest(bundle_dir, manifest)
+    return load_initial_states(load_bundle(bundle_dir))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -145,6 +145,16 @@ def test_only_int8_serves_the_int8_copy_of_the_reference_bundle(tmp_path):
     assert manifest["version"].endswith("-int8") and "quantization" in manifest
 
 
+def test_the_shipped_float_model_is_benched_with_its_shipped_int8_version():
+    from bench.int8 import SUFFIX, int8_bundle
+    from rnnserve.bundle import default_bundle_path, load_bundle
+
+    source = load_bundle(default_bundle_path())
+    quantized = int8_bundle(source, [])  # no tokens: quantizing would fail, as it must not happen
+    assert quantized.path == source.path.with_name("2") and quantized.version == "2"
+    assert not source.path.with_name(source.path.name + SUFFIX).exists()
+
+
 def test_only_replicas_runs_the_scale_out_stage_alone(tmp_path):
     cache = tmp_path / "cache"
     run_bench("--only", "replicas", "--cache", str(cache))

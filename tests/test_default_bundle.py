@@ -1,19 +1,56 @@
-"""The committed default bundle: it loads without torch, and its manifest's figures are measured."""
+"""The shipped models: version 1 (float) loads without torch and its figures are measured; version 2 is its
+int8 copy, close enough to serve, with states of its own; model.json pins version 1 as the default."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
+import onnx
 import pytest
 
-from rnnserve.bundle import default_bundle_path, load_bundle
+from rnnserve.bundle import DEFAULT_MODEL, default_bundle_path, default_repository_path, load_bundle
 from rnnserve.evaluate import evaluate_bundle
 from rnnserve.export.corpus import load_corpus
+from rnnserve.export.quantize import MAX_BPC_COST
+from rnnserve.initial_states import load_initial_states, state_after
+from rnnserve.repository import ModelRepository
+
+INT8_OPS = {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul"}  # what dynamic quantization writes
+# A shipped state against the same prompt read again, as export parity measures: max |a - b| / max(1, |b|).
+# Here the same graph reads it on the same machine, exactly; elsewhere int8 kernels round differently.
+STATE_TOLERANCE = 1e-3
+
+
+def model_version(version: str):
+    return load_bundle(ModelRepository.scan(default_repository_path()).model(DEFAULT_MODEL).version_path(version))
 
 
 @pytest.fixture(scope="module")
 def bundle():
     return load_bundle(default_bundle_path())
+
+
+@pytest.fixture(scope="module")
+def int8():
+    return model_version("2")
+
+
+@pytest.fixture(scope="module")
+def val_text():
+    return load_corpus(None).val_text
+
+
+def relative_error(got: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(got - reference).max() / max(1.0, np.abs(reference).max()))
+
+
+def test_the_repository_pins_the_float_version_as_the_default(bundle):
+    model = ModelRepository.scan(default_repository_path()).model(DEFAULT_MODEL)
+    assert model.versions == ("1", "2") and model.pinned_version == "1"
+    assert json.loads((model.path / "model.json").read_text()) == {"default_version": "1"}
+    assert default_bundle_path() == model.path / "1"
+    assert (bundle.name, bundle.version) == (DEFAULT_MODEL, "1")
 
 
 def test_manifest_keeps_the_reviewed_figures(bundle):
@@ -25,11 +62,12 @@ def test_manifest_keeps_the_reviewed_figures(bundle):
     assert manifest["metrics"]["val_bpc"] < manifest["baseline"]["val_bpc"]
 
 
-def test_validation_figure_is_remeasured_from_the_graph(bundle):
-    corpus = load_corpus(None)
-    score = evaluate_bundle(bundle, bundle.vocab.encode(corpus.val_text))
-    assert abs(score.bits_per_char - bundle.manifest["metrics"]["val_bpc"]) <= 0.01
-    assert abs(score.top1 - bundle.manifest["metrics"]["val_top1"]) <= 0.01
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_validation_figure_is_remeasured_from_the_graph(version, val_text):
+    shipped = model_version(version)
+    score = evaluate_bundle(shipped, shipped.vocab.encode(val_text))
+    assert abs(score.bits_per_char - shipped.manifest["metrics"]["val_bpc"]) <= 0.01
+    assert abs(score.top1 - shipped.manifest["metrics"]["val_top1"]) <= 0.01
 
 
 def test_loading_the_bundle_imports_no_torch():
@@ -37,3 +75,30 @@ def test_loading_the_bundle_imports_no_torch():
             "b = load_bundle(default_bundle_path()); print(json.dumps('torch' in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) is False
+
+
+def test_version_2_is_the_int8_copy_of_version_1(bundle, int8):
+    assert (int8.name, int8.version) == (DEFAULT_MODEL, "2")
+    assert int8.vocab.tokens == bundle.vocab.tokens and int8.states == bundle.states
+    assert int8.manifest["quantization"]["source_sha256"] == bundle.sha256
+    assert {node.op_type for node in onnx.load(str(int8.graph_path)).graph.node} & INT8_OPS
+    assert not {node.op_type for node in onnx.load(str(bundle.graph_path)).graph.node} & INT8_OPS
+
+
+def test_version_2_records_an_accuracy_within_the_allowed_cost(bundle, int8):
+    float_bpc, int8_bpc = bundle.manifest["metrics"]["val_bpc"], int8.manifest["metrics"]["val_bpc"]
+    assert int8.manifest["quantization"]["float_val_bpc"] == float_bpc
+    assert int8.manifest["quantization"]["val_bpc"] == int8_bpc
+    assert 0 <= int8_bpc - float_bpc <= MAX_BPC_COST
+
+
+def test_version_2_ships_the_states_its_own_graph_reads(bundle, int8):
+    float_states, int8_states = load_initial_states(bundle), load_initial_states(int8)
+    assert [(s.name, s.prompt) for s in int8_states] == [(s.name, s.prompt) for s in float_states]
+    for shipped, float_state in zip(int8_states, float_states):
+        rows, next_logits = state_after(int8, shipped.prompt)
+        assert relative_error(shipped.next_logits, next_logits) <= STATE_TOLERANCE
+        for name, row in rows.items():
+            assert relative_error(shipped.states[name], row) <= STATE_TOLERANCE, name
+        # and not the float graph's state copied over: that one is farther off than any rounding
+        assert max(relative_error(float_state.states[name], row) for name, row in rows.items()) > 10 * STATE_TOLERANCE

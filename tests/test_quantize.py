@@ -1,6 +1,7 @@
 """`rnnserve-quantize`: an int8 bundle that loads and serves, with its report; refused when too costly."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import onnx
 
 from rnnserve.bundle import load_bundle
+from rnnserve.initial_states import add_initial_state, load_initial_states, state_after
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
@@ -53,6 +55,25 @@ def test_an_int8_bundle_is_measured_loads_and_serves(bundle, tmp_path):
     finally:
         server.stop()
     assert len(prediction.token_ids) == 5 and np.all(np.diff(prediction.probabilities) <= 0)
+
+
+def test_the_version_is_chosen_and_shipped_states_are_the_int8_graphs_own(bundle, tmp_path):
+    source = tmp_path / "float"
+    shutil.copytree(bundle.path, source)
+    prompts = {"fox": "The quick brown fox", "dog": "the lazy dog. "}
+    float_states = {name: add_initial_state(source, name, prompt) for name, prompt in prompts.items()}
+    done = quantize(load_bundle(source), tmp_path / "2", corpus(tmp_path), "--version", "2")
+    assert done.returncode == 0, done.stderr
+    quantized = load_bundle(tmp_path / "2")
+    assert quantized.version == "2" and quantized.name == bundle.name
+    shipped = load_initial_states(quantized)
+    assert [(s.name, s.prompt) for s in shipped] == list(prompts.items())  # names, prompts and order kept
+    for state in shipped:
+        rows, next_logits = state_after(quantized, state.prompt)  # the prompt read by the int8 graph
+        np.testing.assert_allclose(state.next_logits, next_logits, rtol=0, atol=1e-6)
+        for name, row in rows.items():
+            np.testing.assert_allclose(state.states[name], row, rtol=0, atol=1e-6)
+            assert np.abs(state.states[name] - float_states[state.name].states[name]).max() > 1e-4  # not the copy
 
 
 def test_a_costlier_int8_is_refused_and_nothing_is_written(bundle, tmp_path):
