@@ -21,6 +21,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from rnnserve.bundle import Bundle
+from rnnserve.server.core.served_model import ServedModel
+from rnnserve.server.model.state_pool import StatePool
 from rnnserve.server.app import Server, create_server
 from rnnserve.server.event_loop import loop_factory
 from rnnserve.server.settings import Settings
@@ -47,10 +49,18 @@ def end_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
         process.wait()
 
 
-def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16) -> Bundle:
+def table_model(pool: StatePool, bundle: Bundle | None = None, batcher=None) -> ServedModel:
+    """A model version as the session table and the batcher see one: its pool (and bundle and batcher when given);
+    no cache, named states or metrics."""
+    return ServedModel(bundle, pool, batcher, cache=None, states=None, events=None)
+
+
+def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16, name: str = "", version: str = "test",
+                      seed: int = 1234) -> Bundle:
     """A 2-layer, 16-unit model with random weights from a fixed seed: fast to export and to run.
 
-    A larger `hidden_size` makes the state, not Python, dominate a session's memory.
+    A larger `hidden_size` makes the state, not Python, dominate a session's memory; `name` (default
+    tiny-<cell>), `version` and `seed` make versions of one model for a model repository.
     """
     import torch
 
@@ -58,10 +68,10 @@ def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16) -> Bundle
     from rnnserve.export.model import ModelConfig, RecurrentLM
     from rnnserve.vocab import Vocabulary
 
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     vocab = Vocabulary.from_text(TINY_TEXT)
     model = RecurrentLM(ModelConfig(cell, len(vocab), embed_size=8, hidden_size=hidden_size, layers=2))
-    return export_bundle(model, vocab, out_dir, name=f"tiny-{cell}", version="test")
+    return export_bundle(model, vocab, out_dir, name=name or f"tiny-{cell}", version=version)
 
 
 async def _task_count() -> int:
@@ -90,6 +100,11 @@ class RunningServer:
     @property
     def engine(self):
         return self.server.engine
+
+    @property
+    def model(self):
+        """The default version of the default model: the one version a server of one bundle serves."""
+        return self.server.engine.models.get()
 
     def task_count(self) -> int:
         """How many asyncio tasks the server's loop holds now: what a task leak would grow."""
@@ -193,7 +208,7 @@ def assert_fails(call, code, reason=None, field=None):
 
 def slow_model(running, seconds: float) -> None:
     """Make every model call of a running server take `seconds` longer."""
-    runtime = running.engine.batcher.runtime
+    runtime = running.model.batcher.runtime
     run = runtime.run
 
     def slow_run(*args):

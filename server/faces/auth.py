@@ -8,7 +8,8 @@ match is in the file nor how long the presented token is shows in the time taken
 
 The check runs once per call in `TokenAuthentication`, a server interceptor, for every service
 except the ones left open (health, for probes; reflection, which describes only the public
-schema), so that no method of ours can be left unchecked by forgetting it. The interceptor runs
+schema), so that no method of ours can be left unchecked by forgetting it. A service may have
+tokens of its own (Admin: operators, not callers of the model), which alone open it. The interceptor runs
 in the call's own task, before the handler, so it hands the identity on in a context variable.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -102,13 +103,16 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
 class TokenAuthentication(grpc.aio.ServerInterceptor):
     """Refuse calls without a known bearer token UNAUTHENTICATED, except to the open services.
 
-    A refused call never reaches the servicer, whose guard reports every call it ends; so the
-    refusal is reported here, to `on_refused` (method name, status code), for the same metric.
+    A service named in `own_tokens` takes its own tokens and no others; the rest take `tokens`, or
+    are unchecked when it is None. A refused call never reaches the servicer, whose guard reports
+    every call it ends; so the refusal is reported here, to `on_refused` (method name, status
+    code), for the same metric.
     """
 
-    def __init__(self, tokens: Tokens, open_services: Collection[str],
-                 on_refused: Callable[[str, int], None] | None = None):
+    def __init__(self, tokens: Tokens | None, open_services: Collection[str],
+                 on_refused: Callable[[str, int], None] | None = None, own_tokens: Mapping[str, Tokens] | None = None):
         self._tokens = tokens
+        self._own_tokens = dict(own_tokens or {})
         self._open = frozenset(open_services)
         self._on_refused = on_refused
 
@@ -117,9 +121,10 @@ class TokenAuthentication(grpc.aio.ServerInterceptor):
             details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         service = details.method.rpartition("/")[0].lstrip("/")
-        if handler is None or service in self._open:
+        tokens = self._own_tokens.get(service, self._tokens)
+        if handler is None or service in self._open or tokens is None:
             return handler
-        identity = self._tokens.identify(bearer_token(details.invocation_metadata or ()))
+        identity = tokens.identify(bearer_token(details.invocation_metadata or ()))
         if identity is None:
             if self._on_refused is not None:
                 self._on_refused(details.method.rpartition("/")[2], UNAUTHENTICATED)
@@ -129,11 +134,17 @@ class TokenAuthentication(grpc.aio.ServerInterceptor):
 
 
 def interceptors(tokens_file: Path | None, open_services: Collection[str],
-                 on_refused: Callable[[str, int], None] | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """The server's interceptors: token authentication when a tokens file is configured."""
-    if tokens_file is None:
+                 on_refused: Callable[[str, int], None] | None = None, admin_service: str = "",
+                 admin_tokens_file: Path | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """The server's interceptors: token authentication when a tokens file is configured.
+
+    `admin_service` takes the tokens of `admin_tokens_file` only; with tokens on and no such file, none at all.
+    """
+    if tokens_file is None and admin_tokens_file is None:
         return []
-    return [TokenAuthentication(Tokens.from_file(tokens_file), open_services, on_refused)]
+    tokens = None if tokens_file is None else Tokens.from_file(tokens_file)
+    admin_tokens = Tokens([]) if admin_tokens_file is None else Tokens.from_file(admin_tokens_file)
+    return [TokenAuthentication(tokens, open_services, on_refused, {admin_service: admin_tokens})]
 
 
 def caller(context: grpc.aio.ServicerContext) -> str:
