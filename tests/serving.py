@@ -7,6 +7,8 @@ runs it, so tests talk to it through real gRPC channels from the main thread.
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import socket
 import subprocess
 import threading
@@ -15,16 +17,18 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from onnx import helper
 
-from rnnserve.bundle import Bundle
-from rnnserve.server.core.served_model import ServedModel
-from rnnserve.server.model.state_pool import StatePool
+from rnnserve.bundle import Bundle, load_bundle, sha256_of
 from rnnserve.server.app import Server, create_server
+from rnnserve.server.core.served_model import ServedModel
 from rnnserve.server.event_loop import loop_factory
+from rnnserve.server.model.state_pool import StatePool
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 
@@ -72,6 +76,25 @@ def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16, name: str
     vocab = Vocabulary.from_text(TINY_TEXT)
     model = RecurrentLM(ModelConfig(cell, len(vocab), embed_size=8, hidden_size=hidden_size, layers=2))
     return export_bundle(model, vocab, out_dir, name=name or f"tiny-{cell}", version=version)
+
+
+def stateless_copy(bundle: Bundle, out: Path, version: str | None = None) -> Bundle:
+    """`bundle` with every state input multiplied by zero before use: an export bug that loses the state between
+    calls, in a graph that still has every input and output the manifest names."""
+    shutil.copytree(bundle.path, out)
+    graph = onnx.load(out / "model.onnx")
+    for state in bundle.states:
+        zeroed = f"{state.input}_zeroed"
+        for node in graph.graph.node:
+            node.input[:] = [zeroed if name == state.input else name for name in node.input]
+        graph.graph.node.insert(0, helper.make_node("Mul", [state.input, "zero"], [zeroed]))
+    graph.graph.initializer.append(helper.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0]))
+    onnx.save(graph, out / "model.onnx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["graph"]["sha256"] = sha256_of(out / "model.onnx")
+    manifest["version"] = version or manifest["version"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return load_bundle(out)  # every file check passes
 
 
 async def _task_count() -> int:

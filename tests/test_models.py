@@ -13,10 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from rnnserve.bundle import load_bundle
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
-from serving import RunningServer, assert_fails, build_tiny_bundle, create
+from serving import RunningServer, assert_fails, build_tiny_bundle, create, stateless_copy
 
 POLL_SECONDS = 0.1
 TOKENS = 40  # steps of each old session, spread over before and after the swap
@@ -232,6 +233,12 @@ def test_admin_loads_sets_defaults_and_unloads_with_its_own_tokens(tmp_path, ver
                          grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
             assert_fails(lambda: admin.LoadModel(pb.LoadModelRequest(name="tiny"), metadata=as_admin),
                          grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "version")
+            stateless_copy(load_bundle(versions / "tiny" / "1"), repo / "tiny" / "3", version="3")
+            error, _ = assert_fails(lambda: admin.LoadModel(pb.LoadModelRequest(name="tiny", version="3",
+                                                                                make_default=True), metadata=as_admin),
+                                    grpc.StatusCode.FAILED_PRECONDITION, "MODEL_REFUSED")
+            assert "differ from one call" in error.details()  # the parity self-test names what failed
+            assert set(listed_as(inference, as_user)) == {("tiny", "2")} and made.default_version
     finally:
         running.stop()
 
