@@ -96,10 +96,6 @@ class ModelRegistry:
             if version is not None and version.events is not None:
                 version.events.record_default(version is model)
 
-    def newest(self, name: str) -> str:
-        """The highest version of `name` loaded (its default unless one was chosen)."""
-        return self._sorted(name)[-1]
-
     def retire(self, name: str, version: str) -> ServedModel:
         """Unload `version` of `name` now if no session runs on it, else once its last session ends.
 

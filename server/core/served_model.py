@@ -86,7 +86,7 @@ class ServedModel:
         self._batching = asyncio.create_task(self.batcher.run(), name=f"rnnserve-batcher {self.describe()}")
 
     async def stop(self) -> None:
-        """Stop batching; with `forget`, this version's metric series go too (it is unloading, not the server)."""
+        """Stop batching: its model thread ends with the work it has."""
         if self._batching is not None:
             self._batching.cancel()
             await asyncio.gather(self._batching, return_exceptions=True)
