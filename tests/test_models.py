@@ -4,6 +4,7 @@ Every server here is real and serves a repository of tiny bundles on a loopback 
 is checked against a second server that serves the old version alone and never reloaded.
 """
 
+import json
 import shutil
 import threading
 import time
@@ -288,3 +289,29 @@ def test_sessions_of_two_models_survive_a_restart_and_those_of_a_model_gone_are_
         assert (tmp_path / "sessions.snap.unrestored").exists()  # kept for a server that serves "other" again
     finally:
         third.stop()
+
+
+def test_one_graph_under_two_names_keeps_each_session_on_its_own_name(tmp_path, versions):
+    """An alias (a canary, a tenant's name) serves the same graph as another model: a session exported from it, or
+    restored after a restart, comes back under its own name, not the first with that graph."""
+    repo = repository(tmp_path, versions, "tiny/1")
+    shutil.copytree(repo / "tiny" / "1", repo / "alias" / "1")
+    manifest = json.loads((repo / "alias" / "1" / "manifest.json").read_text())
+    (repo / "alias" / "1" / "manifest.json").write_text(json.dumps({**manifest, "name": "alias"}))
+    snapshot = tmp_path / "sessions.snap"
+    first = serve(repo, model_poll_seconds=0, default_model="tiny", snapshot_path=str(snapshot))
+    with grpc.insecure_channel(first.address) as channel:
+        stub = rnnserve_pb2_grpc.InferenceStub(channel)
+        session = create(stub, model="alias", prompt_text="The q")
+        blob = stub.ExportSession(pb.ExportSessionRequest(session_id=session)).state
+        imported = stub.ImportSession(pb.ImportSessionRequest(state=blob)).session
+        assert imported.model == "alias"
+    first.stop()
+    second = serve(repo, model_poll_seconds=0, default_model="tiny", snapshot_path=str(snapshot))
+    try:
+        with grpc.insecure_channel(second.address) as channel:
+            stub = rnnserve_pb2_grpc.InferenceStub(channel)
+            assert stub.GetSession(pb.GetSessionRequest(session_id=session)).model == "alias"
+            assert listed(stub)["alias", "1"].sessions == 2 and listed(stub)["tiny", "1"].sessions == 0
+    finally:
+        second.stop()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from rnnserve.server.core.errors import ModelIsDefault, ModelNotFound, ModelRetiring
 from rnnserve.server.core.served_model import ServedModel
+from rnnserve.server.store.snapshot import ModelIdentity
 
 
 def version_order(version: str) -> tuple[int, int | str]:
@@ -56,10 +57,12 @@ class ModelRegistry:
         """Every loaded version, retiring ones included: models as `names`, each one's versions in order."""
         return [self._versions[name][version] for name in self.names() for version in self._sorted(name)]
 
-    def with_identity(self, sha256: str) -> ServedModel | None:
-        """The version whose graph has `sha256` and that takes new sessions (an import of a session exported from
-        it); None when none is loaded."""
-        return next((model for model in self.all() if model.identity.sha256 == sha256 and not model.retiring), None)
+    def with_identity(self, identity: ModelIdentity) -> ServedModel | None:
+        """The version that takes new sessions and can continue a state of `identity` (an import, a restore): the
+        same name and version if loaded, else another name for the same graph (its sha256); None when none is."""
+        same_graph = [model for model in self.all() if model.identity.sha256 == identity.sha256 and not model.retiring]
+        return next((model for model in same_graph if model.identity == identity), None) or next(iter(same_graph),
+                                                                                                  None)
 
     def is_default(self, model: ServedModel) -> bool:
         """Whether new sessions naming `model`'s name and no version get it."""

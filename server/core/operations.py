@@ -186,7 +186,7 @@ class Operations:
         """The session in `blob` and the loaded version it was exported from, checked whole; refused with the reason
         when the blob is damaged or no version of that graph is loaded here."""
         exported = exported_model(blob)
-        model = self.models.with_identity(exported.sha256)
+        model = self.models.with_identity(exported)
         if model is None:
             loaded = ", ".join(model.identity.describe() for model in self.models.all() if not model.retiring)
             raise IncompatibleState(f"{FIELD}: the session was exported from {exported.describe()}, which this server "

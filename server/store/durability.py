@@ -121,7 +121,7 @@ class Durability:
         """The loaded version for each model of the snapshot, None where none is; SnapshotRefused when none is."""
         models = []
         for section in snapshot.header.models:
-            model = self.models.with_identity(section.model.sha256)
+            model = self.models.with_identity(section.model)
             models.append(model if model is not None and model.shapes == section.rows else None)
         if snapshot.sessions and not any(models):
             served = ", ".join(model.identity.describe() for model in self.models.all())
