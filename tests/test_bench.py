@@ -118,7 +118,7 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     assert len(found) == len(rows)  # a figure measured in rounds is reported once, as their median
     assert (tmp_path / "cache" / "logs" / "echo-round2.log").is_file()  # the echo floor measured again for round 2
 
-    assert {t["status"] for t in report["targets"]} <= {"met", "SHORT"}  # no target lacks its rows
+    assert {t["status"] for t in report["targets"]} <= {"met", "SHORT", "reported"}  # no target lacks its rows
     assert "| figure | value | floor | ratio | target | status |" in (out / "latest.md").read_text()
     assert (out / "throughput.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0
 
@@ -170,6 +170,8 @@ def test_only_models_runs_w2_on_a_server_of_two_busy_models_beside_a_server_of_o
         assert rows["W2-models", "stream", 256, ratio] == pytest.approx(rate[over] / rate[under])
     for name in "ab":  # each half carried half the loop's tokens, within the loop's wall time or less
         assert rows["W2-models", f"stream-two-busy-{name}", 128, "tokens_per_s"] >= rate["two-busy"] / 2
+    [verdict] = [t for t in report["targets"] if t["name"].startswith("W2 two models")]
+    assert verdict["status"] == "reported" and verdict["ok"] is None and verdict["ratio"].endswith("%")
 
     logs = tmp_path / "cache" / "logs"  # each server announced what it serves
     served = {server: (logs / f"server-models-{server}.log").read_text() for server in ("one", "two")}
