@@ -14,11 +14,11 @@ Each version has its own state pool, batcher and model thread, so the two models
 at the same time, each on half as many sessions. What to expect on 2 cores, which the load
 generator and a one-model server already keep busy: about the one-model figure. More if one
 model's onnxruntime call overlaps the other's Python work (batching, scattering, answering),
-less if half-sized batches and four onnxruntime threads plus two model threads contending for
-two cores cost more; so the ratios are reported, not judged, until full runs show where they
-sit. Each ratio is the median over rounds of that round's ratio, as M1's (the servers of a round
-run back to back and share whatever else the machine was doing). Each model's own rate and
-latency in the two-busy loop are reported beside it, so that a model starved by the other shows.
+less if half-sized batches, and two models' onnxruntime and model threads contending for two
+cores, cost more; so the ratios are reported, not judged, until full runs show where they sit.
+Each ratio is the median over rounds of that round's ratio, as M1's (the servers of a round run
+back to back and share whatever else the machine was doing). Each model's own rate and latency
+in the two-busy loop are reported beside it, so that a model starved by the other shows.
 """
 
 from __future__ import annotations
