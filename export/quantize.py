@@ -40,15 +40,18 @@ from rnnserve.parity import ERROR, parity_error
 
 MAX_BPC_COST = 0.02  # what issue #2 allows int8 to cost
 QUANTIZED_OPS = ["LSTM", "GRU", "RNN", "MatMul", "Gemm"]  # the recurrence and the output projection
-PARITY_TRIALS = 32  # validation sequences for the graph's own parity, random batches against float
+COMPARISON_TRIALS = 8  # random batches against the float graph
+PARITY_TRIALS = 32  # validation sequences for the int8 graph's own parity
 PARITY_LENGTHS = (4, 64)  # tokens in a parity sequence: a short prompt to a paragraph
 # The int8 copy's `parity.tolerances.steps`, the bound the server's self-test holds it to (float export: 1e-4).
-# On shakespeare-lstm 2, 1,000 validation sequences of 4-64 tokens from zeros measured at most 0.143 one token
-# per call against one call and 0.150 as row 0 of a batch of two against alone (medians 0.056 and 0.050; a row
-# of a batch of 16 or 256, 0.12); a graph that drops its state (one token per call, zeros each call) measured
-# 1.26 at least, 3.4 median. 0.25 is two thirds above the worst rounding seen and five times below the least
-# lost state: loose enough for int8 on any batching, tight enough to refuse a graph that forgets.
-INT8_PARITY_TOLERANCE = 0.25
+# Measured on shakespeare-lstm 2 over 4,000 validation sequences of 4-64 tokens from zeros, one token per call
+# against one call and row 0 of a batch of two against alone: median 0.05, 99.9% under 0.23, the worst 0.68 and
+# 1.22 (one sequence in 1,300 above 0.5). This check's max over PARITY_TRIALS sequences, with 150 seeds: median
+# 0.11, worst 0.47 (0.25 would have refused 4 of the 150). A graph that drops its state (one token per call,
+# zeros each call) measured 1.1 at the least (over 6,000 sequences), 3.4 median, and 2.1 on the server
+# self-test's 8 tokens, where int8 measures 0.06. 0.5 passes int8's rounding with margin on any batching and
+# stays below every lost state seen.
+INT8_PARITY_TOLERANCE = 0.5
 
 
 class QuantizationRefused(RuntimeError):
@@ -69,7 +72,7 @@ def compare_outputs(reference: bundle_format.Bundle, candidate: bundle_format.Bu
                 for b in (reference, candidate)]
     generator = np.random.default_rng(seed)
     worst = {"logits_max_abs": 0.0, "state_max_abs": 0.0}
-    for _ in range(PARITY_TRIALS):
+    for _ in range(COMPARISON_TRIALS):
         batch, length = int(generator.integers(1, 9)), int(generator.integers(1, 33))
         feed = {reference.tokens_input: generator.integers(0, len(reference.vocab), (batch, length), dtype=np.int64),
                 **{s.input: (0.5 * generator.standard_normal((batch, *s.row_shape))).astype(np.float32)
