@@ -26,6 +26,7 @@ from rnnserve import bundle as bundle_format
 from rnnserve.evaluate import evaluate_bundle
 from rnnserve.export.cost import measure_step_cost
 from rnnserve.export.model import ModelConfig, RecurrentLM
+from rnnserve.parity import ERROR, parity_error
 from rnnserve.vocab import UNKNOWN_ID, Vocabulary
 
 OPSET = 17
@@ -57,16 +58,6 @@ def write_graph(model: RecurrentLM, path: Path) -> None:
                           output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
 
-def _worst(got: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    """Largest error, scaled by the reference's magnitude where that exceeds 1.
-
-    An LSTM's cell state grows with the sequence (|c| reaches 30 after 40 steps of a trained
-    model); float32 holds such a value to about 2e-6 absolute, so a purely absolute 1e-5 bound
-    would fail any float32 implementation, torch's own included, on long sequences.
-    """
-    return max(float((np.abs(x - y) / np.maximum(1.0, np.abs(y))).max()) for x, y in zip(got, reference))
-
-
 def check_parity(model: RecurrentLM, graph_path: Path, trials: int = 12, seed: int = 0) -> dict:
     """Compare onnxruntime with torch and single steps with prefill; raise ParityError with the numbers.
 
@@ -93,14 +84,14 @@ def check_parity(model: RecurrentLM, graph_path: Path, trials: int = 12, seed: i
             reference = [t.numpy() for t in reference_model(torch.from_numpy(tokens),
                                                             *(torch.from_numpy(v).double() for v in state))]
         got = run(tokens, state)
-        worst_logits = max(worst_logits, _worst(got[:1], reference[:1]))
-        worst_state = max(worst_state, _worst(got[1:], reference[1:]))
+        worst_logits = max(worst_logits, parity_error(got[:1], reference[:1]))
+        worst_state = max(worst_state, parity_error(got[1:], reference[1:]))
         carried, stepped = state, []
         for t in range(length):
             logits, *carried = run(tokens[:, t:t + 1], carried)
             stepped.append(logits)
-        worst_steps = max(worst_steps, _worst([np.concatenate(stepped, axis=1), *carried], got))
-    report = {"trials": trials, "error": "max |onnx - reference| / max(1, |reference|)",
+        worst_steps = max(worst_steps, parity_error([np.concatenate(stepped, axis=1), *carried], got))
+    report = {"trials": trials, "error": ERROR,
               "logits_vs_torch": worst_logits, "state_vs_torch": worst_state,
               "steps_vs_prefill": worst_steps,
               "tolerances": {"logits": LOGITS_TOLERANCE, "state": STATE_TOLERANCE, "steps": LOGITS_TOLERANCE}}

@@ -1,5 +1,5 @@
 """The shipped models: version 1 (float) loads without torch and its figures are measured; version 2 is its
-int8 copy, close enough to serve, with states of its own; model.json pins version 1 as the default."""
+int8 copy, close enough to serve, with states and a parity of its own; model.json pins version 1 as the default."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 from rnnserve.bundle import DEFAULT_MODEL, default_bundle_path, default_repository_path, load_bundle
 from rnnserve.evaluate import evaluate_bundle
 from rnnserve.export.corpus import load_corpus
-from rnnserve.export.quantize import MAX_BPC_COST
+from rnnserve.export.quantize import INT8_PARITY_TOLERANCE, MAX_BPC_COST, measure_parity
 from rnnserve.initial_states import load_initial_states, state_after
 from rnnserve.repository import ModelRepository
 
@@ -102,3 +102,29 @@ def test_version_2_ships_the_states_its_own_graph_reads(bundle, int8):
             assert relative_error(shipped.states[name], row) <= STATE_TOLERANCE, name
         # and not the float graph's state copied over: that one is farther off than any rounding
         assert max(relative_error(float_state.states[name], row) for name, row in rows.items()) > 10 * STATE_TOLERANCE
+
+
+def test_the_float_version_keeps_its_export_parity(bundle):
+    parity = bundle.manifest["parity"]
+    assert parity["tolerances"] == {"logits": 1e-4, "state": 1e-5, "steps": 1e-4}
+    assert parity["logits_vs_torch"] <= 1e-4 and parity["steps_vs_prefill"] <= 1e-4
+
+
+def test_version_2_records_its_own_parity_within_its_own_tolerance(bundle, int8, val_text):
+    parity = int8.manifest["parity"]
+    tolerance = parity["tolerances"]["steps"]  # what the server's self-test holds version 2 to
+    assert tolerance == INT8_PARITY_TOLERANCE > bundle.manifest["parity"]["tolerances"]["steps"]
+    assert "logits_vs_torch" not in parity  # not the float bundle's section copied
+    for key in ("steps_vs_prefill", "batch_vs_alone"):
+        assert 0 < parity[key] <= tolerance, key  # int8 moves with batching, within its bound
+    assert parity["state_dropped"]["least"] > tolerance  # the bound tells a lost state from rounding
+    # measured again here (int8 kernels round differently on other machines, so within the bound, not equal)
+    measured = measure_parity(int8, int8.vocab.encode(val_text))
+    assert max(measured["steps_vs_prefill"], measured["batch_vs_alone"]) <= tolerance
+    assert measured["state_dropped"]["least"] > tolerance
+
+
+def test_version_2s_manifest_states_its_own_facts(bundle, int8):
+    assert int8.manifest["created"] > bundle.manifest["created"]  # ISO 8601 in UTC, both
+    assert int8.manifest["graph"]["exporter"].startswith("onnxruntime ")
+    assert "torch_val_bpc" not in int8.manifest["metrics"] and "torch_val_bpc" in bundle.manifest["metrics"]

@@ -1,16 +1,21 @@
-"""`rnnserve-quantize`: an int8 bundle that loads and serves, with its report; refused when too costly."""
+"""`rnnserve-quantize`: an int8 bundle that loads and serves, with its report and its own parity; refused when
+too costly or when it disagrees with itself."""
 
 import json
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 import numpy as np
 import onnx
+import pytest
 
-from rnnserve.bundle import load_bundle
+from rnnserve.bundle import GRAPH, default_bundle_path, load_bundle, sha256_of, write_manifest
+from rnnserve.export.corpus import load_corpus
+from rnnserve.export.quantize import INT8_PARITY_TOLERANCE, QuantizationRefused, quantize_bundle
 from rnnserve.initial_states import add_initial_state, load_initial_states, state_after
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -33,6 +38,7 @@ def quantize(bundle, out: Path, corpus_path: Path, *extra: str) -> subprocess.Co
 
 def test_an_int8_bundle_is_measured_loads_and_serves(bundle, tmp_path):
     out = tmp_path / "int8"
+    started = datetime.now(timezone.utc).replace(microsecond=0)
     done = quantize(bundle, out, corpus(tmp_path))
     assert done.returncode == 0, done.stderr
     quantized = load_bundle(out)  # the server's own checks: sha256, inputs and outputs
@@ -45,6 +51,14 @@ def test_an_int8_bundle_is_measured_loads_and_serves(bundle, tmp_path):
     assert 0 < report["difference_from_float"]["logits_max_abs"] < 1.0  # int8 rounds, but stays close
     ops = {node.op_type for node in onnx.load(str(quantized.graph_path)).graph.node}
     assert ops & {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul"}
+    # the copy's own facts, not the float bundle's
+    assert datetime.fromisoformat(quantized.manifest["created"]) >= started
+    assert quantized.manifest["graph"]["exporter"].startswith("onnxruntime ")
+    assert "torch_val_bpc" not in quantized.manifest["metrics"]
+    parity = quantized.manifest["parity"]
+    assert parity["tolerances"] == {"steps": INT8_PARITY_TOLERANCE} and "logits_vs_torch" not in parity
+    assert parity["trials"] > 0 and parity["steps_vs_prefill"] <= INT8_PARITY_TOLERANCE
+    assert parity["batch_vs_alone"] <= INT8_PARITY_TOLERANCE
 
     server = RunningServer(quantized, Settings(listen="127.0.0.1:0"))
     try:
@@ -83,3 +97,33 @@ def test_a_costlier_int8_is_refused_and_nothing_is_written(bundle, tmp_path):
     assert "refused" in done.stderr and "limit -1.0" in done.stderr
     report = json.loads(done.stderr[done.stderr.index("{"):].strip())
     assert report["float_val_bpc"] > 0 and report["val_bpc"] > 0
+
+
+def drop_state(source: Path, target: Path) -> None:
+    """A copy of the bundle whose graph multiplies its state inputs by zero where they enter: it passes every
+    file check and runs, but reads each call from zeros, as a graph exported with its state unconnected does."""
+    shutil.copytree(source, target)
+    model = onnx.load(str(target / GRAPH))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero"))
+    for spec in load_bundle(source).states:
+        for node in model.graph.node:
+            node.input[:] = [f"{spec.input}_dropped" if name == spec.input else name for name in node.input]
+        model.graph.node.insert(0, onnx.helper.make_node("Mul", [spec.input, "zero"], [f"{spec.input}_dropped"]))
+    onnx.save(model, str(target / GRAPH))
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["graph"]["sha256"] = sha256_of(target / GRAPH)
+    write_manifest(target, manifest)
+
+
+def test_an_int8_copy_that_loses_its_state_is_refused_and_nothing_is_written(tmp_path):
+    # The shipped float model, whose logits depend on what it read: a tiny random model's barely do.
+    source = tmp_path / "float"
+    drop_state(default_bundle_path(), source)
+    val_ids = load_bundle(source).vocab.encode(load_corpus(None).val_text[:4096])
+    out = tmp_path / "int8"
+    with pytest.raises(QuantizationRefused, match="disagrees with itself") as refused:
+        quantize_bundle(source, out, val_ids, max_bpc_cost=1.0)  # both graphs forget alike: bits per char agree
+    parity = json.loads(str(refused.value)[str(refused.value).index("{"):])
+    assert parity["steps_vs_prefill"] > INT8_PARITY_TOLERANCE  # one token per call forgets
+    assert parity["batch_vs_alone"] <= INT8_PARITY_TOLERANCE  # one call reads a whole sequence from zeros either way
+    assert not out.exists()
