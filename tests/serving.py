@@ -7,6 +7,7 @@ runs it, so tests talk to it through real gRPC channels from the main thread.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import subprocess
 import threading
@@ -72,6 +73,14 @@ def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16, name: str
     vocab = Vocabulary.from_text(TINY_TEXT)
     model = RecurrentLM(ModelConfig(cell, len(vocab), embed_size=8, hidden_size=hidden_size, layers=2))
     return export_bundle(model, vocab, out_dir, name=name or f"tiny-{cell}", version=version)
+
+
+def repository(tmp_path: Path, versions: Path, *names: str) -> Path:
+    """A model repository in `tmp_path` holding `names` ("tiny/1", ...) copied from `versions` (conftest's)."""
+    repo = tmp_path / "models"
+    for name in names:
+        shutil.copytree(versions / name, repo / name)
+    return repo
 
 
 async def _task_count() -> int:
