@@ -1,7 +1,9 @@
-"""The clients over several models and versions, and the Admin calls with a token of their
+"""The clients and `rnnserve-client` over several models and versions, and the Admin calls with a token of their
 own: real servers serving a repository of tiny bundles (conftest's `versions`), on loopback ports."""
 
 import asyncio
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from rnnserve.client import (AsyncClient, Client, ModelIsDefault, ModelNotFound,
 from rnnserve.server.settings import Settings
 from serving import RunningServer, free_port, repository
 
+COMMAND = str(Path(sys.executable).with_name("rnnserve-client"))
 ADMIN_TOKEN, USER_TOKEN = "admin-token-0123456789", "user-token-0123456789"
 
 
@@ -180,3 +183,88 @@ def test_admin_calls_wait_out_a_server_that_is_still_starting(bundle):
             for process in processes:
                 process.terminate()
                 process.wait(10)
+
+
+# rnnserve-client ------------------------------------------------------------------------------------------------
+
+def cli(address: str, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """The command, with the server's address (and `env`) in its environment as a user's shell would have it."""
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith("RNNSERVE_")}
+    environment = {**inherited, "RNNSERVE_ADDRESS": address, **env}
+    done = subprocess.run([COMMAND, *args], capture_output=True, text=True, env=environment, timeout=60)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_cli_models_shows_versions_defaults_sessions_and_retiring(three_versions):
+    address = three_versions.address
+    session = cli(address, "sessions", "create", "--model", "tiny", "--model-version", "1").stdout.strip()
+    assert json.loads(cli(address, "sessions", "get", session, "--json").stdout)["model_version"] == "1"
+    assert "tiny version 1" in cli(address, "sessions", "get", session).stdout
+    cli(address, "admin", "default", "tiny", "1")  # no tokens on this server: Admin is open like the rest
+    cli(address, "admin", "unload", "tiny", "2")
+    cli(address, "admin", "load", "tiny", "2")
+    retiring = cli(address, "admin", "unload", "tiny", "1", check=False)
+    assert retiring.returncode == 1 and "MODEL_IS_DEFAULT" in retiring.stderr  # still the default
+    cli(address, "admin", "default", "tiny", "2")
+    assert cli(address, "admin", "unload", "tiny", "1").stdout.strip() == \
+        "tiny version 1 retires: it takes no new sessions and unloads once its 1 running ones end"
+    table = cli(address, "models").stdout.splitlines()
+    assert table[0].split() == ["name", "version", "cell", "layers", "hidden", "vocab", "sessions", "default",
+                                "retiring"]
+    rows = {tuple(row.split()[:2]): row.split()[2:] for row in table[1:]}
+    assert rows["tiny", "1"][4:] == ["1", "yes"]  # one session, no default mark, retiring
+    assert rows["tiny", "2"][4:] == ["0", "server"] and rows["other", "1"][4:] == ["0", "model"]
+    listed = [json.loads(line) for line in cli(address, "models", "--json").stdout.splitlines()]
+    assert [(m["version"], m["retiring"], m["sessions"]) for m in listed if m["name"] == "tiny"] == \
+        [("1", True, 1), ("2", False, 0)]
+    described = json.loads(cli(address, "models", "tiny", "1", "--json").stdout)
+    assert (described["version"], described["default_version"]) == ("1", False)
+    assert "retiring" in cli(address, "models", "tiny", "1").stdout
+
+
+def test_cli_predict_and_states_on_a_named_version(three_versions):
+    address = three_versions.address
+    predictions = {version: json.loads(cli(address, "--json", "predict", "The q", "--model-version", version).stdout)
+                   for version in ("1", "2")}
+    assert predictions["1"] != predictions["2"]
+    assert predictions["2"] == json.loads(cli(address, "--json", "predict", "The q").stdout)  # 2: the default
+    cli(address, "states", "register", "intro", "The", "--model-version", "1")
+    assert "intro" in cli(address, "states", "list", "--model", "tiny", "--model-version", "1").stdout
+    assert "intro" not in cli(address, "states", "list").stdout
+    missing = cli(address, "predict", "x", "--model-version", "9", check=False)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "MODEL_NOT_FOUND" in missing.stderr
+
+
+def test_cli_admin_takes_its_token_from_the_flag_or_its_environment_twin(with_admin_tokens):
+    address = with_admin_tokens().address
+    refused = cli(address, "admin", "load", "tiny", "2", "--token", USER_TOKEN, check=False)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
+    assert "--admin-token" in refused.stderr and "RNNSERVE_ADMIN_TOKEN" in refused.stderr
+    loaded = cli(address, "admin", "load", "tiny", "2", "--default", "--admin-token", ADMIN_TOKEN)
+    assert loaded.stdout.strip() == "loaded tiny version 2, the default of tiny"
+    made = cli(address, "--json", "admin", "default", "tiny", "1", RNNSERVE_ADMIN_TOKEN=ADMIN_TOKEN)
+    assert json.loads(made.stdout)["default_version"] is True
+    assert cli(address, "admin", "--admin-token", ADMIN_TOKEN, "unload", "tiny", "2").stdout.strip() == \
+        "unloaded tiny version 2"
+    session = cli(address, "sessions", "create", "--token", USER_TOKEN).stdout.strip()
+    assert json.loads(cli(address, "sessions", "get", session, "--json", "--token", USER_TOKEN).stdout)[
+        "model_version"] == "1"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("admin", "load", "tiny", ""), "error: version: "),  # the server's refusal, naming the field
+    (("admin", "unload", "nothing", "1"), "error: "),
+    (("admin", "default", "tiny", "9", "--server"), "error: "),
+])
+def test_cli_admin_refusals_are_one_line(three_versions, args, says):
+    refused = cli(three_versions.address, *args, check=False)
+    assert refused.returncode == 1 and refused.stderr.startswith(says) and len(refused.stderr.splitlines()) == 1
+    assert refused.stdout == ""
+
+
+def test_cli_admin_usage_mistakes_get_a_usage_line(three_versions):
+    refused = cli(three_versions.address, "admin", "load", "tiny", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith("rnnserve-client admin load: error:")
