@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2  # noqa: F401  (puts grpc.health.v1 in the
 from rnnserve.v1 import rnnserve_pb2  # noqa: F401  (puts rnnserve.v1 in the descriptor pool)
 
 INFERENCE = "rnnserve.v1.Inference"
+ADMIN = "rnnserve.v1.Admin"
 HEALTH = "grpc.health.v1.Health"
 
 
@@ -75,7 +76,15 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/states", f"{INFERENCE}.ListStates", "The named states"),
     Route("DELETE", "/v1/states/{name}", f"{INFERENCE}.DeleteState", "Forget a registered state"),
     Route("GET", "/v1/models", f"{INFERENCE}.ListModels", "The loaded models"),
-    Route("GET", "/v1/models/{name}", f"{INFERENCE}.GetModel", "One loaded model"),
+    Route("GET", "/v1/models/{name}", f"{INFERENCE}.GetModel", "One loaded model, its default version"),
+    Route("GET", "/v1/models/{name}/{version}", f"{INFERENCE}.GetModel", "One loaded model version"),
+    # The Admin service's, for operators: with tokens on, only the admin tokens open them.
+    Route("POST", "/v1/admin/models/{name}/{version}/load", f"{ADMIN}.LoadModel",
+          "Load a version from the model repository, checked first (make_default: then the model's default)"),
+    Route("POST", "/v1/admin/models/{name}/{version}/unload", f"{ADMIN}.UnloadModel",
+          "Stop serving a version: at once, or once its running sessions end"),
+    Route("POST", "/v1/admin/models/{name}/{version}/default", f"{ADMIN}.SetDefaultModel",
+          "Make a version its model's default for new sessions (server_default: the model the server's too)"),
     Route("GET", "/healthz", f"{HEALTH}.Check", "Liveness: the process answers", MappingProxyType({"service": ""}),
           open=True),
     Route("GET", "/readyz", f"{HEALTH}.Check", "Readiness: 503 while the server starts or drains",
