@@ -1,5 +1,6 @@
-"""The Admin service over HTTP: its routes load, unload and switch versions as the gRPC calls do, and they
-open to exactly the tokens that open Admin over gRPC, in every way a server can be configured."""
+"""Several model versions over HTTP. The Admin routes load, unload and switch versions as the gRPC calls do,
+and open to exactly the tokens that open Admin over gRPC, in every way a server can be configured; the named
+states of a version other than the default are registered, listed and deleted by naming it."""
 
 from __future__ import annotations
 
@@ -59,6 +60,26 @@ def test_admin_routes_load_switch_and_unload_versions(tmp_path, versions):
             last = client.post("/v1/admin/models/tiny/1/unload")
             assert last.status_code == 400  # the server's default model's only version: refused
             assert client.get(f"/v1/sessions/{session['session_id']}").status_code == 200
+    finally:
+        running.stop()
+
+
+def test_named_states_of_a_version_other_than_the_default(tmp_path, versions):
+    running = serve(repository(tmp_path, versions, "tiny/1", "tiny/2"))  # 2 the default
+    try:
+        with http(running) as client:
+            registered = client.post("/v1/states", json={"name": "intro", "prompt_text": "The", "model_version": "1"})
+            assert registered.status_code == 200, registered.text
+
+            def names(**query: str) -> list[str]:
+                return [state["name"] for state in client.get("/v1/states", params=query).json()["states"]]
+
+            assert "intro" in names(model="tiny", model_version="1") and "intro" not in names()
+            assert client.delete("/v1/states/intro").status_code == 404  # the default version has none
+            assert client.delete("/v1/states/intro", params={"model_version": "1"}).status_code == 200
+            assert "intro" not in names(model_version="1")
+            missing = client.get("/v1/states", params={"model_version": "9"})
+            assert missing.status_code == 404 and missing.json()["error"]["details"][0]["reason"] == "MODEL_NOT_FOUND"
     finally:
         running.stop()
 

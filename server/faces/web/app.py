@@ -83,7 +83,10 @@ def rpc_endpoint(route: Route, handler: Callable, gate: Gate, max_body_bytes: in
         request.scope[METHOD] = route.name
         try:
             identities, deadline = gate.identities(request, route.service, route.open), deadline_of(request)
-            body = await json_body(request, max_body_bytes) if route.verb == "POST" else None
+            if route.verb == "POST":
+                body = await json_body(request, max_body_bytes)
+            else:  # no body: the fields the route takes from the query string
+                body = {name: request.query_params[name] for name in route.query if name in request.query_params}
             message = parse(route, body if body is not None else ([] if route.method.client_streaming else {}),
                             request.path_params)
             if route.method.server_streaming:

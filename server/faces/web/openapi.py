@@ -94,6 +94,8 @@ def _operation(route: Route, operation_id: str, schemas: Schemas) -> dict:
     fields = {field.name: field for field in method.input_type.fields}
     parameters = [{"name": name, "in": "path", "required": True, "schema": schemas.field(fields[name])}
                   for name in route.path_fields]
+    parameters += [{"name": name, "in": "query", "required": False, "schema": schemas.field(fields[name])}
+                   for name in route.query]
     if method.server_streaming:
         parameters.append({"name": "stream", "in": "query", "required": False,
                            "description": "true: server-sent events, as with Accept: text/event-stream",
