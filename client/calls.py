@@ -67,18 +67,19 @@ def get_model(name: str, version: str | int | None) -> Call[ModelInfo]:
 def load_model(name: str, version: str | int, make_default: bool) -> Call[ModelInfo]:
     """Retried: the server answers LoadModel of a version it has loaded with that version (made the default
     again if asked), so a resend whose first try landed loads nothing twice."""
-    request = pb.LoadModelRequest(name=name, version=str(version), make_default=make_default)
+    request = pb.LoadModelRequest(name=name, version=messages.version(version), make_default=make_default)
     return Call("LoadModel", request, True, ModelInfo.from_pb, ADMIN)
 
 
 def unload_model(name: str, version: str | int) -> Call[ModelInfo]:
-    """Retried: a version retires once, and a resend while it retires answers it again. But one that had no
-    session left at once, so a resend whose first try landed raises ModelNotFound, as a resent `delete_state`
-    raises StateNotFound: nothing else is ever unloaded, and the version is gone as asked."""
-    return Call("UnloadModel", pb.UnloadModelRequest(name=name, version=str(version)), True, ModelInfo.from_pb, ADMIN)
+    """Retried: a version retires once, and a resend while it retires answers it again. But a version without
+    sessions unloads at once, so a resend whose first try landed raises ModelNotFound, as a resent
+    `delete_state` raises StateNotFound: nothing else is ever unloaded, and the version is gone as asked."""
+    request = pb.UnloadModelRequest(name=name, version=messages.version(version))
+    return Call("UnloadModel", request, True, ModelInfo.from_pb, ADMIN)
 
 
 def set_default_model(name: str, version: str | int, server_default: bool) -> Call[ModelInfo]:
     """Retried: setting the same default twice leaves it as once."""
-    request = pb.SetDefaultModelRequest(name=name, version=str(version), server_default=server_default)
+    request = pb.SetDefaultModelRequest(name=name, version=messages.version(version), server_default=server_default)
     return Call("SetDefaultModel", request, True, ModelInfo.from_pb, ADMIN)

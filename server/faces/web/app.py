@@ -1,8 +1,9 @@
 """The Starlette application: one endpoint per row of `routes.ROUTES`, all made by `rpc_endpoint`.
 
-Each endpoint checks the caller as gRPC's interceptor does (the same `auth.ServiceTokens` rule: Admin's
-routes take only the admin tokens; from the `Authorization: Bearer` header; else the client certificate), parses the JSON body into the
-route's request message, runs the servicer's own method, and answers its response as JSON, or
+Each endpoint checks the caller as gRPC's interceptor does (the same `auth.ServiceTokens` rule, so
+Admin's routes take only the admin tokens; from the `Authorization: Bearer` header; else the client
+certificate), parses the JSON body (or the query string's fields) into the route's request
+message, runs the servicer's own method, and answers its response as JSON, or
 its error as `status.error_body` with the matching HTTP code. Every request is measured with
 the RPC its route runs as `method` and the HTTP status as `code`.
 """
