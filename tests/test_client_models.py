@@ -187,11 +187,11 @@ def test_admin_calls_wait_out_a_server_that_is_still_starting(bundle):
 
 # rnnserve-client ------------------------------------------------------------------------------------------------
 
-def cli(address: str, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+def cli(address: str, *args: str, check: bool = True, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
     """The command, with the server's address (and `env`) in its environment as a user's shell would have it."""
     inherited = {name: value for name, value in os.environ.items() if not name.startswith("RNNSERVE_")}
     environment = {**inherited, "RNNSERVE_ADDRESS": address, **env}
-    done = subprocess.run([COMMAND, *args], capture_output=True, text=True, env=environment, timeout=60)
+    done = subprocess.run([COMMAND, *args], input=stdin, capture_output=True, text=True, env=environment, timeout=60)
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -228,13 +228,18 @@ def test_cli_predict_and_states_on_a_named_version(three_versions):
     address = three_versions.address
     predictions = {version: json.loads(cli(address, "--json", "predict", "The q", "--model-version", version).stdout)
                    for version in ("1", "2")}
-    assert predictions["1"] != predictions["2"]
+    assert predictions["1"]["candidates"][:3] != predictions["2"]["candidates"][:3]
     assert predictions["2"] == json.loads(cli(address, "--json", "predict", "The q").stdout)  # 2: the default
     cli(address, "states", "register", "intro", "The", "--model-version", "1")
     assert "intro" in cli(address, "states", "list", "--model", "tiny", "--model-version", "1").stdout
     assert "intro" not in cli(address, "states", "list").stdout
+    typed = cli(address, "--json", "interactive", "--model-version", "1", stdin="The q\n").stdout
+    assert json.loads(typed)["candidates"] == predictions["1"]["candidates"][:3]  # its top 3, on version 1
     missing = cli(address, "predict", "x", "--model-version", "9", check=False)
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "MODEL_NOT_FOUND" in missing.stderr
+    too_long = cli(address, "sessions", "create", "--model-version", "9" * 1000, check=False)
+    assert too_long.returncode == 1 and too_long.stderr.startswith("error: model_version: ")
+    assert len(too_long.stderr.splitlines()) == 1 and "INVALID_ARGUMENT" in too_long.stderr
 
 
 def test_cli_admin_takes_its_token_from_the_flag_or_its_environment_twin(with_admin_tokens):
