@@ -119,15 +119,15 @@ def _add_ttl(parser: argparse.ArgumentParser, default: str) -> None:
                         help=f"idle seconds before expiry (default: {default})")
 
 
-def _add_model_options(parser: argparse.ArgumentParser, use: str) -> None:
-    parser.add_argument("--model", metavar="NAME", help=f"model to {use} (default: the server's default model)")
+def _add_model_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--model", metavar="NAME", help=f"{what} (default: the server's default model)")
     parser.add_argument("--model-version", metavar="VERSION",
                         help="version of that model (default: its default version; `models` lists them)")
 
 
 def _add_session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session", metavar="ID", help="continue this session (left open) instead of a new one")
-    _add_model_options(parser, "open a new session with")
+    _add_model_options(parser, "model to open a new session with")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     interact = command("interactive", _interactive,
                        "show the top predictions as you type (with piped input: after each line)")
     interact.add_argument("--top-k", type=int, default=3, metavar="K", help="how many candidates to show (default 3)")
-    _add_model_options(interact, "use")
+    _add_model_options(interact, "model to use")
 
     score = command("score", _score, "how likely each TEXT is to follow session ID (which does not advance)")
     score.add_argument("session", metavar="ID")
@@ -214,7 +214,7 @@ def _add_sessions(commands: argparse._SubParsersAction, common: argparse.Argumen
     create = action("create", _session_create, "open a session and print its id (left open)")
     create.add_argument("--prompt", help="text to feed the new session")
     _add_ttl(create, "the server's")
-    _add_model_options(create, "run")
+    _add_model_options(create, "model to run")
     create.add_argument("--initial-state", metavar="NAME", help="start from this named state instead of zeros")
     on_one = {name: action(name, run, summary) for name, run, summary in (
         ("get", _session_get, "show a session's position, times and how far it can rewind"),
@@ -244,7 +244,7 @@ def _add_states(commands: argparse._SubParsersAction, common: argparse.ArgumentP
     delete = action("delete", _states_delete, "forget a registered state")
     delete.add_argument("name", metavar="NAME")
     for sub in (listed, register, delete):
-        _add_model_options(sub, "whose states these are (each model version has its own),")
+        _add_model_options(sub, "model whose named states these are, each version having its own")
 
 
 def _add_admin(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
