@@ -130,6 +130,6 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     port = tls.add_port(grpc_server, settings)
     endpoint = None if metrics is None else MetricsEndpoint(metrics.registry, settings.metrics_listen)
     web = None if not settings.http_listen else create_face(
-        settings, {SERVICE_NAME: servicer, health.SERVICE_NAME: health_servicer},
+        settings, {SERVICE_NAME: servicer, ADMIN_SERVICE_NAME: admin, health.SERVICE_NAME: health_servicer},
         None if metrics is None else metrics.registry)
     return Server(grpc_server, engine, loader, health_servicer, endpoint, web), port

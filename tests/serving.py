@@ -97,6 +97,14 @@ def stateless_copy(bundle: Bundle, out: Path, version: str | None = None) -> Bun
     return load_bundle(out)  # every file check passes
 
 
+def repository(tmp_path: Path, versions: Path, *names: str) -> Path:
+    """A model repository in `tmp_path` holding `names` ("tiny/1", ...) copied from `versions` (conftest's)."""
+    repo = tmp_path / "models"
+    for name in names:
+        shutil.copytree(versions / name, repo / name)
+    return repo
+
+
 async def _task_count() -> int:
     return len(asyncio.all_tasks())
 

@@ -18,28 +18,10 @@ from rnnserve.bundle import load_bundle
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
-from serving import RunningServer, assert_fails, build_tiny_bundle, create, stateless_copy
+from serving import RunningServer, assert_fails, create, repository, stateless_copy
 
 POLL_SECONDS = 0.1
 TOKENS = 40  # steps of each old session, spread over before and after the swap
-
-
-@pytest.fixture(scope="module")
-def versions(tmp_path_factory) -> Path:
-    """Bundles to copy into repositories: model "tiny" versions 1 and 2 (other weights), model "other" version 1."""
-    root = tmp_path_factory.mktemp("versions")
-    build_tiny_bundle("lstm", root / "tiny" / "1", name="tiny", version="1", seed=1)
-    build_tiny_bundle("lstm", root / "tiny" / "2", name="tiny", version="2", seed=2)
-    build_tiny_bundle("gru", root / "other" / "1", name="other", version="1", seed=3)
-    return root
-
-
-def repository(tmp_path: Path, versions: Path, *names: str) -> Path:
-    """A repository holding `names` ("tiny/1", ...) copied from `versions`."""
-    repo = tmp_path / "models"
-    for name in names:
-        shutil.copytree(versions / name, repo / name)
-    return repo
 
 
 def drop_in(versions: Path, repo: Path, name: str, damage=None) -> None:
