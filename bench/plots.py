@@ -21,12 +21,14 @@ CURVES = [("F1", "ort", "tokens_per_s", "F1 onnxruntime in-process (batch = sess
           ("W2", "stream", "tokens_per_s", "W2 server, a stream per session"),
           ("W2", "unary", "tokens_per_s", "W2 server, a Step call per step"),
           ("W2", "multi", "tokens_per_s", "W2 server, all sessions in one StepBatch"),
-          ("W2", "multi-2", "tokens_per_s", "W2 server, two StepBatch messages in flight")]
+          ("W2", "multi-2", "tokens_per_s", "W2 server, two StepBatch messages in flight"),
+          # issue 14: one point, at the most sessions
+          ("W2-models", "stream-two-busy", "tokens_per_s", "W2 server of two models, half the streams on each")]
 
 # The latency series compared in each panel, each with one colour in every panel: the echo floor
-# and the server's per-step APIs (W1 exists at 1 session only).
+# and the server's per-step APIs (W1 exists at 1 session only, two busy models at the most).
 LATENCY_SERIES = {("F2", "echo"): "tab:orange", ("W1", "stream"): "tab:gray", ("W2", "stream"): "tab:green",
-                  ("W2", "unary"): "tab:red"}
+                  ("W2", "unary"): "tab:red", ("W2-models", "stream-two-busy"): "tab:purple"}
 
 
 def throughput(rows: list[Row], path: Path) -> None:

@@ -71,11 +71,12 @@ async def r1_proxy(command: list[str], redis_url: str, sizes: Sizes, tokens: Seq
 
 async def r2_hibernate_and_wake(bundle: Bundle, redis_url: str, sizes: Sizes, tokens: Sequence[int],
                                 results: Results) -> None:
-    engine = Engine(bundle, Settings(redis_url=redis_url, hibernate_after_seconds=0))
+    engine = Engine([(bundle, True)], Settings(redis_url=redis_url, hibernate_after_seconds=0))
     await engine.start()
     try:
         prompt = StepInput(np.asarray(tokens[:32], np.int64), top_k=1, temperature=1.0)
-        created = [await engine.create_session("bench", CreateInput("", 0, prompt))
+        model = engine.models.get()
+        created = [await engine.create_session("bench", model, CreateInput(0, prompt))
                    for _ in range(sizes.op_repeats)]
         hibernate, wake = [], []
         for session in (c.session for c in created):

@@ -5,8 +5,9 @@ before any server exists; the echo server (F2) is stopped before rnnserve-server
 starts its own servers, with metrics and without, one at a time; W5 gets a fresh server so that
 its baseline is a server that never held a session, and the session operations and W6 one that
 holds only theirs (`--only operations` runs that stage alone), and so do each batcher setting
-(`--only batching`), the int8 copy of the reference model (`--only int8`) and issue 12's
-scale-out stage, with Redis and HAProxy as real peers (`--only replicas`). F1 and the loops
+(`--only batching`), the int8 copy of the reference model (`--only int8`), issue 14's servers
+of one model and of two, both busy (`--only models`), and issue 12's scale-out stage, with Redis
+and HAProxy as real peers (`--only replicas`). F1 and the loops
 the targets read most (W1, W2 at the most sessions, and F2 at one stream and the most, their
 floors) are measured in rounds spread over the run, each figure their median.
 """
@@ -31,6 +32,8 @@ from bench.batching import batching
 from bench.floors import F1, f2
 from bench.int8 import int8
 from bench.metrics_cost import m1
+from bench.models import FLAGS as MODELS_FLAGS
+from bench.models import two_models
 from bench.operations import session_operations
 from bench.processes import ServerProcess
 from bench.reference import reference_bundle
@@ -66,13 +69,14 @@ def reference_tokens(sizes: Sizes) -> list[int]:
     return [int(t) for t in np.random.default_rng(TOKEN_SEED).integers(1, sizes.model.vocab_size, length)]
 
 
-def server_command(bundle_path: Path, flags: list[str]) -> list[str]:
+def server_command(bundle_path: Path, flags: list[str], serves: str = "--bundle") -> list[str]:
     """The installed `rnnserve-server` entry point (the one users run) on an ephemeral loopback port,
-    serving the bundle at `bundle_path` (given relative, so that the command shown reads short)."""
+    serving the bundle at `bundle_path` (given relative, so that the command shown reads short), or with
+    `serves="--model-repository"` the model repository there."""
     executable = shutil.which("rnnserve-server", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     if executable is None:
         raise SystemExit("rnnserve-server is not installed in this environment (pip install -e .)")
-    return [executable, "--bundle", os.path.relpath(bundle_path), "--listen", "127.0.0.1:0", *flags]
+    return [executable, serves, os.path.relpath(bundle_path), "--listen", "127.0.0.1:0", *flags]
 
 
 async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: Progress,
@@ -97,10 +101,16 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
         await int8(functools.partial(server_command, flags=server_flags), bundle,
                    settings.ort_threads, settings.ort_spins, sizes, tokens, logs, results, progress)
 
+    async def models() -> None:
+        await two_models(functools.partial(server_command, flags=[*server_flags, *MODELS_FLAGS],
+                                           serves="--model-repository"),
+                         bundle, sizes, tokens, logs, results, progress)
+
     async def replicas() -> None:
         await scale_out(command, bundle, sizes, tokens, logs, results, progress)
 
-    stages = {"operations": operations, "batching": batching_settings, "int8": int8_copy, "replicas": replicas}
+    stages = {"operations": operations, "batching": batching_settings, "int8": int8_copy, "models": models,
+              "replicas": replicas}
     if only is not None:
         await stages[only]()
         return results, shown
@@ -143,6 +153,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
         await w5(server, sizes, tokens, bundle.state_bytes_per_session, results)
     await batching_settings()
     await int8_copy()
+    await models()
     await headline()
     await replicas()
     rounds.report(results)
@@ -157,11 +168,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preset.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
                         help="a tiny model and tiny counts, for tests (seconds)")
     parser.set_defaults(preset="full")
-    parser.add_argument("--only", choices=["operations", "batching", "int8", "replicas"], default=None,
+    parser.add_argument("--only", choices=["operations", "batching", "int8", "models", "replicas"], default=None,
                         help="run one stage alone: 'operations' is each session operation against a plain step and "
                              "W6 (cached prompts against cold), on a server of their own; 'batching' is W1 and W2 "
                              "unary on a server per batcher setting (fixed and adaptive waits, --loop-max-tokens 0); "
-                             "'int8' is the int8 copy of the reference model: its F1, W1 and W2; 'replicas' is R1-R4 "
+                             "'int8' is the int8 copy of the reference model: its F1, W1 and W2; 'models' is W2 "
+                             "streams at the most sessions on a server of two models, both busy, beside a server "
+                             "of one; 'replicas' is R1-R4 "
                              "(the proxy, hibernation, write-through, memory with Redis). Its figures go to "
                              "<cache>/<preset>-<stage> unless --out says where, never over bench/results, and "
                              "no plots are drawn")

@@ -46,6 +46,9 @@ class Sizes:
     # The batching stage starts a server per batcher setting, each in turn, this many times; each figure is the
     # median of its rounds, so that a slow spell of the machine falls on every setting alike.
     batching_rounds: int = 2
+    # Issue 14's models stage starts a one-model and a two-model server in turn this many times; each ratio is the
+    # median of its rounds' (the two servers of a round run back to back, so they share the machine's spells).
+    models_rounds: int = 3
 
     @property
     def most_sessions(self) -> int:
@@ -60,9 +63,9 @@ PRESETS = {
     "full": Sizes(),
     "quick": Sizes(f1_seconds=0.3, f1_min_calls=5, f1_rounds=1, prefill_repeats=3, w1_steps=100, w2_steps=20, w3_steps=400,
                    w3_window=20, w5_sessions=5_000, warmup_steps=2, op_repeats=50, metrics_rounds=3, headline_rounds=1,
-                   batching_rounds=1),
+                   batching_rounds=1, models_rounds=1),
     "smoke": Sizes(model=ModelConfig(layers=1, hidden_size=32, embed_size=16), f1_seconds=0.02,
                    f1_min_calls=2, f1_rounds=1, prefill_tokens=50, prefill_repeats=2, w1_steps=10, w2_steps=4, w3_steps=20,
                    w3_window=5, w5_sessions=50, warmup_steps=1, op_repeats=5, metrics_rounds=1, headline_rounds=2,
-                   batching_rounds=1),
+                   batching_rounds=1, models_rounds=1),
 }

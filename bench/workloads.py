@@ -29,9 +29,9 @@ WAVE = 256
 
 
 async def create_sessions(stub: rnnserve_pb2_grpc.InferenceStub, count: int,
-                          prompt: Sequence[int] = ()) -> list[str]:
-    """`count` new sessions, each fed `prompt` if one is given; their ids."""
-    request = rnnserve_pb2.CreateSessionRequest(prompt_token_ids=prompt)
+                          prompt: Sequence[int] = (), model: str = "") -> list[str]:
+    """`count` new sessions of `model` (the server's default if ""), each fed `prompt` if one is given; their ids."""
+    request = rnnserve_pb2.CreateSessionRequest(prompt_token_ids=prompt, model=model)
     ids: list[str] = []
     for start in range(0, count, WAVE):
         created = await asyncio.gather(*(stub.CreateSession(request) for _ in range(min(WAVE, count - start))))
@@ -47,8 +47,8 @@ async def close_sessions(stub: rnnserve_pb2_grpc.InferenceStub, ids: Sequence[st
 
 @asynccontextmanager
 async def sessions(stub: rnnserve_pb2_grpc.InferenceStub, count: int,
-                   prompt: Sequence[int] = ()) -> AsyncIterator[list[str]]:
-    ids = await create_sessions(stub, count, prompt)
+                   prompt: Sequence[int] = (), model: str = "") -> AsyncIterator[list[str]]:
+    ids = await create_sessions(stub, count, prompt, model)
     try:
         yield ids
     finally:

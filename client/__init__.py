@@ -5,22 +5,26 @@ the session's position so a retried step is never applied twice, and every failu
 `RnnserveError` subclass chosen from the server's machine-readable reason. A session can also
 be forked, reset, rewound, scored and peeked into without advancing, and exported to continue
 elsewhere (`import_session`); named states (`register_state`) give new sessions a head start.
+A server may serve several models and versions (`models()`; `session(model=, model_version=)`);
+`client.admin` loads, unloads and chooses defaults, with an admin token of its own.
 """
 
-from rnnserve.client.aio import AsyncClient, AsyncSession, AsyncStepStream
+from rnnserve.client.aio import AsyncAdmin, AsyncClient, AsyncSession, AsyncStepStream
 from rnnserve.client.connection import TLS
 from rnnserve.client.errors import (CapacityExhausted, DeadlineExceeded, FieldViolation, IncompatibleState,
-                                    InvalidArgument, ModelNotFound, NotFound, PositionMismatch, RewindBeyondDepth,
-                                    RnnserveError, SessionEvicted, SessionExpired, SessionNotFound, StateIsShipped,
-                                    StateNotFound, Unauthenticated, Unavailable)
-from rnnserve.client.sync import Client, Session, StepStream
+                                    InvalidArgument, ModelIsDefault, ModelNotFound, ModelRefused, ModelRetiring,
+                                    NotFound, PositionMismatch, RewindBeyondDepth, RnnserveError, SessionEvicted,
+                                    SessionExpired, SessionNotFound, StateIsShipped, StateNotFound, Unauthenticated,
+                                    Unavailable)
+from rnnserve.client.sync import Admin, Client, Session, StepStream
 from rnnserve.client.types import (Candidate, ContinuationScore, GeneratedToken, ModelInfo, NamedState, Prediction,
                                    SessionInfo)
 
 __all__ = [
-    "AsyncClient", "AsyncSession", "AsyncStepStream", "Candidate", "CapacityExhausted", "Client",
-    "ContinuationScore", "DeadlineExceeded", "FieldViolation", "GeneratedToken", "IncompatibleState",
-    "InvalidArgument", "ModelInfo", "ModelNotFound", "NamedState", "NotFound", "PositionMismatch", "Prediction",
+    "Admin", "AsyncAdmin", "AsyncClient", "AsyncSession", "AsyncStepStream", "Candidate", "CapacityExhausted",
+    "Client", "ContinuationScore", "DeadlineExceeded", "FieldViolation", "GeneratedToken", "IncompatibleState",
+    "InvalidArgument", "ModelInfo", "ModelIsDefault", "ModelNotFound", "ModelRefused", "ModelRetiring", "NamedState",
+    "NotFound", "PositionMismatch", "Prediction",
     "RewindBeyondDepth", "RnnserveError", "Session", "SessionEvicted", "SessionExpired", "SessionInfo",
     "SessionNotFound", "StateIsShipped", "StateNotFound", "StepStream", "TLS", "Unauthenticated", "Unavailable",
 ]

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2
 
 from rnnserve.client import calls, messages
 from rnnserve.client.calls import Call
-from rnnserve.client.connection import ClientBase
+from rnnserve.client.connection import INFERENCE, ClientBase
 from rnnserve.client.errors import RnnserveError, SessionNotFound, error_from_rpc, raising_rnnserve_errors
 from rnnserve.client.messages import DEFAULT_TOP_K, Tokens
 from rnnserve.client.session import SessionHandle, Target, answer, batch_request, batch_results, is_retry_safe, \
@@ -48,24 +48,30 @@ class AsyncClient(ClientBase):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _unary(self, method: Callable, request: Any, timeout: float | None, *, retry_safe: bool) -> Any:
+    @property
+    def admin(self) -> AsyncAdmin:
+        """As `Client.admin`: the Admin calls, awaited, sent with `admin_token`."""
+        return AsyncAdmin(self)
+
+    async def _unary(self, method: Callable, request: Any, timeout: float | None, *, retry_safe: bool,
+                     service: str = INFERENCE) -> Any:
         """One call, retried on UNAVAILABLE with backoff when `retry_safe`; failures raise RnnserveError."""
         for attempt in itertools.count():
             try:
-                return await method(request, **self._connection.call_options(timeout, request))
+                return await method(request, **self._connection.call_options(timeout, request, service))
             except grpc.RpcError as error:
                 await asyncio.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
 
     async def _call(self, call: Call[T], timeout: float | None) -> T:
-        response = await self._unary(getattr(self._inference, call.rpc), call.request, timeout,
-                                     retry_safe=call.retry_safe)
+        response = await self._unary(getattr(self._stubs[call.service], call.rpc), call.request, timeout,
+                                     retry_safe=call.retry_safe, service=call.service)
         return call.result(response)
 
     def session(self, prompt: Tokens | None = None, *, ttl: int | None = None, model: str | None = None,
-                top_k: int = DEFAULT_TOP_K, temperature: float | None = None, initial_state: str | None = None,
-                timeout: float | None = None) -> OpeningSession:
+                model_version: str | int | None = None, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+                initial_state: str | None = None, timeout: float | None = None) -> OpeningSession:
         """As `Client.session`: `session = await client.session()`, or `async with client.session() as session`."""
-        request = messages.create_session(model, prompt, ttl, top_k, temperature, initial_state)
+        request = messages.create_session(model, model_version, prompt, ttl, top_k, temperature, initial_state)
         return OpeningSession(self._open_session(request, timeout))
 
     async def _open_session(self, request: pb.CreateSessionRequest, timeout: float | None) -> AsyncSession:
@@ -82,15 +88,18 @@ class AsyncClient(ClientBase):
         """As `Client.import_session`: not retried."""
         return await self._call(AsyncSession._import(self, state, ttl, top_k, temperature), timeout)
 
-    async def register_state(self, name: str, prompt: Tokens, *, timeout: float | None = None) -> NamedState:
+    async def register_state(self, name: str, prompt: Tokens, *, model: str | None = None,
+                             model_version: str | int | None = None, timeout: float | None = None) -> NamedState:
         """As `Client.register_state`: not retried."""
-        return await self._call(calls.register_state(name, prompt), timeout)
+        return await self._call(calls.register_state(name, prompt, model, model_version), timeout)
 
-    async def states(self, *, timeout: float | None = None) -> list[NamedState]:
-        return await self._call(calls.list_states(), timeout)
+    async def states(self, *, model: str | None = None, model_version: str | int | None = None,
+                     timeout: float | None = None) -> list[NamedState]:
+        return await self._call(calls.list_states(model, model_version), timeout)
 
-    async def delete_state(self, name: str, *, timeout: float | None = None) -> None:
-        await self._call(calls.delete_state(name), timeout)
+    async def delete_state(self, name: str, *, model: str | None = None, model_version: str | int | None = None,
+                           timeout: float | None = None) -> None:
+        await self._call(calls.delete_state(name, model, model_version), timeout)
 
     def stream(self, *, timeout: float | None = None) -> AsyncStepStream:
         """As `Client.stream`: one Stream call for the steps of any number of sessions."""
@@ -106,18 +115,40 @@ class AsyncClient(ClientBase):
         return batch_results([target for target, _ in steps], response)
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        response = await self._unary(self._inference.ListModels, pb.ListModelsRequest(), timeout, retry_safe=True)
-        return [ModelInfo.from_pb(model) for model in response.models]
+        """As `Client.models`: every loaded version."""
+        return await self._call(calls.list_models(), timeout)
 
-    async def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
-        return ModelInfo.from_pb(await self._unary(self._inference.GetModel, pb.GetModelRequest(name=name), timeout,
-                                                    retry_safe=True))
+    async def model(self, name: str = "", version: str | int | None = None, *,
+                    timeout: float | None = None) -> ModelInfo:
+        """As `Client.model`."""
+        return await self._call(calls.get_model(name, version), timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """As `Client.health`."""
         response = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout,
                                      retry_safe=True)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class AsyncAdmin:
+    """As `Admin`, awaited: the same calls, the same retries."""
+
+    def __init__(self, client: AsyncClient):
+        self._client = client
+
+    async def load_model(self, name: str, version: str | int, *, make_default: bool = False,
+                         timeout: float | None = None) -> ModelInfo:
+        """As `Admin.load_model`."""
+        return await self._client._call(calls.load_model(name, version, make_default), timeout)
+
+    async def unload_model(self, name: str, version: str | int, *, timeout: float | None = None) -> ModelInfo:
+        """As `Admin.unload_model`."""
+        return await self._client._call(calls.unload_model(name, version), timeout)
+
+    async def set_default_model(self, name: str, version: str | int, *, server_default: bool = False,
+                                timeout: float | None = None) -> ModelInfo:
+        """As `Admin.set_default_model`."""
+        return await self._client._call(calls.set_default_model(name, version, server_default), timeout)
 
 
 class AsyncSession(SessionHandle):

@@ -17,11 +17,11 @@ from typing import Any
 
 from rnnserve.client import interactive, render
 from rnnserve.client.connection import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, TLS
-from rnnserve.client.errors import RnnserveError, Unavailable
+from rnnserve.client.errors import RnnserveError, Unauthenticated, Unavailable
 from rnnserve.client.messages import DEFAULT_TOP_K
 from rnnserve.client.retry import RetryPolicy
 from rnnserve.client.sync import Client, Session
-from rnnserve.client.types import Prediction
+from rnnserve.client.types import ModelInfo, Prediction
 
 DESCRIPTION = """\
 Talk to an rnnserve server: a recurrent language model that keeps each session's state in
@@ -44,6 +44,9 @@ examples:
   rnnserve-client states register intro "Once upon a time"
   rnnserve-client sessions create --initial-state intro
   rnnserve-client --json models
+  rnnserve-client predict "To be" --model shakespeare-lstm --model-version 2
+  rnnserve-client admin load shakespeare-lstm 2 --default --admin-token $ADMIN_TOKEN
+  rnnserve-client admin unload shakespeare-lstm 1
 
 Connection options may come before or after the command."""
 
@@ -79,8 +82,9 @@ def _connection_options() -> argparse.ArgumentParser:
 
 def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
     defaults = {"address": os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS), "timeout": DEFAULT_TIMEOUT,
-                "retries": RetryPolicy.retries, "token": os.environ.get("RNNSERVE_TOKEN"), "tls": False,
-                "tls_ca": None, "tls_cert": None, "tls_key": None, "json": False}
+                "retries": RetryPolicy.retries, "token": os.environ.get("RNNSERVE_TOKEN"),
+                "admin_token": os.environ.get("RNNSERVE_ADMIN_TOKEN"), "tls": False, "tls_ca": None,
+                "tls_cert": None, "tls_key": None, "json": False}
     return argparse.Namespace(**{**defaults, **vars(args)})
 
 
@@ -115,9 +119,15 @@ def _add_ttl(parser: argparse.ArgumentParser, default: str) -> None:
                         help=f"idle seconds before expiry (default: {default})")
 
 
+def _add_model_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--model", metavar="NAME", help=f"{what} (default: the server's default model)")
+    parser.add_argument("--model-version", metavar="VERSION",
+                        help="version of that model (default: its default version; `models` lists them)")
+
+
 def _add_session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session", metavar="ID", help="continue this session (left open) instead of a new one")
-    parser.add_argument("--model", help="model to open a new session with (default: the server's default)")
+    _add_model_options(parser, "model to open a new session with")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     interact = command("interactive", _interactive,
                        "show the top predictions as you type (with piped input: after each line)")
     interact.add_argument("--top-k", type=int, default=3, metavar="K", help="how many candidates to show (default 3)")
-    interact.add_argument("--model", help="model to use (default: the server's default)")
+    _add_model_options(interact, "model to use")
 
     score = command("score", _score, "how likely each TEXT is to follow session ID (which does not advance)")
     score.add_argument("session", metavar="ID")
@@ -167,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sessions(commands, common)
     _add_states(commands, common)
 
-    models = command("models", _models, "list the loaded models, or describe one")
+    models = command("models", _models, "list the loaded model versions (which are defaults, how many sessions "
+                                         "run on each, which retire), or describe one")
     models.add_argument("name", metavar="NAME", nargs="?")
+    models.add_argument("version", metavar="VERSION", nargs="?", help="(default: NAME's default version)")
+
+    _add_admin(commands, common)
 
     health = command("health", _health, "check the server's health (exit status 0 when SERVING)")
     health.add_argument("--service", default="", help="a service name (default: the whole server)")
@@ -200,7 +214,7 @@ def _add_sessions(commands: argparse._SubParsersAction, common: argparse.Argumen
     create = action("create", _session_create, "open a session and print its id (left open)")
     create.add_argument("--prompt", help="text to feed the new session")
     _add_ttl(create, "the server's")
-    create.add_argument("--model", help="model to run (default: the server's default)")
+    _add_model_options(create, "model to run")
     create.add_argument("--initial-state", metavar="NAME", help="start from this named state instead of zeros")
     on_one = {name: action(name, run, summary) for name, run, summary in (
         ("get", _session_get, "show a session's position, times and how far it can rewind"),
@@ -223,12 +237,31 @@ def _add_sessions(commands: argparse._SubParsersAction, common: argparse.Argumen
 
 def _add_states(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     action = _group(commands, common, "states", "list, register and delete named states sessions can start from")
-    action("list", _states_list, "list the named states, shipped and registered")
+    listed = action("list", _states_list, "list the named states, shipped and registered")
     register = action("register", _states_register, "name the state after TEXT (replacing one of that name)")
     register.add_argument("name", metavar="NAME")
     register.add_argument("text", metavar="TEXT")
     delete = action("delete", _states_delete, "forget a registered state")
     delete.add_argument("name", metavar="NAME")
+    for sub in (listed, register, delete):
+        _add_model_options(sub, "model whose named states these are, each version having its own")
+
+
+def _add_admin(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    options = argparse.ArgumentParser(add_help=False, parents=[common])
+    options.add_argument("--admin-token", default=argparse.SUPPRESS, metavar="TOKEN",
+                         help="bearer token of the Admin service (env RNNSERVE_ADMIN_TOKEN; default: --token)")
+    action = _group(commands, options, "admin", "load and unload model versions and choose the defaults "
+                                                "(the Admin service)")
+    load = action("load", _admin_load, "load VERSION of NAME from the server's model repository, checked first")
+    load.add_argument("--default", action="store_true", help="then make it NAME's default for new sessions")
+    unload = action("unload", _admin_unload, "stop serving VERSION of NAME: at once, or once its sessions end")
+    default = action("default", _admin_default, "make VERSION NAME's default for new sessions (running ones stay)")
+    default.add_argument("--server", action="store_true",
+                         help="also make NAME the server's default (for requests naming no model)")
+    for sub in (load, unload, default):
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("version", metavar="VERSION")
 
 
 def _show(args: argparse.Namespace, value: Any, as_text: Callable[[Any], str]) -> None:
@@ -247,7 +280,7 @@ def _session(client: Client, args: argparse.Namespace) -> Iterator[Session]:
     if args.session:
         yield client.resume(args.session)
     else:
-        with client.session(model=args.model) as session:
+        with client.session(model=args.model, model_version=args.model_version) as session:
             yield session
 
 
@@ -275,12 +308,14 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
 
 
 def _interactive(client: Client, args: argparse.Namespace) -> int:
-    interactive.run(client, top_k=args.top_k, model=args.model, json_lines=args.json)
+    interactive.run(client, top_k=args.top_k, model=args.model, model_version=args.model_version,
+                    json_lines=args.json)
     return 0
 
 
 def _session_create(client: Client, args: argparse.Namespace) -> int:
-    session = client.session(args.prompt, ttl=args.ttl, model=args.model, initial_state=args.initial_state)
+    session = client.session(args.prompt, ttl=args.ttl, model=args.model, model_version=args.model_version,
+                             initial_state=args.initial_state)
     _show(args, session.info(), lambda info: info.id)  # the bare id, for SID=$(rnnserve-client sessions create)
     return 0
 
@@ -346,29 +381,54 @@ def _peek(client: Client, args: argparse.Namespace) -> int:
 
 
 def _states_list(client: Client, args: argparse.Namespace) -> int:
-    _show_each(args, client.states(), render.state_row, render.STATE_HEADER)
+    _show_each(args, client.states(model=args.model, model_version=args.model_version), render.state_row,
+               render.STATE_HEADER)
     return 0
 
 
 def _states_register(client: Client, args: argparse.Namespace) -> int:
-    state = client.register_state(args.name, args.text)
+    state = client.register_state(args.name, args.text, model=args.model, model_version=args.model_version)
     _show(args, state, lambda s: f"registered {s.name} ({s.prompt_tokens} tokens)")
     return 0
 
 
 def _states_delete(client: Client, args: argparse.Namespace) -> int:
-    client.delete_state(args.name)
+    client.delete_state(args.name, model=args.model, model_version=args.model_version)
     _show(args, {"name": args.name, "deleted": True}, lambda deleted: f"deleted {deleted['name']}")
     return 0
 
 
 def _models(client: Client, args: argparse.Namespace) -> int:
     if args.name:
-        _show(args, client.model(args.name), render.model_details)
-    elif args.json:
-        print("\n".join(render.as_json(model) for model in client.models()))
+        _show(args, client.model(args.name, args.version), render.model_details)
     else:
-        print(render.model_table(client.models()))
+        _show_each(args, client.models(), render.model_row, render.MODEL_HEADER)
+    return 0
+
+
+def _admin_load(client: Client, args: argparse.Namespace) -> int:
+    model = client.admin.load_model(args.name, args.version, make_default=args.default)
+    _show(args, model, lambda m: f"loaded {m.name} version {m.version}"
+                                 + (f", the default of {m.name}" if m.default_version else ""))
+    return 0
+
+
+def _admin_unload(client: Client, args: argparse.Namespace) -> int:
+    _show(args, client.admin.unload_model(args.name, args.version), _unloaded)
+    return 0
+
+
+def _unloaded(model: ModelInfo) -> str:
+    if model.sessions:
+        return (f"{model.name} version {model.version} retires: it takes no new sessions and unloads once its "
+                f"{model.sessions} running ones end")
+    return f"unloaded {model.name} version {model.version}"
+
+
+def _admin_default(client: Client, args: argparse.Namespace) -> int:
+    model = client.admin.set_default_model(args.name, args.version, server_default=args.server)
+    _show(args, model, lambda m: f"{m.name} version {m.version} is the default of {m.name}"
+                                 + (" and of the server" if m.is_default else ""))
     return 0
 
 
@@ -381,14 +441,20 @@ def _health(client: Client, args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Client:
     tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
     tls = TLS.from_files(*tls_files) if any(tls_files) else args.tls
-    return Client(args.address, timeout=args.timeout, retries=args.retries, tls=tls, token=args.token)
+    return Client(args.address, timeout=args.timeout, retries=args.retries, tls=tls, token=args.token,
+                  admin_token=args.admin_token)
 
 
-def _explain(error: RnnserveError, address: str) -> str:
-    """The server's message (which names the field and the limit), and a hint when there is no server."""
+def _explain(error: RnnserveError, args: argparse.Namespace) -> str:
+    """The server's message (which names the field and the limit), and a hint when there is no server, or when
+    an Admin call had no admin token."""
     if isinstance(error, Unavailable) and error.reason is None:
         return (f"error: {error}\n"
-                f"  is a server running at {address}? Start one with `rnnserve-server`, or pass --address.")
+                f"  is a server running at {args.address}? Start one with `rnnserve-server`, or pass --address.")
+    if isinstance(error, Unauthenticated) and args.run in (_admin_load, _admin_unload, _admin_default):
+        return (f"error: {error}\n"
+                f"  Admin calls take a token of the server's --admin-tokens-file: pass --admin-token or set "
+                f"RNNSERVE_ADMIN_TOKEN.")
     return f"error: {error}"
 
 
@@ -398,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         with _client(args) as client:
             status = args.run(client, args)
     except RnnserveError as error:
-        sys.exit(_explain(error, args.address))
+        sys.exit(_explain(error, args))
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

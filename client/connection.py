@@ -1,4 +1,4 @@
-"""Where and how to reach the server: address, TLS, bearer token, deadline and retry policy.
+"""Where and how to reach the server: address, TLS, bearer tokens, deadline and retry policy.
 
 `Client` and `AsyncClient` differ only in the kind of channel they open; everything they are
 configured with lives here, so both read the same options the same way.
@@ -20,6 +20,8 @@ DEFAULT_TIMEOUT = 30.0
 # Metadata naming the session a call is about, for a proxy in front of replicas to route by
 # (deploy/haproxy): every step of a session then reaches the replica that holds it.
 SESSION_HEADER = "x-session-id"
+# The services a call may go to: callers' Inference, and operators' Admin, which takes tokens of its own.
+INFERENCE, ADMIN = "Inference", "Admin"
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,21 @@ class Connection:
     timeout: float | None = DEFAULT_TIMEOUT  # default deadline of every call, in seconds
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     tls: TLS | None = None
-    token: str | None = None  # sent as "authorization: Bearer <token>" on every call
+    token: str | None = None  # sent as "authorization: Bearer <token>" on every Inference call
+    # Sent instead of `token` on Admin calls, which take only the server's admin tokens; None sends `token`
+    # (a server without tokens needs neither, and a token may be in both of a server's files).
+    admin_token: str | None = None
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of an Inference call."""
+        return self.metadata_for(INFERENCE)
+
+    def metadata_for(self, service: str) -> tuple[tuple[str, str], ...]:
         # Plain metadata rather than call credentials, which grpc refuses to send over a
         # plaintext channel: the token must also reach a local server without TLS.
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        token = (self.admin_token or self.token) if service == ADMIN else self.token
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     @property
     def _channel_options(self) -> list[tuple[str, int]]:
@@ -71,10 +81,10 @@ class Connection:
             return module.insecure_channel(self.address, self._channel_options)
         return module.secure_channel(self.address, self.tls.credentials(), self._channel_options)
 
-    def call_options(self, timeout: float | None, request: object = None) -> dict:
-        """Keyword arguments for a stub call: its deadline (per-call override or default), the token, and the
-        session the request names (if any) as `x-session-id`."""
-        metadata = self.metadata
+    def call_options(self, timeout: float | None, request: object = None, service: str = INFERENCE) -> dict:
+        """Keyword arguments for a stub call to `service`: its deadline (per-call override or default), the
+        service's token, and the session the request names (if any) as `x-session-id`."""
+        metadata = self.metadata_for(service)
         session_id = getattr(request, "session_id", "")
         if session_id:
             metadata = (*metadata, (SESSION_HEADER, session_id))
@@ -90,16 +100,19 @@ class ClientBase:
     _aio = False
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = DEFAULT_TIMEOUT,
-                 retries: int = RetryPolicy.retries, tls: TLS | bool = False, token: str | None = None):
+                 retries: int = RetryPolicy.retries, tls: TLS | bool = False, token: str | None = None,
+                 admin_token: str | None = None):
         """Connect lazily to `address` (host:port); nothing is sent until the first call.
 
         `timeout` is the default deadline of each call in seconds (every method takes its own
         `timeout=` too); `retries` bounds how often a call that is safe to repeat is retried on
         UNAVAILABLE; `tls=True` uses the system's root certificates, a `TLS` value custom or
-        mutual TLS; `token` is sent as a bearer token on every call.
+        mutual TLS; `token` is sent as a bearer token on every call, except that `admin_token`,
+        when given, is sent instead on the calls of `client.admin`.
         """
         self._connection = Connection(address, timeout, RetryPolicy(retries=retries),
-                                      TLS() if tls is True else tls or None, token)
+                                      TLS() if tls is True else tls or None, token, admin_token)
         self._channel = self._connection.channel(aio=self._aio)
         self._inference = rnnserve_pb2_grpc.InferenceStub(self._channel)
+        self._stubs = {INFERENCE: self._inference, ADMIN: rnnserve_pb2_grpc.AdminStub(self._channel)}
         self._health = health_pb2_grpc.HealthStub(self._channel)

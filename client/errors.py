@@ -70,6 +70,18 @@ class ModelNotFound(NotFound):
     """No model of that name is loaded."""
 
 
+class ModelRetiring(RnnserveError):
+    """That model version only finishes the sessions it has (it is unloading): omit the version to get the default."""
+
+
+class ModelIsDefault(RnnserveError):
+    """A default version cannot be unloaded: make another version the default first (Admin)."""
+
+
+class ModelRefused(RnnserveError):
+    """The bundle failed its checks (files, manifest, parity self-test); the server serves what it served before."""
+
+
 class InvalidArgument(RnnserveError):
     """A request field is out of range; `field_violations` names each field and its limit."""
 
@@ -132,6 +144,9 @@ _BY_REASON: dict[str, type[RnnserveError]] = {
     "INCOMPATIBLE_STATE": IncompatibleState,
     "STATE_NOT_FOUND": StateNotFound,
     "STATE_IS_SHIPPED": StateIsShipped,
+    "MODEL_RETIRING": ModelRetiring,
+    "MODEL_IS_DEFAULT": ModelIsDefault,
+    "MODEL_REFUSED": ModelRefused,
 }
 
 # For statuses without an ErrorInfo: transport failures, deadlines, other servers and proxies.

@@ -31,11 +31,11 @@ _SHOWN_AS = {"\n": "⏎", "\t": "⇥"}  # keep the redrawn line on one terminal 
 class _Typed:
     """The text typed so far and a session that has consumed exactly that text."""
 
-    def __init__(self, client: Client, top_k: int, model: str | None):
-        self._client, self._top_k, self._model = client, top_k, model
+    def __init__(self, client: Client, top_k: int, model: str | None, model_version: str | None):
+        self._client, self._top_k, self._model, self._model_version = client, top_k, model, model_version
         self.text = ""
         self.prediction: Prediction | None = None
-        self._session: Session = client.session(model=model)
+        self._session: Session = client.session(model=model, model_version=model_version)
 
     def type(self, text: str) -> None:
         self.text += text
@@ -50,16 +50,17 @@ class _Typed:
         self._reopen()
 
     def _reopen(self) -> None:
-        self._session = self._client.session(self.text or None, model=self._model, top_k=self._top_k)
+        self._session = self._client.session(self.text or None, model=self._model, model_version=self._model_version,
+                                             top_k=self._top_k)
         self.prediction = self._session.prediction
 
     def close(self) -> None:
         self._session.close()
 
 
-def run(client: Client, *, top_k: int, model: str | None, json_lines: bool,
+def run(client: Client, *, top_k: int, model: str | None, json_lines: bool, model_version: str | None = None,
         stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
-    typed = _Typed(client, top_k, model)
+    typed = _Typed(client, top_k, model, model_version)
     try:
         if stdin.isatty() and not json_lines:
             _keys(typed, stdin, stdout)

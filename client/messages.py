@@ -41,6 +41,11 @@ def _message(message_class: type[M], **fields: object) -> M:
     return message_class(**fields)
 
 
+def version(value: str | int | None) -> str | None:
+    """A model version as the wire holds it, a string ("2"); a caller may write it as the number it names."""
+    return None if value is None else str(value)
+
+
 def _feed(tokens: Tokens | None) -> dict:
     if isinstance(tokens, str):
         return {"text": tokens}
@@ -53,10 +58,10 @@ def _prompt(prompt: Tokens | None) -> dict:
     return {"prompt_text": feed.get("text"), "prompt_token_ids": feed.get("token_ids")}
 
 
-def create_session(model: str | None, prompt: Tokens | None, ttl: int | None, top_k: int,
-                   temperature: float | None, initial_state: str | None) -> pb.CreateSessionRequest:
-    return _message(pb.CreateSessionRequest, model=model, **_prompt(prompt), ttl_seconds=ttl, top_k=top_k,
-                    temperature=temperature, initial_state=initial_state)
+def create_session(model: str | None, model_version: str | int | None, prompt: Tokens | None, ttl: int | None,
+                   top_k: int, temperature: float | None, initial_state: str | None) -> pb.CreateSessionRequest:
+    return _message(pb.CreateSessionRequest, model=model, model_version=version(model_version), **_prompt(prompt),
+                    ttl_seconds=ttl, top_k=top_k, temperature=temperature, initial_state=initial_state)
 
 
 def step(session_id: str, tokens: Tokens, top_k: int, temperature: float | None,
@@ -96,5 +101,7 @@ def import_session(state: bytes, ttl: int | None, top_k: int, temperature: float
     return _message(pb.ImportSessionRequest, state=state, ttl_seconds=ttl, top_k=top_k, temperature=temperature)
 
 
-def register_state(name: str, prompt: Tokens) -> pb.RegisterStateRequest:
-    return _message(pb.RegisterStateRequest, name=name, **_prompt(prompt))
+def register_state(name: str, prompt: Tokens, model: str | None,
+                   model_version: str | int | None) -> pb.RegisterStateRequest:
+    return _message(pb.RegisterStateRequest, name=name, **_prompt(prompt), model=model,
+                    model_version=version(model_version))

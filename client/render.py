@@ -59,24 +59,34 @@ def _local(moment: datetime) -> str:
 
 
 def session_details(info: SessionInfo) -> str:
-    fields = {"id": info.id, "model": info.model, "position": info.position, "rewindable": info.rewindable,
+    fields = {"id": info.id, "model": f"{info.model} version {info.model_version}", "position": info.position,
+              "rewindable": info.rewindable,
               "starts from": info.initial_state or "zeros", "created": _local(info.created),
               "last active": _local(info.last_active), "expires": _local(info.expires)}
     return _key_values(fields)
 
 
-def model_table(models: list[ModelInfo]) -> str:
-    rows = [f"{'name':<24} {'version':<10} {'cell':<5} {'layers':>6} {'hidden':>6} {'vocab':>6}  default"]
-    rows += [f"{m.name:<24} {m.version:<10} {m.cell:<5} {m.layers:>6} {m.hidden_size:>6} {m.vocab_size:>6}  "
-             f"{'yes' if m.is_default else ''}" for m in models]
-    return "\n".join(rows)
+def default_mark(model: ModelInfo) -> str:
+    """Whose default a version is: "server" (requests naming no model get it), "model" (requests naming its
+    model and no version get it), or "" for neither."""
+    return "server" if model.is_default else "model" if model.default_version else ""
+
+
+MODEL_HEADER = (f"{'name':<24} {'version':<8} {'cell':<5} {'layers':>6} {'hidden':>6} {'vocab':>6} {'sessions':>8}  "
+                f"{'default':<7}  retiring")
+
+
+def model_row(m: ModelInfo) -> str:
+    return (f"{m.name:<24} {m.version:<8} {m.cell:<5} {m.layers:>6} {m.hidden_size:>6} {m.vocab_size:>6} "
+            f"{m.sessions:>8}  {default_mark(m):<7}  {'yes' if m.retiring else ''}").rstrip()
 
 
 def model_details(model: ModelInfo) -> str:
     fields = {"name": model.name, "version": model.version, "cell": model.cell, "layers": model.layers,
               "hidden size": model.hidden_size, "embed size": model.embed_size, "vocab size": model.vocab_size,
               "state bytes/session": model.state_bytes_per_session, "sha256": model.sha256,
-              "default": "yes" if model.is_default else "no",
+              "default": {"server": "of the server", "model": f"of {model.name}"}.get(default_mark(model), "no"),
+              "sessions": model.sessions, "retiring": "yes" if model.retiring else "no",
               **{f"metric {name}": f"{value:g}" for name, value in sorted(model.metrics.items())}}
     return _key_values(fields)
 

@@ -50,6 +50,7 @@ class SessionHandle:
         self._client = client
         self.id = session.session_id
         self.model = session.model
+        self.model_version = session.model_version  # the version it runs for its whole life
         # None after a generation ended early: the server may have sent tokens we never read.
         # The next answer tells the position again; until then steps go without expected_position.
         self.position: int | None = session.position
@@ -71,7 +72,8 @@ class SessionHandle:
                     lambda response: cls(client, response.session, _prediction_of(response)))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(id={self.id!r}, model={self.model!r}, position={self.position})"
+        return (f"{type(self).__name__}(id={self.id!r}, model={self.model!r}, model_version={self.model_version!r}, "
+                f"position={self.position})")
 
     def _step_request(self, tokens: Tokens, top_k: int, temperature: float | None) -> pb.StepRequest:
         return messages.step(self.id, tokens, top_k, temperature, self.position)

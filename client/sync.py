@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from rnnserve.client import calls, messages
 from rnnserve.client.calls import Call
-from rnnserve.client.connection import ClientBase
+from rnnserve.client.connection import INFERENCE, ClientBase
 from rnnserve.client.errors import RnnserveError, SessionNotFound, error_from_rpc, raising_rnnserve_errors
 from rnnserve.client.messages import DEFAULT_TOP_K, Tokens
 from rnnserve.client.session import SessionHandle, Target, answer, batch_request, batch_results, is_retry_safe, \
@@ -43,30 +43,39 @@ class Client(ClientBase):
     def close(self) -> None:
         self._channel.close()
 
-    def _unary(self, method: Callable, request: Any, timeout: float | None, *, retry_safe: bool) -> Any:
+    @property
+    def admin(self) -> Admin:
+        """The Admin calls (which model versions serve), sent with `admin_token`."""
+        return Admin(self)
+
+    def _unary(self, method: Callable, request: Any, timeout: float | None, *, retry_safe: bool,
+               service: str = INFERENCE) -> Any:
         """One call, retried on UNAVAILABLE with backoff when `retry_safe`; failures raise RnnserveError."""
         for attempt in itertools.count():
             try:
-                return method(request, **self._connection.call_options(timeout, request))
+                return method(request, **self._connection.call_options(timeout, request, service))
             except grpc.RpcError as error:
                 time.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
 
     def _call(self, call: Call[T], timeout: float | None) -> T:
-        response = self._unary(getattr(self._inference, call.rpc), call.request, timeout, retry_safe=call.retry_safe)
+        response = self._unary(getattr(self._stubs[call.service], call.rpc), call.request, timeout,
+                               retry_safe=call.retry_safe, service=call.service)
         return call.result(response)
 
     def session(self, prompt: Tokens | None = None, *, ttl: int | None = None, model: str | None = None,
-                top_k: int = DEFAULT_TOP_K, temperature: float | None = None, initial_state: str | None = None,
-                timeout: float | None = None) -> Session:
+                model_version: str | int | None = None, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
+                initial_state: str | None = None, timeout: float | None = None) -> Session:
         """Open a session, feeding `prompt` (text or token ids) if given; close it with `with` or `close()`.
 
         Not retried: a lost answer would leave an unused session behind until its ttl (seconds)
-        runs out. `top_k` and `temperature` shape `session.prediction`, the one after the prompt.
-        `initial_state` starts it from a named state (`states()`) instead of zeros, still at
-        position 0. `session.cached_prompt_tokens` tells how much of the prompt the server did not
-        have to read, having its state cached.
+        runs out. `model` and `model_version` choose what it runs (None: the server's default
+        model, that model's default version); it runs that version for its whole life
+        (`session.model_version`). `top_k` and `temperature` shape `session.prediction`, the one
+        after the prompt. `initial_state` starts it from a named state (`states()`) instead of
+        zeros, still at position 0. `session.cached_prompt_tokens` tells how much of the prompt
+        the server did not have to read, having its state cached.
         """
-        request = messages.create_session(model, prompt, ttl, top_k, temperature, initial_state)
+        request = messages.create_session(model, model_version, prompt, ttl, top_k, temperature, initial_state)
         created = self._unary(self._inference.CreateSession, request, timeout, retry_safe=False)
         return Session._created(self, created)
 
@@ -80,20 +89,25 @@ class Client(ClientBase):
         """
         return self._call(Session._import(self, state, ttl, top_k, temperature), timeout)
 
-    def register_state(self, name: str, prompt: Tokens, *, timeout: float | None = None) -> NamedState:
+    def register_state(self, name: str, prompt: Tokens, *, model: str | None = None,
+                       model_version: str | int | None = None, timeout: float | None = None) -> NamedState:
         """Name the state after `prompt`: sessions can start from it, and prompts starting with it skip reading it.
 
-        Not retried: registering a name again replaces it, so a resent registration could undo a newer one.
+        Each model version has its own named states (a state means something only to its graph):
+        `model` and `model_version` choose whose, None for the defaults, as in `session`. Not
+        retried: registering a name again replaces it, so a resent registration could undo a newer one.
         """
-        return self._call(calls.register_state(name, prompt), timeout)
+        return self._call(calls.register_state(name, prompt, model, model_version), timeout)
 
-    def states(self, *, timeout: float | None = None) -> list[NamedState]:
-        """Every named state, shipped with the model or registered, sorted by name."""
-        return self._call(calls.list_states(), timeout)
+    def states(self, *, model: str | None = None, model_version: str | int | None = None,
+               timeout: float | None = None) -> list[NamedState]:
+        """Every named state of a model version (None: the defaults), shipped or registered, sorted by name."""
+        return self._call(calls.list_states(model, model_version), timeout)
 
-    def delete_state(self, name: str, *, timeout: float | None = None) -> None:
+    def delete_state(self, name: str, *, model: str | None = None, model_version: str | int | None = None,
+                     timeout: float | None = None) -> None:
         """Forget a registered state; sessions started from it keep their copy. Shipped ones raise StateIsShipped."""
-        self._call(calls.delete_state(name), timeout)
+        self._call(calls.delete_state(name, model, model_version), timeout)
 
     def resume(self, session_id: str, *, timeout: float | None = None) -> Session:
         """A session opened earlier (perhaps by another process), at the position the server reports."""
@@ -117,18 +131,52 @@ class Client(ClientBase):
         return batch_results([target for target, _ in steps], response)
 
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        response = self._unary(self._inference.ListModels, pb.ListModelsRequest(), timeout, retry_safe=True)
-        return [ModelInfo.from_pb(model) for model in response.models]
+        """Every loaded model version, retiring ones included: the server's default model first, each model's
+        versions in order."""
+        return self._call(calls.list_models(), timeout)
 
-    def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
-        return ModelInfo.from_pb(self._unary(self._inference.GetModel, pb.GetModelRequest(name=name), timeout,
-                                              retry_safe=True))
+    def model(self, name: str = "", version: str | int | None = None, *, timeout: float | None = None) -> ModelInfo:
+        """One loaded version: `name` ("" for the server's default model) at `version` (None: its default)."""
+        return self._call(calls.get_model(name, version), timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard gRPC health status ("SERVING", "NOT_SERVING", ...); "" asks about the whole server."""
         response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout,
                                retry_safe=True)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class Admin:
+    """Operator calls (the Admin service) over the client's channel, sent with its `admin_token`.
+
+    Each names the model and version it changes and answers that version as it now is. They
+    are retried on UNAVAILABLE like the reads, since none changes anything twice (see `calls`):
+    a resent `unload_model` whose first try landed may raise ModelNotFound, the version gone as asked.
+    """
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def load_model(self, name: str, version: str | int, *, make_default: bool = False,
+                   timeout: float | None = None) -> ModelInfo:
+        """Load `version` of `name` from the server's model repository, checked before it serves; with
+        `make_default`, new sessions of `name` get it. A version loaded already is answered as it is.
+
+        ModelRefused when the bundle fails its checks (nothing changes), ModelNotFound when the
+        repository has no such version. Loading checks the graph: allow it a `timeout` of seconds.
+        """
+        return self._client._call(calls.load_model(name, version, make_default), timeout)
+
+    def unload_model(self, name: str, version: str | int, *, timeout: float | None = None) -> ModelInfo:
+        """Stop serving `version` of `name`: at once without sessions, else it retires (`retiring`) and unloads
+        after its last session ends. A default version raises ModelIsDefault: make another the default first."""
+        return self._client._call(calls.unload_model(name, version), timeout)
+
+    def set_default_model(self, name: str, version: str | int, *, server_default: bool = False,
+                          timeout: float | None = None) -> ModelInfo:
+        """New sessions of `name` get `version` (and, with `server_default`, requests naming no model get
+        `name`); running sessions stay where they are. A retiring version raises ModelRetiring."""
+        return self._client._call(calls.set_default_model(name, version, server_default), timeout)
 
 
 class Session(SessionHandle):

@@ -95,7 +95,8 @@ class SessionInfo:
     """A session as the server holds it; times are timezone-aware (UTC).
 
     `initial_state` names the state it started from (None: zeros), where a reset takes it back;
-    `rewindable` is how many of its last tokens `rewind` can undo now.
+    `rewindable` is how many of its last tokens `rewind` can undo now. `model_version` is the
+    version of `model` it runs for its whole life, whatever becomes the default meanwhile.
     """
 
     id: str
@@ -106,12 +107,13 @@ class SessionInfo:
     expires: datetime
     initial_state: str | None
     rewindable: int
+    model_version: str
 
     @classmethod
     def from_pb(cls, session: pb.Session) -> SessionInfo:
         return cls(session.session_id, session.model, session.position, _datetime(session.created),
                    _datetime(session.last_active), _datetime(session.expires), session.initial_state or None,
-                   session.rewindable)
+                   session.rewindable, session.model_version)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,12 @@ class NamedState:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A loaded model as its bundle's manifest describes it."""
+    """A loaded model version as its bundle's manifest describes it, and how the server serves it now.
+
+    `is_default`: requests naming no model get this version; `default_version`: requests naming
+    this model and no version get it; `sessions` run on it now; `retiring`: it takes no new
+    sessions and unloads once they end.
+    """
 
     name: str
     version: str
@@ -148,6 +155,9 @@ class ModelInfo:
     state_bytes_per_session: int
     metrics: dict[str, float]
     is_default: bool
+    default_version: bool
+    sessions: int
+    retiring: bool
 
     @classmethod
     def from_pb(cls, model: pb.Model) -> ModelInfo:

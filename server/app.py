@@ -1,10 +1,11 @@
-"""The gRPC server: the Inference servicer with the stock health and reflection services.
+"""The gRPC server: the Inference and Admin servicers with the stock health and reflection services.
 
 `create_server` returns the server and the port it bound (pass port 0 for an ephemeral one);
 `Server.stop` drains in order: health goes NOT_SERVING, new work is refused UNAVAILABLE, with a
 session store every session is handed to it (after the work already queued on it), calls in
 flight get the grace period, then the engine's background tasks stop. Unless metrics are
-off, the server's metrics live in a registry of its own, served on their own port.
+off, the server's metrics live in a registry of its own, served on their own port. With a model
+repository, the server polls it for versions dropped in while it serves (`model_loading`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from rnnserve.bundle import Bundle, default_bundle_path, load_bundle
+from rnnserve.bundle import Bundle
 from rnnserve.server import logs
 from rnnserve.server.core.engine import Engine
+from rnnserve.server.core.model_loading import ModelLoader, startup_bundles
 from rnnserve.server.faces import auth, tls, wire
-from rnnserve.server.faces.convert import RequestReader, ResponseWriter
+from rnnserve.server.faces.admin import AdminServicer
+from rnnserve.server.faces.convert import Readers, ResponseWriter
 from rnnserve.server.faces.guard import Guarded
 from rnnserve.server.faces.servicer import InferenceServicer
 from rnnserve.server.faces.web.app import create_face
@@ -29,17 +32,21 @@ from rnnserve.server.metrics import Metrics, MetricsEndpoint
 from rnnserve.server.settings import Settings
 
 SERVICE_NAME = wire.SERVICE.full_name
+ADMIN_SERVICE_NAME = wire.ADMIN_SERVICE.full_name
 # Health of the session store (--redis-url), apart from the service's: a replica whose Redis is down
 # still serves the sessions it holds, so a proxy keeps routing to it while this reports the fault.
 STORE_HEALTH_NAME = "rnnserve.session_store"
 
 
 class Server:
-    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer,
-                 metrics_endpoint: MetricsEndpoint | None = None, web: WebFace | None = None):
+    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, loader: ModelLoader,
+                 health_servicer: health.aio.HealthServicer, metrics_endpoint: MetricsEndpoint | None = None,
+                 web: WebFace | None = None):
         self.grpc_server = grpc_server
         self.web = web  # the HTTP face, None without --http-listen
         self.engine = engine
+        self.loader = loader
+        self._watching: asyncio.Task | None = None
         self.health = health_servicer
         self.metrics_endpoint = metrics_endpoint
 
@@ -55,6 +62,8 @@ class Server:
 
     async def start(self) -> None:
         await self.engine.start()
+        if self.loader.repository is not None and self.loader.poll_seconds:
+            self._watching = asyncio.create_task(self.loader.watch(), name="rnnserve-model-repository")
         await self.grpc_server.start()
         if self.web is not None:
             await self.web.start()
@@ -68,6 +77,8 @@ class Server:
         asyncio.ensure_future(self.health.set(STORE_HEALTH_NAME, status))
 
     async def stop(self, grace: float | None) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
         self.engine.drain()
         await self.health.enter_graceful_shutdown()
         await self.engine.hand_off()
@@ -81,33 +92,44 @@ class Server:
 
 
 def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Server, int]:
-    """Build the server for `settings` (loading its bundle unless one is given) and bind its port.
+    """Build the server for `settings` (loading its models, unless `bundle` is given to serve alone) and bind
+    its port.
 
     Call it inside the event loop that will run the server.
     """
-    bundle = bundle or load_bundle(settings.bundle or default_bundle_path())
+    bundles = [(bundle, True)] if bundle is not None else startup_bundles(settings.model_repository, settings.bundle,
+                                                                          settings.default_model)
     logs.lower_caller_gone_records()
-    metrics = Metrics(CollectorRegistry(), bundle, max_batch_size=settings.max_batch_size,
-                      methods=[method.name for method in wire.SERVICE.methods]) if settings.metrics_listen else None
-    engine = Engine(bundle, settings, metrics)
+    methods = [method.name for service in (wire.SERVICE, wire.ADMIN_SERVICE) for method in service.methods]
+    metrics = Metrics(CollectorRegistry(), max_batch_size=settings.max_batch_size, max_sessions=settings.max_sessions,
+                      methods=methods) if settings.metrics_listen else None
+    engine = Engine(bundles, settings, metrics)
+    if metrics is not None:
+        for name, version in ((b.name, b.version) for b, _ in bundles):
+            metrics.record_model_load(name, version, loaded=True)
+    loader = ModelLoader(engine, settings.model_repository, settings.model_poll_seconds)
     # Health and reflection stay open to callers without a token: probes have none, and reflection
     # describes only the schema, which ships with the client anyway.
     open_services = (health.SERVICE_NAME, reflection.SERVICE_NAME)
     # Without SO_REUSEPORT a second server on a busy port fails to start instead of silently sharing it.
     on_refused = None if metrics is None else metrics.record_refused_rpc
-    grpc_server = grpc.aio.server(interceptors=auth.interceptors(settings.auth_tokens_file, open_services, on_refused),
+    grpc_server = grpc.aio.server(interceptors=auth.interceptors(settings.auth_tokens_file, open_services, on_refused,
+                                                                 ADMIN_SERVICE_NAME, settings.admin_tokens_file),
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", settings.max_message_bytes)])
-    servicer = InferenceServicer(engine, RequestReader(bundle, settings), ResponseWriter(bundle),
+    on_rpc = None if metrics is None else metrics.record_rpc
+    servicer = InferenceServicer(engine, Readers(settings), ResponseWriter(),
                                  on_in_band_error=None if metrics is None else metrics.record_in_band_error)
-    wire.add_to_server(Guarded(wire.Parsed(servicer), on_rpc=None if metrics is None else metrics.record_rpc),
-                       grpc_server)
+    wire.add_to_server(Guarded(wire.Parsed(servicer), on_rpc=on_rpc), grpc_server)
+    admin = AdminServicer(engine, loader, ResponseWriter())
+    wire.add_to_server(Guarded(wire.Parsed(admin, wire.ADMIN_SERVICE), on_rpc=on_rpc), grpc_server, wire.ADMIN_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server)
+    reflection.enable_server_reflection([SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME,
+                                         reflection.SERVICE_NAME], grpc_server)
     port = tls.add_port(grpc_server, settings)
     endpoint = None if metrics is None else MetricsEndpoint(metrics.registry, settings.metrics_listen)
     web = None if not settings.http_listen else create_face(
-        settings, {SERVICE_NAME: servicer, health.SERVICE_NAME: health_servicer},
+        settings, {SERVICE_NAME: servicer, ADMIN_SERVICE_NAME: admin, health.SERVICE_NAME: health_servicer},
         None if metrics is None else metrics.registry)
-    return Server(grpc_server, engine, health_servicer, endpoint, web), port
+    return Server(grpc_server, engine, loader, health_servicer, endpoint, web), port

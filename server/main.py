@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from rnnserve.bundle import BundleError
 from rnnserve.server import event_loop
 from rnnserve.server.app import create_server
+from rnnserve.server.core.models import ModelRegistry
+from rnnserve.server.core.served_model import ServedModel
 from rnnserve.server.faces.auth import TokensFileError
 from rnnserve.server.logs import configure_logging
 from rnnserve.server.settings import Settings, parse_settings
@@ -21,11 +23,11 @@ log = logging.getLogger("rnnserve.server")
 async def serve(settings: Settings) -> None:
     server, port = create_server(settings)
     await server.start()
-    bundle, loop = server.engine.bundle, asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()
     loop_module = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
-    log.info("serving model %s (%s, %d x %d, sha256 %s) on %s, port %d, event loop %s, GIL switch interval %d us",
-             bundle.name, bundle.cell, bundle.states[0].layers, bundle.states[0].hidden, bundle.sha256[:12],
-             settings.listen, port, loop_module, round(sys.getswitchinterval() * 1e6))
+    models = server.engine.models
+    log.info("serving on %s, port %d, event loop %s, GIL switch interval %d us: %s", settings.listen, port,
+             loop_module, round(sys.getswitchinterval() * 1e6), "; ".join(describe(model, models) for model in models.all()))
     if server.http_port is not None:
         log.info("HTTP/JSON and the playground on %s, port %d", settings.http_listen, server.http_port)
     if server.metrics_port is not None:
@@ -37,6 +39,16 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down: refusing new work, %g s for calls in flight", settings.grace_seconds)
     await server.stop(settings.grace_seconds)
     log.info("stopped")
+
+
+def describe(model: ServedModel, models: ModelRegistry) -> str:
+    """A model version for the serving line: what it is, and which requests get it."""
+    bundle = model.bundle
+    roles = [role for role, applies in (("the default", models.is_server_default(model)),
+                                        ("its model's default", models.is_default(model)
+                                         and not models.is_server_default(model))) if applies]
+    return (f"{model.describe()} ({bundle.cell}, {bundle.states[0].layers} x {bundle.states[0].hidden}, sha256 "
+            f"{bundle.sha256[:12]}{', ' + roles[0] if roles else ''})")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

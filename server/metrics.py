@@ -2,8 +2,8 @@
 
 The rest of the server reports plain numbers (a batch's `BatchReport`, an RPC's method, code and
 seconds, a removed session's length and age) and this module turns them into Prometheus series
-under one prefix and one label scheme: `model` and `model_version` on everything about the
-loaded model, `method` and `code` on RPCs, `kind` on tokens, `reason` on ended sessions.
+under one prefix and one label scheme: `model` and `model_version` on everything about a
+loaded model version (`ModelMetrics`), `method` and `code` on RPCs, `kind` on tokens, `reason` on ended sessions.
 
 The per-token path stays cheap: a batch of any size is recorded with one observation per
 histogram and one `inc(n)` per counter, label children are bound once here rather than looked up
@@ -49,24 +49,32 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
 
 
 class Metrics:
-    """The server's metrics in `registry`, for one loaded model; each `record_*` is one event."""
+    """The server's metrics in `registry`; `model` binds the per-model series of one loaded version.
 
-    def __init__(self, registry: CollectorRegistry, bundle: Bundle, *, max_batch_size: int,
+    Families are declared once, here; a loaded version gets its children through `ModelMetrics`,
+    and its series leave the registry when it unloads (`ModelMetrics.forget`), so that reloading
+    many versions does not grow the registry without bound.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, max_batch_size: int, max_sessions: int,
                  methods: Sequence[str] = ()):
         """`methods`: the RPC methods served, whose series start at zero so that rate() sees their first calls."""
         self.registry = registry
-        model = {"model": bundle.name, "model_version": bundle.version}
 
-        def per_model(kind: type, name: str, documentation: str, **options: object):
-            """A metric labelled with the loaded model, returned as its one bound child."""
-            return kind(f"{PREFIX}_{name}", documentation, MODEL_LABELS, registry=registry, **options).labels(**model)
+        def per_model(kind: type, name: str, documentation: str, *labels: str, **options: object):
+            return kind(f"{PREFIX}_{name}", documentation, (*MODEL_LABELS, *labels), registry=registry, **options)
 
         Info(f"{PREFIX}_build", "The running rnnserve and the libraries it serves with.",
              registry=registry).info(build_labels())
-        Info(f"{PREFIX}_model", "The loaded model: its name, version, recurrent cell and graph sha256.",
-             registry=registry).info({**model, "cell": bundle.cell, "sha256": bundle.sha256})
         ProcessCollector(namespace=PREFIX, registry=registry)
-
+        self.model_info = per_model(Gauge, "model_info", "1 for each loaded model version, with its recurrent cell "
+                                    "and graph sha256.", "cell", "sha256")
+        self.model_default = per_model(Gauge, "model_default", "1 for the version of each model that new sessions "
+                                       "get when they name no version; 0 for the other loaded versions (those "
+                                       "loaded as well, and those retiring: serving their running sessions only).")
+        self._model_loads = per_model(Counter, "model_loads", "Model versions loaded (result=loaded) or refused "
+                                      "by their checks (result=refused): from the repository at start, dropped in "
+                                      "while serving, or by an Admin call.", "result")
         self._rpcs = Counter(f"{PREFIX}_rpcs", "Finished RPCs by method and gRPC status code.",
                              ("method", "code"), registry=registry)
         self._rpc_seconds = Histogram(
@@ -80,54 +88,59 @@ class Metrics:
         self._in_band_errors = Counter(
             f"{PREFIX}_in_band_errors", "Steps of Stream and StepBatch calls answered with an error inside a "
             "response, by gRPC status code; the call itself goes on and ends OK.", ("code",), registry=registry)
-        tokens = Counter(f"{PREFIX}_tokens", "Tokens consumed by sessions: kind=step for single-token steps "
-                         "(Step, Stream, StepBatch, Generate), kind=prefill for the tokens of longer inputs.",
-                         (*MODEL_LABELS, "kind"), registry=registry)
-        self._step_tokens = tokens.labels(**model, kind="step")
-        self._prefill_tokens = tokens.labels(**model, kind="prefill")
-        self._first_prediction = per_model(
+        Gauge(f"{PREFIX}_sessions_limit", "The most sessions the server holds at once, all models together.",
+              registry=registry).set(max_sessions)
+        self.tokens = per_model(Counter, "tokens", "Tokens consumed by sessions: kind=step for single-token steps "
+                                "(Step, Stream, StepBatch, Generate), kind=prefill for the tokens of longer inputs.",
+                                "kind")
+        self.first_prediction = per_model(
             Histogram, "time_to_first_prediction_seconds",
             "From a prompt's arrival (CreateSession with a prompt, or Generate) to its first prediction.",
             buckets=SECONDS_BUCKETS)
-        self._batch_size = per_model(Histogram, "batch_size_steps", "Sessions' steps run in one model call.",
-                                     buckets=batch_size_buckets(max_batch_size))
-        self._queue_wait = per_model(Histogram, "queue_wait_seconds",
-                                     "How long the oldest step of each model call waited for it.",
-                                     buckets=SECONDS_BUCKETS)
-        self._run_seconds = per_model(Histogram, "onnxruntime_run_seconds",
-                                      "Time inside onnxruntime per model call.", buckets=SECONDS_BUCKETS)
-        self._failed_batches = per_model(Counter, "model_call_failures",
-                                         "Model calls that failed; none of their steps was applied.")
-        self._created = per_model(Counter, "sessions_created", "Sessions created.")
-        self._restored = per_model(Counter, "sessions_restored",
-                                   "Sessions taken over from the snapshot at start or woken from the session store: "
-                                   "with sessions_created, what sessions_active and sessions_ended add up to.")
-        ended = Counter(f"{PREFIX}_sessions_ended", "Sessions removed, by reason: closed, expired, evicted, or moved "
-                        "to the session store (hibernated or handed over; taken back as sessions_restored).",
-                        (*MODEL_LABELS, "reason"), registry=registry)
-        self._ended = {reason.value: ended.labels(**model, reason=reason.value) for reason in Removal}
-        self._session_tokens = per_model(Histogram, "session_length_tokens",
-                                         "Tokens a session had consumed when it was removed.",
-                                         buckets=SESSION_TOKEN_BUCKETS)
-        self._session_age = per_model(Histogram, "session_age_seconds", "A session's age when it was removed.",
-                                      buckets=SESSION_AGE_BUCKETS)
-        self._capacity_refusals = per_model(Counter, "capacity_refusals",
-                                            "Sessions refused because the table was full (RESOURCE_EXHAUSTED).")
-        self._active = per_model(Gauge, "sessions_active", "Sessions held now.")
-        self._state_bytes = per_model(Gauge, "session_state_bytes",
-                                      "Memory held by the state of the sessions held now.")
-        self._limit = per_model(Gauge, "sessions_limit", "The most sessions the server holds at once.")
-        self._prefix_hits = per_model(Counter, "prefix_cache_hits",
-                                      "New sessions' prompts that started with a prompt in the prefix-state cache.")
-        self._prefix_misses = per_model(Counter, "prefix_cache_misses",
-                                        "New sessions' prompts that started with no cached prompt.")
-        self._prefix_reused = per_model(Counter, "prefix_cache_reused_tokens",
-                                        "Prompt tokens whose state came from the prefix-state cache, not the model.")
-        self._prefix_entries = per_model(Gauge, "prefix_cache_entries",
-                                         "Prompts held in the prefix-state cache, named states included.")
-        self._prefix_bytes = per_model(Gauge, "prefix_cache_bytes",
-                                       "Memory held by the prefix-state cache's evictable entries.")
+        self.batch_size = per_model(Histogram, "batch_size_steps", "Sessions' steps run in one model call.",
+                                    buckets=batch_size_buckets(max_batch_size))
+        self.queue_wait = per_model(Histogram, "queue_wait_seconds",
+                                    "How long the oldest step of each model call waited for it.",
+                                    buckets=SECONDS_BUCKETS)
+        self.run_seconds = per_model(Histogram, "onnxruntime_run_seconds",
+                                     "Time inside onnxruntime per model call.", buckets=SECONDS_BUCKETS)
+        self.failed_batches = per_model(Counter, "model_call_failures",
+                                        "Model calls that failed; none of their steps was applied.")
+        self.created = per_model(Counter, "sessions_created", "Sessions created.")
+        self.restored = per_model(Counter, "sessions_restored",
+                                  "Sessions taken over from the snapshot at start or woken from the session store: "
+                                  "with sessions_created, what sessions_active and sessions_ended add up to.")
+        self.ended = per_model(Counter, "sessions_ended", "Sessions removed, by reason: closed, expired, evicted, or "
+                               "moved to the session store (hibernated or handed over; taken back as "
+                               "sessions_restored).", "reason")
+        self.session_tokens = per_model(Histogram, "session_length_tokens",
+                                        "Tokens a session had consumed when it was removed.",
+                                        buckets=SESSION_TOKEN_BUCKETS)
+        self.session_age = per_model(Histogram, "session_age_seconds", "A session's age when it was removed.",
+                                     buckets=SESSION_AGE_BUCKETS)
+        self.capacity_refusals = per_model(Counter, "capacity_refusals",
+                                           "Sessions refused because the table was full (RESOURCE_EXHAUSTED).")
+        self.active = per_model(Gauge, "sessions_active", "Sessions held now.")
+        self.state_bytes = per_model(Gauge, "session_state_bytes",
+                                     "Memory held by the state of the sessions held now.")
+        self.prefix_hits = per_model(Counter, "prefix_cache_hits",
+                                     "New sessions' prompts that started with a prompt in the prefix-state cache.")
+        self.prefix_misses = per_model(Counter, "prefix_cache_misses",
+                                       "New sessions' prompts that started with no cached prompt.")
+        self.prefix_reused = per_model(Counter, "prefix_cache_reused_tokens",
+                                       "Prompt tokens whose state came from the prefix-state cache, not the model.")
+        self.prefix_entries = per_model(Gauge, "prefix_cache_entries",
+                                        "Prompts held in the prefix-state cache, named states included.")
+        self.prefix_bytes = per_model(Gauge, "prefix_cache_bytes",
+                                      "Memory held by the prefix-state cache's evictable entries.")
         self._declare_store_metrics(registry)
+
+    def model(self, bundle: Bundle) -> ModelMetrics:
+        """The series of one loaded version of a model."""
+        return ModelMetrics(self, bundle)
+
+    def record_model_load(self, name: str, version: str, loaded: bool) -> None:
+        self._model_loads.labels(name, version, "loaded" if loaded else "refused").inc()
 
     def _declare_store_metrics(self, registry: CollectorRegistry) -> None:
         self._store_up = Gauge(f"{PREFIX}_session_store_up", "1 while the session store (Redis, --redis-url) answers, "
@@ -151,24 +164,6 @@ class Metrics:
     def record_hibernated(self, sessions: int) -> None:
         self._hibernated.inc(sessions)
 
-    def watch_sessions(self, count: Callable[[], int], row_bytes: int, limit: int) -> None:
-        """Read the number of sessions held when Prometheus scrapes, not each time it changes."""
-        self._active.set_function(count)
-        self._state_bytes.set_function(lambda: count() * row_bytes)
-        self._limit.set(limit)
-
-    def watch_prefix_cache(self, entries: Callable[[], int], size_bytes: Callable[[], int]) -> None:
-        self._prefix_entries.set_function(entries)
-        self._prefix_bytes.set_function(size_bytes)
-
-    def record_prefix_lookup(self, reused_tokens: int) -> None:
-        """A new session's prompt looked up in the prefix-state cache; 0 reused tokens is a miss."""
-        if reused_tokens:
-            self._prefix_hits.inc()
-            self._prefix_reused.inc(reused_tokens)
-        else:
-            self._prefix_misses.inc()
-
     def _rpc_child(self, method: str, code: int) -> tuple[Counter, Histogram]:
         children = self._rpc_children.get((method, code))
         if children is None:
@@ -190,6 +185,74 @@ class Metrics:
     def record_in_band_error(self, code: int) -> None:
         """A step of a Stream or StepBatch answered with an error inside a response of a call that goes on."""
         self._in_band_errors.labels(CODE_NAMES[code]).inc()
+
+
+class ModelMetrics:
+    """The series of one loaded model version, bound once: the batcher, the session table and the prefix
+    cache report to it, as plain numbers."""
+
+    def __init__(self, metrics: Metrics, bundle: Bundle):
+        self._metrics = metrics
+        self._labels = (bundle.name, bundle.version)
+        self._info = (bundle.cell, bundle.sha256)
+        labels = self._labels
+        metrics.model_info.labels(*labels, *self._info).set(1)
+        self._default = metrics.model_default.labels(*labels)
+        self._step_tokens = metrics.tokens.labels(*labels, "step")
+        self._prefill_tokens = metrics.tokens.labels(*labels, "prefill")
+        self._first_prediction = metrics.first_prediction.labels(*labels)
+        self._batch_size = metrics.batch_size.labels(*labels)
+        self._queue_wait = metrics.queue_wait.labels(*labels)
+        self._run_seconds = metrics.run_seconds.labels(*labels)
+        self._failed_batches = metrics.failed_batches.labels(*labels)
+        self._created = metrics.created.labels(*labels)
+        self._restored = metrics.restored.labels(*labels)
+        self._ended = {reason.value: metrics.ended.labels(*labels, reason.value) for reason in Removal}
+        self._session_tokens = metrics.session_tokens.labels(*labels)
+        self._session_age = metrics.session_age.labels(*labels)
+        self._capacity_refusals = metrics.capacity_refusals.labels(*labels)
+        self._active = metrics.active.labels(*labels)
+        self._state_bytes = metrics.state_bytes.labels(*labels)
+        self._prefix_hits = metrics.prefix_hits.labels(*labels)
+        self._prefix_misses = metrics.prefix_misses.labels(*labels)
+        self._prefix_reused = metrics.prefix_reused.labels(*labels)
+        self._prefix_entries = metrics.prefix_entries.labels(*labels)
+        self._prefix_bytes = metrics.prefix_bytes.labels(*labels)
+
+    def forget(self) -> None:
+        """Take this version's series out of the registry: it has unloaded."""
+        metrics = self._metrics
+        metrics.model_info.remove(*self._labels, *self._info)
+        for family in (metrics.model_default, metrics.first_prediction, metrics.batch_size, metrics.queue_wait,
+                       metrics.run_seconds, metrics.failed_batches, metrics.created, metrics.restored,
+                       metrics.session_tokens, metrics.session_age, metrics.capacity_refusals, metrics.active,
+                       metrics.state_bytes, metrics.prefix_hits, metrics.prefix_misses, metrics.prefix_reused,
+                       metrics.prefix_entries, metrics.prefix_bytes):
+            family.remove(*self._labels)
+        for kind in ("step", "prefill"):
+            metrics.tokens.remove(*self._labels, kind)
+        for reason in Removal:
+            metrics.ended.remove(*self._labels, reason.value)
+
+    def record_default(self, is_default: bool) -> None:
+        self._default.set(1 if is_default else 0)
+
+    def watch_sessions(self, count: Callable[[], int], row_bytes: int) -> None:
+        """Read the number of sessions held when Prometheus scrapes, not each time it changes."""
+        self._active.set_function(count)
+        self._state_bytes.set_function(lambda: count() * row_bytes)
+
+    def watch_prefix_cache(self, entries: Callable[[], int], size_bytes: Callable[[], int]) -> None:
+        self._prefix_entries.set_function(entries)
+        self._prefix_bytes.set_function(size_bytes)
+
+    def record_prefix_lookup(self, reused_tokens: int) -> None:
+        """A new session's prompt looked up in the prefix-state cache; 0 reused tokens is a miss."""
+        if reused_tokens:
+            self._prefix_hits.inc()
+            self._prefix_reused.inc(reused_tokens)
+        else:
+            self._prefix_misses.inc()
 
     def record_batch(self, report: BatchReport) -> None:
         """One model call: the batcher's `on_batch`."""

@@ -29,7 +29,21 @@ def _setting(default: object, help: str, **rules: object):
 @dataclass(frozen=True)
 class Settings:
     bundle: Path | None = _setting(
-        None, "Model bundle directory (manifest.json + model.onnx). Default: the model shipped with rnnserve.")
+        None, "One model bundle directory (manifest.json + model.onnx) to serve alone, instead of a repository. "
+        "Default: the model shipped with rnnserve.")
+    model_repository: Path | None = _setting(
+        None, "Model repository to serve: <dir>/<model>/<version>/ holds a bundle, versions are positive integers "
+        "(Triton's layout), and an optional <dir>/<model>/model.json {\"default_version\": \"N\"} picks the version "
+        "new sessions get (else the highest). Every version is loaded and checked (bundle checks and a parity "
+        "self-test); a version that fails is refused and logged. Not with --bundle.")
+    default_model: str = _setting(
+        "", "With --model-repository: the model requests get when they name none. Empty: the first by name.")
+    model_poll_seconds: float = _setting(
+        5.0, "With --model-repository: how often to look for versions dropped in (or removed). A new version newer "
+        "than its model's default is loaded, checked and made the default for new sessions; the version it replaces "
+        "serves its running sessions and unloads after the last one ends. Copy a version in under a name starting "
+        "with '.' and rename it into place, so that it appears whole. 0: never look (Admin calls still load).",
+        minimum=0)
     listen: str = _setting(
         "127.0.0.1:50051", "host:port to serve on. Loopback by default because callers are anonymous unless TLS "
         "and tokens are set; use 0.0.0.0:50051 to serve other machines, and port 0 to let the system pick one.")
@@ -51,6 +65,10 @@ class Settings:
         None, "File of bearer tokens, one 'TOKEN [NAME]' per line ('#' comments and blank lines skipped): every "
         "call but health checks and reflection then needs metadata 'authorization: Bearer TOKEN', and its "
         "sessions belong to NAME (or a hash of the token without one). Tokens have at least 16 characters.")
+    admin_tokens_file: Path | None = _setting(
+        None, "File of bearer tokens, as --auth-tokens-file, for the Admin service alone (loading, unloading and "
+        "choosing model versions). With --auth-tokens-file and without this, nobody may call Admin; without "
+        "either, Admin is open like everything else, to callers who can reach the port (loopback by default).")
     max_message_bytes: int = _setting(
         4 * 1024 * 1024, "Largest request message read; gRPC refuses a larger one RESOURCE_EXHAUSTED unread.",
         minimum=1)
@@ -119,8 +137,9 @@ class Settings:
         minimum=0.001)
     snapshot_path: str = _setting(
         "", "File that keeps every session across restarts: written atomically on SIGTERM or SIGINT (and "
-        "periodically, see below), read at start. A snapshot of another model is refused, set aside as "
-        "<file>.refused and never loaded. Empty: sessions end with the process.")
+        "periodically, see below), read at start. Each session is restored only by the model version it ran on; "
+        "the sessions of versions not loaded stay in a copy, <file>.unrestored, and a snapshot of none of the "
+        "models served is set aside as <file>.refused. Empty: sessions end with the process.")
     snapshot_interval_seconds: float = _setting(
         0.0, "Also write the snapshot this often, so that a crash (kill -9) loses at most this much work. "
         "0: only on SIGTERM or SIGINT.", minimum=0)
@@ -191,6 +210,10 @@ class Settings:
                              f"({self.max_ttl_seconds})")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.bundle is not None and self.model_repository is not None:
+            raise ValueError("bundle and model_repository exclude each other: serve one bundle or a repository")
+        if self.default_model and self.model_repository is None:
+            raise ValueError("default_model needs a model_repository to choose from")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -31,6 +32,17 @@ def bundle(bundles: dict[str, Bundle]) -> Bundle:
 def any_bundle(request: pytest.FixtureRequest, bundles: dict[str, Bundle]) -> Bundle:
     """Each cell's bundle in turn."""
     return bundles[request.param]
+
+
+@pytest.fixture(scope="session")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Bundles to copy into model repositories (`serving.repository`): model "tiny" versions 1 and 2 (other
+    weights), model "other" version 1."""
+    root = tmp_path_factory.mktemp("versions")
+    build_tiny_bundle("lstm", root / "tiny" / "1", name="tiny", version="1", seed=1)
+    build_tiny_bundle("lstm", root / "tiny" / "2", name="tiny", version="2", seed=2)
+    build_tiny_bundle("gru", root / "other" / "1", name="other", version="1", seed=3)
+    return root
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from rnnserve.v1 import rnnserve_pb2
 from serving import RunningServer
 
 SERVICE = rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"]
-ROUTE_OF = {route.name: route for route in ROUTES if route.service == INFERENCE}
+# Each RPC's first route: GetModel's names the model alone (its second, /v1/models/{name}/{version}, a version too).
+ROUTE_OF = {route.name: route for route in reversed(ROUTES) if route.service == INFERENCE}
 
 
 ALICE, BOB = "token-of-alice-0123456789", "token-of-bob-0123456789"

@@ -7,6 +7,8 @@ runs it, so tests talk to it through real gRPC channels from the main thread.
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import socket
 import subprocess
 import threading
@@ -15,14 +17,18 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from onnx import helper
 
-from rnnserve.bundle import Bundle
+from rnnserve.bundle import Bundle, load_bundle, sha256_of
 from rnnserve.server.app import Server, create_server
+from rnnserve.server.core.served_model import ServedModel
 from rnnserve.server.event_loop import loop_factory
+from rnnserve.server.model.state_pool import StatePool
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 
@@ -47,10 +53,18 @@ def end_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
         process.wait()
 
 
-def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16) -> Bundle:
+def table_model(pool: StatePool, bundle: Bundle | None = None, batcher=None) -> ServedModel:
+    """A model version as the session table and the batcher see one: its pool (and bundle and batcher when given);
+    no cache, named states or metrics."""
+    return ServedModel(bundle, pool, batcher, cache=None, states=None, events=None)
+
+
+def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16, name: str = "", version: str = "test",
+                      seed: int = 1234) -> Bundle:
     """A 2-layer, 16-unit model with random weights from a fixed seed: fast to export and to run.
 
-    A larger `hidden_size` makes the state, not Python, dominate a session's memory.
+    A larger `hidden_size` makes the state, not Python, dominate a session's memory; `name` (default
+    tiny-<cell>), `version` and `seed` make versions of one model for a model repository.
     """
     import torch
 
@@ -58,10 +72,37 @@ def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16) -> Bundle
     from rnnserve.export.model import ModelConfig, RecurrentLM
     from rnnserve.vocab import Vocabulary
 
-    torch.manual_seed(1234)
+    torch.manual_seed(seed)
     vocab = Vocabulary.from_text(TINY_TEXT)
     model = RecurrentLM(ModelConfig(cell, len(vocab), embed_size=8, hidden_size=hidden_size, layers=2))
-    return export_bundle(model, vocab, out_dir, name=f"tiny-{cell}", version="test")
+    return export_bundle(model, vocab, out_dir, name=name or f"tiny-{cell}", version=version)
+
+
+def stateless_copy(bundle: Bundle, out: Path, version: str | None = None) -> Bundle:
+    """`bundle` with every state input multiplied by zero before use: an export bug that loses the state between
+    calls, in a graph that still has every input and output the manifest names."""
+    shutil.copytree(bundle.path, out)
+    graph = onnx.load(out / "model.onnx")
+    for state in bundle.states:
+        zeroed = f"{state.input}_zeroed"
+        for node in graph.graph.node:
+            node.input[:] = [zeroed if name == state.input else name for name in node.input]
+        graph.graph.node.insert(0, helper.make_node("Mul", [state.input, "zero"], [zeroed]))
+    graph.graph.initializer.append(helper.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0]))
+    onnx.save(graph, out / "model.onnx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["graph"]["sha256"] = sha256_of(out / "model.onnx")
+    manifest["version"] = version or manifest["version"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return load_bundle(out)  # every file check passes
+
+
+def repository(tmp_path: Path, versions: Path, *names: str) -> Path:
+    """A model repository in `tmp_path` holding `names` ("tiny/1", ...) copied from `versions` (conftest's)."""
+    repo = tmp_path / "models"
+    for name in names:
+        shutil.copytree(versions / name, repo / name)
+    return repo
 
 
 async def _task_count() -> int:
@@ -90,6 +131,11 @@ class RunningServer:
     @property
     def engine(self):
         return self.server.engine
+
+    @property
+    def model(self):
+        """The default version of the default model: the one version a server of one bundle serves."""
+        return self.server.engine.models.get()
 
     def task_count(self) -> int:
         """How many asyncio tasks the server's loop holds now: what a task leak would grow."""
@@ -193,7 +239,7 @@ def assert_fails(call, code, reason=None, field=None):
 
 def slow_model(running, seconds: float) -> None:
     """Make every model call of a running server take `seconds` longer."""
-    runtime = running.engine.batcher.runtime
+    runtime = running.model.batcher.runtime
     run = runtime.run
 
     def slow_run(*args):

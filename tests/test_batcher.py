@@ -12,7 +12,7 @@ from rnnserve.server.core.errors import PositionMismatch, ServerFault, SessionNo
 from rnnserve.server.core.sessions import Removal, SessionTable
 from rnnserve.server.model.runtime import Runtime
 from rnnserve.server.model.state_pool import StatePool
-from serving import assert_prediction
+from serving import assert_prediction, table_model
 
 
 class Core:
@@ -21,13 +21,14 @@ class Core:
     def __init__(self, bundle, **limits):
         self.runtime = Runtime(bundle, threads=1, spinning=False)
         self.pool = StatePool(Batcher.pool_rows(self.runtime), limit=64)
-        self.table = SessionTable(self.pool, max_sessions=64, evict_when_full=False, remember_removed=64)
+        self.table = SessionTable(max_sessions=64, evict_when_full=False, remember_removed=64)
         self.reports: list[BatchReport] = []
         options = {"max_batch_size": 256, "max_batch_tokens": 65_536, "max_queue_delay_seconds": 0.0, **limits}
         self.batcher = Batcher(self.runtime, self.pool, on_batch=self.reports.append, **options)
+        self.model = table_model(self.pool, bundle, self.batcher)
 
     def session(self):
-        return self.table.create("", 60)
+        return self.table.create("", 60, self.model)
 
     def step(self, session, tokens, **options):
         options = {"top_k": 5, "temperature": 1.0, **options}

@@ -2,8 +2,9 @@
 
 Runs `python -m bench --smoke` as a user would (a tiny model, tiny counts) into a temporary
 folder, so the committed bench/results are never touched, and checks latest.json's format; and
-each stage `--only` runs alone (the session operations, the batcher settings, the int8 copy, and
-issue 12's scale-out stage with Redis and HAProxy as real peers), as its own partial run.
+each stage `--only` runs alone (the session operations, the batcher settings, the int8 copy, issue
+14's servers of one model and of two, and issue 12's scale-out stage with Redis and HAProxy as real
+peers), as its own partial run.
 """
 
 import json
@@ -11,6 +12,8 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSIONS = (1, 16, 64, 256)
@@ -36,7 +39,15 @@ INT8_ROWS = {
     ("W2-int8", "stream"): ((256,), LOOP_METRICS),
     ("W2-int8", "unary"): ((256,), LOOP_METRICS),
 }
-STAGES = {"operations": OPERATION_ROWS, "batching": BATCHING_ROWS, "int8": INT8_ROWS}
+# Issue 14: W2 streams at the most sessions on a one-model server, and on a two-model server all on one model,
+# then half on each (each half's own rows at its own count), and the ratios between the three.
+MODELS_ROWS = {
+    **{("W2-models", f"stream-{loop}"): ((256,), LOOP_METRICS) for loop in ("one-model", "one-busy", "two-busy")},
+    **{("W2-models", f"stream-two-busy-{name}"): ((128,), ("tokens_per_s", "p50_us", "p99_us")) for name in "ab"},
+    ("W2-models", "stream"): ((256,), ("two_busy_one_model_ratio", "two_busy_one_busy_ratio",
+                                       "one_busy_one_model_ratio")),
+}
+STAGES = {"operations": OPERATION_ROWS, "batching": BATCHING_ROWS, "int8": INT8_ROWS, "models": MODELS_ROWS}
 # Issue 12: the proxy against direct, hibernation and wake-up, write-through off, every 16 and every token.
 REPLICA_METRICS = ("tokens_per_s", "p50_us", "p99_us")
 REPLICA_ROWS = {
@@ -72,6 +83,7 @@ REQUIRED = {
     **OPERATION_ROWS,
     **BATCHING_ROWS,
     **INT8_ROWS,
+    **MODELS_ROWS,
     **REPLICA_ROWS,
 }
 W5_METRICS = ("rss_bytes", "baseline_rss_bytes", "raw_state_bytes")
@@ -106,7 +118,7 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     assert len(found) == len(rows)  # a figure measured in rounds is reported once, as their median
     assert (tmp_path / "cache" / "logs" / "echo-round2.log").is_file()  # the echo floor measured again for round 2
 
-    assert {t["status"] for t in report["targets"]} <= {"met", "SHORT"}  # no target lacks its rows
+    assert {t["status"] for t in report["targets"]} <= {"met", "SHORT", "reported"}  # no target lacks its rows
     assert "| figure | value | floor | ratio | target | status |" in (out / "latest.md").read_text()
     assert (out / "throughput.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0
 
@@ -143,6 +155,28 @@ def test_only_int8_serves_the_int8_copy_of_the_reference_bundle(tmp_path):
     assert len(manifests) == 1  # cached beside the reference bundle for the next run, as rnnserve-quantize writes it
     manifest = json.loads(manifests[0].read_text())
     assert manifest["version"].endswith("-int8") and "quantization" in manifest
+
+
+def test_only_models_runs_w2_on_a_server_of_two_busy_models_beside_a_server_of_one(tmp_path):
+    report = run_stage(tmp_path, "models")
+    rows = {(r["workload"], r["variant"], r["sessions"], r["metric"]): r["value"] for r in report["rows"]}
+    assert all(value > 0 for value in rows.values())
+    rate = {loop: rows["W2-models", f"stream-{loop}", 256, "tokens_per_s"]
+            for loop in ("one-model", "one-busy", "two-busy")}
+    # One round in the smoke preset: each ratio is that round's own.
+    for ratio, (over, under) in {"two_busy_one_model_ratio": ("two-busy", "one-model"),
+                                 "two_busy_one_busy_ratio": ("two-busy", "one-busy"),
+                                 "one_busy_one_model_ratio": ("one-busy", "one-model")}.items():
+        assert rows["W2-models", "stream", 256, ratio] == pytest.approx(rate[over] / rate[under])
+    for name in "ab":  # each half carried half the loop's tokens, within the loop's wall time or less
+        assert rows["W2-models", f"stream-two-busy-{name}", 128, "tokens_per_s"] >= rate["two-busy"] / 2
+    [verdict] = [t for t in report["targets"] if t["name"].startswith("W2 two models")]
+    assert verdict["status"] == "reported" and verdict["ok"] is None and verdict["ratio"].endswith("%")
+
+    logs = tmp_path / "cache" / "logs"  # each server announced what it serves
+    served = {server: (logs / f"server-models-{server}.log").read_text() for server in ("one", "two")}
+    assert "a version 1" in served["one"] and "b version 1" not in served["one"]
+    assert "a version 1" in served["two"] and "b version 1" in served["two"]
 
 
 def test_the_shipped_float_model_is_benched_with_its_shipped_int8_version():

@@ -21,6 +21,9 @@ EXPECTED = {
     "INCOMPATIBLE_STATE": (grpc.StatusCode.FAILED_PRECONDITION, errors.IncompatibleState),
     "STATE_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, errors.StateNotFound),
     "STATE_IS_SHIPPED": (grpc.StatusCode.FAILED_PRECONDITION, errors.StateIsShipped),
+    "MODEL_RETIRING": (grpc.StatusCode.FAILED_PRECONDITION, errors.ModelRetiring),
+    "MODEL_IS_DEFAULT": (grpc.StatusCode.FAILED_PRECONDITION, errors.ModelIsDefault),
+    "MODEL_REFUSED": (grpc.StatusCode.FAILED_PRECONDITION, errors.ModelRefused),
 }
 
 

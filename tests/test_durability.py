@@ -58,8 +58,10 @@ def steps(stub, session_id: str, text: str) -> list[pb.Prediction]:
 
 def positions_in_snapshot(path: Path, bundle: Bundle, rows: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """Each session's position in the snapshot file, read as a restarting server would."""
-    snapshot = open_snapshot(path, ModelIdentity.of(bundle), rows)
-    return {record.id: record.position for records, _ in snapshot.chunks() for record in records}
+    snapshot = open_snapshot(path)
+    assert [section.model for section in snapshot.header.models] == [ModelIdentity.of(bundle)]
+    assert snapshot.header.models[0].rows == rows
+    return {record.id: record.position for _, records, _ in snapshot.chunks() for record in records}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)

@@ -180,7 +180,7 @@ def test_write_through_stores_the_session_every_n_tokens(replicas, every):
     store = redis.Redis.from_url(a.running.engine.settings.redis_url)
     for position in range(2, 12):
         step(a.stub, session_id, "c", position)  # answered once the store has what it must
-        stored = a.running.engine.operations.decode(store.hget(SESSION_PREFIX + session_id, "state")).position
+        stored = a.running.engine.operations.decode(store.hget(SESSION_PREFIX + session_id, "state"))[1].position
         assert stored == max(2, (position + 1) // every * every)  # the prompt's state was stored at creation
 
 

@@ -17,7 +17,7 @@ from rnnserve.server.core.sessions import Session, SessionTable
 from rnnserve.server.model.state_pool import StatePool
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
-from serving import assert_fails, create, position
+from serving import assert_fails, create, position, table_model
 
 FAST_SWEEP = 0.05
 
@@ -80,13 +80,13 @@ def test_a_full_table_that_refuses_keeps_every_session_until_one_leaves(start_se
 
 def test_expiry_costs_nothing_per_token(monkeypatch):
     """A step never looks at expiry; the sweep reads one session per TTL group when none has expired."""
-    table = SessionTable(StatePool({"h": (1, 2)}, limit=10_000), max_sessions=10_000, evict_when_full=False,
-                         remember_removed=10)
-    held = [table.create("", ttl) for ttl in (60, 120) for _ in range(5_000)]
+    table = SessionTable(max_sessions=10_000, evict_when_full=False, remember_removed=10)
+    model = table_model(StatePool({"h": (1, 2)}, limit=10_000))
+    held = [table.create("", ttl, model) for ttl in (60, 120) for _ in range(5_000)]
     reads = []
     expires = Session.expires
     monkeypatch.setattr(sessions.Session, "expires", property(lambda session: reads.append(1) or expires.fget(session)))
-    held[0].advance(np.array([1]), StepAnswer(1, Prediction([1], [0.5], [-0.7])), time.monotonic())
+    held[0].advance(np.array([1]), StepAnswer(1, Prediction([1], ["a"], [0.5], [-0.7])), time.monotonic())
     assert reads == []
     table.get(held[1].id, "")  # refusing an expired session on access costs one read per call, not per session
     assert len(reads) == 1

@@ -43,7 +43,7 @@ def promtool_check(exposition: str) -> None:
 def served(bundle):
     """Metrics for the tiny bundle in a registry of their own, served on an ephemeral loopback port."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry, bundle, max_batch_size=64)
+    metrics = Metrics(registry, max_batch_size=64, max_sessions=50)
     endpoint = MetricsEndpoint(registry, "127.0.0.1:0")
     yield metrics, f"http://127.0.0.1:{endpoint.port}/metrics"
     endpoint.close()
@@ -52,11 +52,12 @@ def served(bundle):
 def test_a_batch_is_recorded_once_whatever_its_size(served, bundle):
     metrics, url = served
     model = {("model", bundle.name), ("model_version", bundle.version)}
-    metrics.record_batch(BatchReport(steps=8, tokens=8, queue_wait_seconds=2e-5, run_seconds=3e-4,
+    version = metrics.model(bundle)
+    version.record_batch(BatchReport(steps=8, tokens=8, queue_wait_seconds=2e-5, run_seconds=3e-4,
                                      compute_seconds=4e-4, applied=7))
-    metrics.record_batch(BatchReport(steps=2, tokens=10, queue_wait_seconds=1e-3, run_seconds=2e-3,
+    version.record_batch(BatchReport(steps=2, tokens=10, queue_wait_seconds=1e-3, run_seconds=2e-3,
                                      compute_seconds=3e-3, applied=2))
-    metrics.record_batch(BatchReport(steps=1, tokens=1, queue_wait_seconds=0.0, run_seconds=0.0,
+    version.record_batch(BatchReport(steps=1, tokens=1, queue_wait_seconds=0.0, run_seconds=0.0,
                                      compute_seconds=1e-3, applied=0, failed=True))
     found = samples(scrape(url))
     assert found["rnnserve_tokens_total", frozenset(model | {("kind", "step")})] == 7  # the applied steps only
@@ -72,20 +73,21 @@ def test_sessions_rpcs_and_info(served, bundle):
     metrics, url = served
     model = {("model", bundle.name), ("model_version", bundle.version)}
     held = [3]
-    metrics.watch_sessions(lambda: held[0], row_bytes=1000, limit=50)
-    metrics.record_session_created()
-    metrics.record_session_restored()
-    metrics.record_session_restored()
-    metrics.record_session_ended("evicted", tokens=17, age_seconds=30.0)
-    metrics.record_capacity_refusal()
+    version = metrics.model(bundle)
+    version.watch_sessions(lambda: held[0], row_bytes=1000)
+    version.record_session_created()
+    version.record_session_restored()
+    version.record_session_restored()
+    version.record_session_ended("evicted", tokens=17, age_seconds=30.0)
+    version.record_capacity_refusal()
     metrics.record_rpc("Step", grpc.StatusCode.NOT_FOUND.value[0], 1e-4)
     metrics.record_in_band_error(grpc.StatusCode.FAILED_PRECONDITION.value[0])
-    metrics.record_first_prediction(5e-3)
+    version.record_first_prediction(5e-3)
     held[0] = 4  # read when scraped, not when it changed
     found = samples(scrape(url))
     assert found["rnnserve_sessions_active", frozenset(model)] == 4
     assert found["rnnserve_session_state_bytes", frozenset(model)] == 4000
-    assert found["rnnserve_sessions_limit", frozenset(model)] == 50
+    assert found["rnnserve_sessions_limit", frozenset()] == 50  # one budget, all models together
     assert found["rnnserve_sessions_created_total", frozenset(model)] == 1
     assert found["rnnserve_sessions_restored_total", frozenset(model)] == 2
     assert found["rnnserve_sessions_ended_total", frozenset(model | {("reason", "evicted")})] == 1
@@ -120,7 +122,7 @@ def test_batch_size_buckets_end_at_the_maximum_batch():
 def test_without_a_metrics_address_nothing_is_recorded_or_served(start_server):
     running = start_server(metrics_listen="")
     assert running.server.metrics_port is None
-    assert running.engine.metrics is None and running.engine.batcher.on_batch is None
+    assert running.engine.metrics is None and running.model.batcher.on_batch is None
 
 
 def test_the_prefix_state_cache_reports_hits_misses_reused_tokens_and_size(start_server):
@@ -133,9 +135,9 @@ def test_the_prefix_state_cache_reports_hits_misses_reused_tokens_and_size(start
         create(stub, prompt_token_ids=prompt + [3, 4])  # a hit on the prefix: 10 more
         create(stub, prompt_token_ids=[1, 2])  # too short to be cached or to count as a miss
     found = samples(scrape(f"http://127.0.0.1:{running.server.metrics_port}/metrics"))
-    model = frozenset({("model", running.engine.bundle.name), ("model_version", running.engine.bundle.version)})
+    model = frozenset({("model", running.model.name), ("model_version", running.model.version)})
     assert found["rnnserve_prefix_cache_hits_total", model] == 2
     assert found["rnnserve_prefix_cache_misses_total", model] == 1
     assert found["rnnserve_prefix_cache_reused_tokens_total", model] == 20
     assert found["rnnserve_prefix_cache_entries", model] == 2  # the prompt, and the prompt with its suffix
-    assert found["rnnserve_prefix_cache_bytes", model] == 2 * running.engine.pool.row_bytes + 8 * (10 + 12)
+    assert found["rnnserve_prefix_cache_bytes", model] == 2 * running.model.pool.row_bytes + 8 * (10 + 12)

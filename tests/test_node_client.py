@@ -32,7 +32,7 @@ def test_a_node_client_loads_the_proto_calls_the_server_and_reads_error_details(
     done = subprocess.run(["node", str(node_client), running.address], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    assert seen["models"] == [running.engine.bundle.name]
+    assert seen["models"] == [running.model.name]
     assert seen["created"] == 3 and seen["step"]["position"] == 5 and len(seen["step"]["token_ids"]) == 3
     assert seen["not_found"]["code"] == 5  # NOT_FOUND
     assert seen["not_found"]["details"][0] == {"type": "google.rpc.ErrorInfo", "reason": "SESSION_NOT_FOUND",

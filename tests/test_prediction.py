@@ -18,8 +18,9 @@ def test_batched_top_k_equals_per_row(k):
     rng = np.random.default_rng(k)
     logits = (3 * rng.standard_normal((6, 13))).astype(np.float32)  # [batch, vocab]
     temperatures = np.array([1.0, 0.5, 2.0, 100.0, 0.01, 1.0], np.float32)
-    top = Ranker(13).top_k(logits, k, 1.0 / temperatures)
-    for row, prediction in enumerate(top.rows()):
+    vocabulary = [chr(ord("a") + i) for i in range(13)]
+    for row, prediction in enumerate(Ranker(vocabulary).predictions(logits, k, 1.0 / temperatures)):
+        assert prediction.texts == [vocabulary[i] for i in prediction.token_ids]
         probabilities = per_row(logits[row], float(temperatures[row]))
         # the k best, best first; tokens whose probabilities tie within float32 may come in either order
         np.testing.assert_allclose(prediction.probabilities, np.sort(probabilities)[::-1][:k], atol=1e-6)
@@ -31,12 +32,12 @@ def test_batched_top_k_equals_per_row(k):
 def test_tied_tokens_come_lower_id_first():
     logits = np.zeros((2, 7), np.float32)
     logits[1, [2, 5]] = 1.0  # two tied leaders, then five tied followers
-    top = Ranker(7).top_k(logits, 4, np.ones(2, np.float32))
+    top = Ranker(list("abcdefg")).top_k(logits, 4, np.ones(2, np.float32))
     assert top.token_ids.tolist() == [[0, 1, 2, 3], [2, 5, 0, 1]]
 
 
 def test_the_coldest_temperature_allowed_is_greedy_and_finite():
     logits = np.array([[0.5, 2.0, 1.999]], np.float32)
-    top = Ranker(3).top_k(logits, 3, np.array([1.0 / 1e-6], np.float32))  # convert.MIN_STEP_TEMPERATURE
+    top = Ranker(list("abc")).top_k(logits, 3, np.array([1.0 / 1e-6], np.float32))  # convert.MIN_STEP_TEMPERATURE
     assert top.token_ids[0, 0] == 1 and np.isfinite(top.logprobs).all()
     assert top.probabilities[0, 0] == pytest.approx(1.0)

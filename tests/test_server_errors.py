@@ -32,6 +32,10 @@ EXAMPLES = [
     (StateNotFound("sonnet", ["ode"]), grpc.StatusCode.NOT_FOUND, "STATE_NOT_FOUND"),
     (StateIsShipped("sonnet"), grpc.StatusCode.FAILED_PRECONDITION, "STATE_IS_SHIPPED"),
     (SessionUnavailable("s1", "moved to the session store"), grpc.StatusCode.UNAVAILABLE, None),
+    (errors.ModelRetiring("tiny", "1", "2"), grpc.StatusCode.FAILED_PRECONDITION, "MODEL_RETIRING"),
+    (errors.ModelIsDefault("tiny", "2"), grpc.StatusCode.FAILED_PRECONDITION, "MODEL_IS_DEFAULT"),
+    (errors.ModelRefused("models/tiny/3", "its sha256 does not match"), grpc.StatusCode.FAILED_PRECONDITION,
+     "MODEL_REFUSED"),
 ]
 
 

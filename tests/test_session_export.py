@@ -137,8 +137,9 @@ def test_a_forged_blob_with_a_valid_checksum_is_still_checked(stub, shared_serve
     engine = shared_server.engine
     session = create(stub, prompt_token_ids=[1, 2, 3])
     blob = stub.ExportSession(pb.ExportSessionRequest(session_id=session)).state
-    model, shapes = engine.operations.model, engine.operations.shapes
-    portable = session_blob.decode(blob, model, shapes, len(engine.bundle.vocab))
+    served = shared_server.model
+    model, shapes = served.identity, served.shapes
+    portable = session_blob.decode(blob, model, shapes, len(served.bundle.vocab))
     portable.tokens[0] = 10_000
     forged = session_blob.encode(portable, model, shapes)
     held = len(engine.table)

@@ -9,18 +9,28 @@ from rnnserve.server.core.batcher import StepAnswer
 from rnnserve.server.core.errors import (CapacityExhausted, IdentityQuotaExhausted, PositionMismatch, SessionEvicted,
                                     SessionExpired, SessionNotFound)
 from rnnserve.server.core.prediction import Prediction
-from rnnserve.server.core.sessions import Removal, SessionTable
+from rnnserve.server.core.sessions import Removal, Session, SessionTable
 from rnnserve.server.model.state_pool import StatePool
+from serving import table_model
 
 
-def make_table(max_sessions=4, evict=False, remember=100, per_owner=0) -> SessionTable:
-    pool = StatePool({"h": (1, 2)}, limit=max_sessions)
-    return SessionTable(pool, max_sessions=max_sessions, evict_when_full=evict, remember_removed=remember,
-                        max_sessions_per_owner=per_owner)
+class Table(SessionTable):
+    """A session table whose sessions all run one model version, holding only a pool."""
+
+    def __init__(self, max_sessions: int, **options):
+        super().__init__(max_sessions=max_sessions, **options)
+        self.model = table_model(StatePool({"h": (1, 2)}, limit=max_sessions))
+
+    def create(self, owner: str, ttl: float) -> Session:
+        return super().create(owner, ttl, self.model)
+
+
+def make_table(max_sessions=4, evict=False, remember=100, per_owner=0) -> Table:
+    return Table(max_sessions, evict_when_full=evict, remember_removed=remember, max_sessions_per_owner=per_owner)
 
 
 def step(session, tokens, now=None):
-    answer = StepAnswer(session.position + len(tokens), Prediction([1], [0.5], [-0.7]))
+    answer = StepAnswer(session.position + len(tokens), Prediction([1], ["a"], [0.5], [-0.7]))
     session.advance(np.array(tokens, np.int64), answer, time.monotonic() if now is None else now)
     return answer
 

@@ -1,4 +1,6 @@
-"""The snapshot file: exact round trips, refusal of anything not whole or not of this model, atomic replacement."""
+"""The snapshot file: exact round trips (several models' sessions in one file, and the single-model files of format
+version 1), refusal of anything not whole, atomic replacement. Which model may restore which sessions is
+durability's to decide: tests/test_durability.py."""
 
 import os
 import signal
@@ -6,15 +8,21 @@ import subprocess
 import sys
 import textwrap
 
+import dataclasses
+import hashlib
+import json
+import struct
+
 import numpy as np
 import pytest
 
 from rnnserve.server.store import snapshot
-from rnnserve.server.store.snapshot import (LastStep, ModelIdentity, SessionRecord, SnapshotHeader, SnapshotRefused,
-                                      SnapshotWriter, open_snapshot, remove_leftovers)
+from rnnserve.server.store.snapshot import (LastStep, ModelIdentity, ModelSection, SessionRecord, SnapshotHeader,
+                                            SnapshotRefused, SnapshotWriter, open_snapshot, remove_leftovers)
 
 MODEL = ModelIdentity("tiny-lstm", "test", "a1" * 32)
 ROWS = {"c": (2, 3), "h": (2, 3), "next_logits": (5,)}
+OTHER = ModelSection(ModelIdentity("tiny-gru", "2", "b2" * 32), {"h": (1, 4), "next_logits": (5,)})
 
 
 def records(count: int, first: int = 0) -> list[SessionRecord]:
@@ -23,48 +31,62 @@ def records(count: int, first: int = 0) -> list[SessionRecord]:
             for i in range(first, first + count)]
 
 
-def rows(count: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+def rows(count: int, seed: int = 0, shapes=ROWS) -> tuple[np.ndarray, ...]:
     generator = np.random.default_rng(seed)
-    return tuple(generator.standard_normal((count, *shape)).astype(np.float32) for shape in ROWS.values())
+    return tuple(generator.standard_normal((count, *shape)).astype(np.float32) for shape in shapes.values())
 
 
-def write(path, chunks, model=MODEL) -> None:
-    with SnapshotWriter(path, SnapshotHeader(model, ROWS, 1.7e9)) as writer:
-        for chunk_records, chunk_rows in chunks:
-            writer.write_chunk(chunk_records, chunk_rows)
+def write(path, chunks, sections=(ModelSection(MODEL, ROWS),)) -> None:
+    """Chunks of (records, rows) of the first model, or (model index, records, rows)."""
+    with SnapshotWriter(path, SnapshotHeader(list(sections), 1.7e9)) as writer:
+        for chunk in chunks:
+            writer.write_chunk(*((0, *chunk) if len(chunk) == 2 else chunk))
 
 
 def read(path) -> list:
-    return list(open_snapshot(path, MODEL, ROWS).chunks())
+    """The chunks of the file as (records, rows), each of the first model."""
+    return [(chunk_records, chunk_rows) for _, chunk_records, chunk_rows in open_snapshot(path).chunks()]
 
 
-def test_records_and_rows_round_trip_exactly(tmp_path):
+def test_records_and_rows_of_several_models_round_trip_exactly(tmp_path):
     path = tmp_path / "sessions.snap"
-    chunks = [(records(3), rows(3, seed=1)), (records(2, first=3), rows(2, seed=2))]
-    write(path, chunks)
-    opened = open_snapshot(path, MODEL, ROWS)
-    assert opened.sessions == 5 and opened.header.model == MODEL and opened.header.rows == ROWS
-    for (written_records, written_rows), (read_records, read_rows) in zip(chunks, opened.chunks(), strict=True):
-        assert read_records == written_records  # floats included: JSON keeps them exactly
-        for written, read_back in zip(written_rows, read_rows, strict=True):
-            assert written.tobytes() == read_back.tobytes()
+    chunks = [(0, records(3), rows(3, seed=1)), (1, records(1, first=7), rows(1, seed=3, shapes=OTHER.rows)),
+              (0, records(2, first=3), rows(2, seed=2))]
+    write(path, chunks, (ModelSection(MODEL, ROWS), OTHER))
+    opened = open_snapshot(path)
+    assert opened.sessions == 6 and opened.header.models == [ModelSection(MODEL, ROWS), OTHER]
+    for written, (index, read_records, read_rows) in zip(chunks, opened.chunks(), strict=True):
+        assert (index, read_records) == written[:2]  # floats included: JSON keeps them exactly
+        for written_rows, read_back in zip(written[2], read_rows, strict=True):
+            assert written_rows.tobytes() == read_back.tobytes()
+
+
+def test_a_format_1_file_of_one_model_is_read_as_that_model_s_section(tmp_path):
+    """Servers of one model wrote format 1: a restart onto this version must not lose their sessions."""
+    path = tmp_path / "sessions.snap"
+    written_records, written_rows = records(2), rows(2, seed=4)
+    header = json.dumps({"model": {"name": MODEL.name, "version": MODEL.version, "sha256": MODEL.sha256},
+                         "rows": ROWS, "written_at": 1.7e9}).encode()
+    chunk = json.dumps([record_json(record) for record in written_records]).encode()
+    body = (snapshot.MAGIC + struct.pack("<I", 1) + struct.pack("<I", len(header)) + header
+            + struct.pack("<I", len(chunk)) + chunk + b"".join(array.tobytes() for array in written_rows)
+            + struct.pack("<I", 0) + struct.pack("<Q", 2))
+    path.write_bytes(body + hashlib.sha256(body).digest())
+    opened = open_snapshot(path)
+    assert opened.version == 1 and opened.header.models == [ModelSection(MODEL, ROWS)]
+    [(index, read_records, read_rows)] = opened.chunks()
+    assert index == 0 and read_records == written_records
+    assert [array.tobytes() for array in read_rows] == [array.tobytes() for array in written_rows]
+
+
+def record_json(record: SessionRecord) -> dict:
+    return dataclasses.asdict(record)
 
 
 def test_an_empty_table_is_a_valid_snapshot(tmp_path):
     path = tmp_path / "sessions.snap"
     write(path, [])
-    assert open_snapshot(path, MODEL, ROWS).sessions == 0 and read(path) == []
-
-
-@pytest.mark.parametrize(("model", "rows_", "message"), [
-    (ModelIdentity("tiny-lstm", "test", "b2" * 32), ROWS, "holds sessions of model tiny-lstm version test"),
-    (MODEL, {**ROWS, "h": (2, 4)}, "state rows"),
-])
-def test_another_model_or_other_rows_are_refused(tmp_path, model, rows_, message):
-    path = tmp_path / "sessions.snap"
-    write(path, [(records(1), rows(1))])
-    with pytest.raises(SnapshotRefused, match=message):
-        open_snapshot(path, model, rows_)
+    assert open_snapshot(path).sessions == 0 and read(path) == []
 
 
 def corrupt(data: bytes) -> bytes:
@@ -85,7 +107,7 @@ def test_damaged_or_unknown_files_are_refused_before_any_session_is_read(tmp_pat
     write(path, [(records(4), rows(4))])
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(SnapshotRefused, match=message):
-        open_snapshot(path, MODEL, ROWS)
+        open_snapshot(path)
 
 
 def test_a_failed_write_leaves_the_previous_snapshot_in_place(tmp_path, monkeypatch):
@@ -106,12 +128,12 @@ def test_a_failed_write_leaves_the_previous_snapshot_in_place(tmp_path, monkeypa
 # Killed at this point of the second write: the file holds the first snapshot, whole.
 WRITE_THEN_HANG = textwrap.dedent("""
     import pathlib, sys
-    from rnnserve.server.store.snapshot import SnapshotHeader, SnapshotWriter
+    from rnnserve.server.store.snapshot import ModelSection, SnapshotHeader, SnapshotWriter
     from test_snapshot import MODEL, ROWS, records, rows, write
     path = pathlib.Path(sys.argv[1])
     write(path, [(records(2), rows(2))])
-    with SnapshotWriter(path, SnapshotHeader(MODEL, ROWS)) as writer:
-        writer.write_chunk(records(500), rows(500))
+    with SnapshotWriter(path, SnapshotHeader([ModelSection(MODEL, ROWS)])) as writer:
+        writer.write_chunk(0, records(500), rows(500))
         print("half written", flush=True)
         sys.stdin.read()
 """)

@@ -80,7 +80,7 @@ def test_a_batch_whose_answer_could_exceed_the_client_limit_is_refused_and_one_t
     """The issue's repro: 4,000 sessions advanced, and their 4.3 MB answer was lost to the 4 MiB limit."""
     stub, running = huge_batches
     sessions = [create(stub, prompt_text="ab") for _ in range(3)]
-    per_step = STEP_ANSWER_BYTES + 32 + candidate_bytes(running.engine.bundle.vocab.tokens)
+    per_step = STEP_ANSWER_BYTES + 32 + candidate_bytes(running.model.bundle.vocab.tokens)
     fits = CLIENT_RECEIVE_BYTES // per_step
     error = _refused(stub, _batch(sessions, fits + 1), "steps")
     assert str(CLIENT_RECEIVE_BYTES) in error.details() and str((fits + 1) * per_step) in error.details()

@@ -61,7 +61,7 @@ def test_mutual_tls_needs_a_certificate_from_the_client_ca(start_server, pki):
         with Client(running.address, tls=tls(pki, refused), retries=0) as client, pytest.raises(Unavailable):
             client.models()
     with Client(running.address, tls=tls(pki, pki.alice)) as client:
-        assert [model.name for model in client.models()] == [running.engine.bundle.name]
+        assert [model.name for model in client.models()] == [running.model.name]
 
 
 def test_sessions_belong_to_the_client_certificate(start_server, pki):

@@ -34,9 +34,10 @@ def base_url(web_server) -> str:
     return f"http://127.0.0.1:{web_server.server.http_port}"
 
 
-def test_every_rpc_of_the_service_has_a_route():
+@pytest.mark.parametrize("name", ["Inference", "Admin"])
+def test_every_rpc_of_the_service_has_a_route(name):
     """A new RPC without its row in routes.ROUTES would be missing from the HTTP face: this says so."""
-    service = rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"]
+    service = rnnserve_pb2.DESCRIPTOR.services_by_name[name]
     assert set(service.methods_by_name) == {route.name for route in ROUTES if route.service == service.full_name}
 
 

@@ -1,6 +1,7 @@
 """The playground in a real browser (Debian's chromium, driven by Playwright): typing into the page
 shows the same top predictions, with the same probabilities, as gRPC answers for the same text, and
-the two continuations of its session, forked in two, are Generate's over gRPC with the same seeds.
+the two continuations of its session, forked in two, are Generate's over gRPC with the same seeds; the
+model it names is the version its sessions run.
 
 With RNNSERVE_PLAYGROUND_SCREENSHOT=docs/playground.png the test also writes the README's screenshot.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -18,7 +21,7 @@ from conftest import LOOPBACK
 from faces import GrpcFace
 from rnnserve.bundle import default_bundle_path, load_bundle
 from rnnserve.server.settings import Settings
-from serving import RunningServer
+from serving import RunningServer, repository
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # The flags of a headless run on a machine with no display, no GPU and no network beyond loopback.
@@ -39,15 +42,29 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
+    """One headless chromium for the module: Playwright's sync API runs one at a time in a process."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        opened = browser.new_page(viewport={"width": 900, "height": 800})
-        opened.goto(f"http://127.0.0.1:{server.server.http_port}/")
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@contextmanager
+def playground(browser, server: RunningServer) -> Iterator:
+    """The playground page of `server`, in a new page of `browser`."""
+    opened = browser.new_page(viewport={"width": 900, "height": 800})
+    opened.goto(f"http://127.0.0.1:{server.server.http_port}/")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    with playground(browser, server) as opened:
         yield opened
-        browser.close()
 
 
 def shown_predictions(page, text: str) -> list[tuple[str, float, str]]:
@@ -101,3 +118,15 @@ def test_fork_and_generate_streams_generate_with_both_seeds(page, server):
         page.click("#generate")
         page.wait_for_function(BOTH_DONE)
         page.screenshot(path=screenshot, full_page=True)
+
+
+def test_the_page_names_the_version_its_sessions_run(browser, tmp_path, versions):
+    """ListModels lists the default model's versions in order, so its first is not always the default one."""
+    running = RunningServer(None, Settings(**LOOPBACK, http_listen="127.0.0.1:0", model_poll_seconds=0,
+                                           model_repository=repository(tmp_path, versions, "tiny/1", "tiny/2")))
+    try:
+        with playground(browser, running) as opened:
+            opened.wait_for_function("document.querySelector('#model').textContent.startsWith('tiny ')")
+            assert opened.text_content("#model").startswith("tiny 2: LSTM 2 \u00d7 16")
+    finally:
+        running.stop()

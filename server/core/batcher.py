@@ -100,7 +100,7 @@ class Batcher:
         self._last_batch_steps = 0
         self.on_batch = on_batch
         self.state_names = [s.name for s in runtime.bundle.states]
-        self._ranker = Ranker(len(runtime.bundle.vocab))
+        self._ranker = Ranker(runtime.bundle.vocab.tokens)
         self._queues: dict[int, deque[Step]] = {}  # by step length
         self._queued = 0
         self._wakeup: asyncio.Future[None] | None = None
@@ -307,7 +307,7 @@ class Batcher:
         which runs on the loop after this returns."""
         states = self.pool.gather(self.state_names, slots)  # [batch, layers, hidden] each
         result = self.runtime.run(tokens, states)
-        return result, self._ranker.top_k(result.next_logits, k, 1.0 / temperatures).rows()
+        return result, self._ranker.predictions(result.next_logits, k, 1.0 / temperatures)
 
     def _commit(self, batch: list[Step], slots: np.ndarray, result: RunResult, predictions: list[Prediction],
                 k: int) -> int:
@@ -372,7 +372,7 @@ class Batcher:
     def predict(self, next_logits: np.ndarray, top_k: int, temperature: float) -> Prediction:
         """The prediction of next-token logits [vocab] that are already at hand: no model call."""
         scale = np.array([1.0 / temperature], np.float32)
-        return self._ranker.top_k(next_logits[np.newaxis], top_k, scale).rows()[0]
+        return self._ranker.predictions(next_logits[np.newaxis], top_k, scale)[0]
 
     def _report(self, report: BatchReport) -> None:
         if self.on_batch is not None:

@@ -66,8 +66,41 @@ class ModelNotFound(RnnserveError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "MODEL_NOT_FOUND"
 
-    def __init__(self, name: str, loaded: list[str]):
-        super().__init__(f"model {name!r} is not loaded (loaded: {', '.join(loaded)})", model=name)
+    def __init__(self, name: str, loaded: list[str], version: str = "", how: str = ""):
+        what = f"model {name!r}" + (f" version {version!r}" if version else "")
+        super().__init__(f"{what} {how or 'is not loaded'} (loaded: {', '.join(loaded)})", model=name,
+                         version=version)
+
+
+class ModelRetiring(RnnserveError):
+    """A version asked for by name that serves its running sessions only: it is unloading."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MODEL_RETIRING"
+
+    def __init__(self, name: str, version: str, default: str):
+        super().__init__(f"model {name!r} version {version!r} is retiring: it serves the sessions it has until they "
+                         f"end and takes no new ones; the default version is {default!r}", model=name,
+                         version=version)
+
+
+class ModelIsDefault(RnnserveError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MODEL_IS_DEFAULT"
+
+    def __init__(self, name: str, version: str):
+        super().__init__(f"model {name!r} version {version!r} is a default: make another version (or model) the "
+                         "default first", model=name, version=version)
+
+
+class ModelRefused(RnnserveError):
+    """A bundle that failed its checks (unreadable, inconsistent, or its parity self-test); nothing changed."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MODEL_REFUSED"
+
+    def __init__(self, where: str, why: str):
+        super().__init__(f"{where} refused: {why}", bundle=where)
 
 
 class InvalidArgument(RnnserveError):

@@ -5,7 +5,8 @@ a reset writes the initial state into it, an export is its bytes. Each runs unde
 session, so it sees the session after the work queued before it and no step of the session
 runs meanwhile; a change is committed only once nothing can fail any more, so a refusal leaves
 the session as it was. Model calls that commit nothing (score, peek, a rewind's replay) run on
-the batcher's model thread but outside its batches.
+the batcher's model thread but outside its batches. Each works on the session's own model
+version: its pool, its batcher, its named states.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.server.core.batcher import NEXT_LOGITS, Batcher, StepAnswer
-from rnnserve.server.core.errors import InvalidArgument, RewindBeyondDepth
+from rnnserve.server.core.batcher import NEXT_LOGITS, StepAnswer
+from rnnserve.server.core.errors import IncompatibleState, InvalidArgument, RewindBeyondDepth
 from rnnserve.server.core.history import Checkpoint, History
-from rnnserve.server.core.named_states import IMPORTED, NamedState, NamedStates
+from rnnserve.server.core.models import ModelRegistry
+from rnnserve.server.core.named_states import IMPORTED, NamedState
 from rnnserve.server.core.prediction import Prediction
+from rnnserve.server.core.served_model import ServedModel
 from rnnserve.server.core.sessions import Session, SessionTable
-from rnnserve.server.model.state_pool import Row, StatePool
-from rnnserve.server.store.session_blob import PortableSession, decode, encode
-from rnnserve.server.store.snapshot import ModelIdentity
+from rnnserve.server.model.state_pool import Row
+from rnnserve.server.store.session_blob import FIELD, PortableSession, decode, encode, exported_model
 
 NOTHING_READ = "the session has read nothing yet, so nothing predicts its next token: step at least one token first"
 
@@ -35,6 +37,7 @@ class Scored:
     """One candidate continuation's log-probabilities (temperature 1) and ranks (1 = most likely), token by token."""
 
     tokens: np.ndarray  # [time] int64
+    texts: list[str]  # each token's, in the session's model's vocabulary
     logprobs: np.ndarray  # [time] float32
     ranks: np.ndarray  # [time] int64
 
@@ -56,25 +59,20 @@ def score_rows(next_logits: np.ndarray, logits: np.ndarray, tokens: np.ndarray) 
 
 
 class Operations:
-    def __init__(self, table: SessionTable, pool: StatePool, batcher: Batcher, states: NamedStates,
-                 model: ModelIdentity, accepting: Callable[[], None], find: Callable[[str, str], Awaitable[Session]],
-                 made: Callable[[Session], None]):
+    def __init__(self, table: SessionTable, models: ModelRegistry, accepting: Callable[[], None],
+                 find: Callable[[str, str], Awaitable[Session]], made: Callable[[Session], None]):
         self.table = table
-        self.pool = pool
-        self.batcher = batcher
-        self.states = states
-        self.model = model
+        self.models = models
         self._accepting = accepting
         self._find = find  # the live session of an owner, woken from the session store if need be
         self._made = made  # told of each session a fork or an import makes, as of a created one
-        self.shapes = {name: array.shape[1:] for name, array in pool.arrays.items()}
 
     @contextlib.asynccontextmanager
     async def _holding(self, session_id: str, owner: str, expected_position: int | None) -> AsyncIterator[Session]:
         """The live session, after its earlier work and with no step of it running until the block ends, at the
         expected position if one is given."""
         session = await self._find(session_id, owner)
-        hold = await self.batcher.hold(session)
+        hold = await session.model.batcher.hold(session)
         try:
             session.ensure_live()
             session.check_position(expected_position)
@@ -82,11 +80,13 @@ class Operations:
         finally:
             hold.release()
 
-    def prediction(self, session: Session, top_k: int, temperature: float) -> Prediction | None:
+    @staticmethod
+    def prediction(session: Session, top_k: int, temperature: float) -> Prediction | None:
         """What the session predicts now, from the logits it holds; None when it has read nothing."""
         if not session.has_prediction:
             return None
-        return self.batcher.predict(self.pool.arrays[NEXT_LOGITS][session.slot], top_k, temperature)
+        model = session.model
+        return model.batcher.predict(model.pool.arrays[NEXT_LOGITS][session.slot], top_k, temperature)
 
     # Fork and reset ----------------------------------------------------------------------------
 
@@ -103,7 +103,7 @@ class Operations:
         self._accepting()
         async with self._holding(session_id, owner, expected_position) as session:
             base = session.initial_checkpoint
-            self.pool.set_rows(session.slot, base.rows)
+            session.model.pool.set_rows(session.slot, base.rows)
             session.history = self.table.new_history(base)
             session.move_to(0, time.monotonic())
             return session
@@ -118,19 +118,21 @@ class Operations:
             if tokens > session.rewindable:
                 raise RewindBeyondDepth(session.id, tokens, session.rewindable, self.table.rewind_depth)
             target = session.position - tokens
-            rows = await self._replay(session.history, target)
-            self.pool.set_rows(session.slot, rows)
+            rows = await self._replay(session.model, session.history, target)
+            session.model.pool.set_rows(session.slot, rows)
             session.history.truncate(target)
             session.move_to(target, time.monotonic())
             return session, self.prediction(session, top_k, temperature)
 
-    async def _replay(self, history: History, position: int) -> Row | None:
+    @staticmethod
+    async def _replay(model: ServedModel, history: History, position: int) -> Row | None:
         """The rows (state and next-token logits) at `position`, from a checkpoint and the tokens after it."""
         replay = history.replay_to(position)
         if not len(replay.tokens):
             return replay.start.rows
-        result = await self.batcher.evaluate(replay.tokens[np.newaxis], self.batcher.states_of(replay.start.rows))
-        return self.batcher.rows_of(result)
+        batcher = model.batcher
+        result = await batcher.evaluate(replay.tokens[np.newaxis], batcher.states_of(replay.start.rows))
+        return batcher.rows_of(result)
 
     # Score and peek ----------------------------------------------------------------------------
 
@@ -141,15 +143,17 @@ class Operations:
         async with self._holding(session_id, owner, expected_position) as session:
             if not session.has_prediction:
                 raise InvalidArgument("continuations", NOTHING_READ)
-            rows = self.pool.rows(session.slot)
+            batcher, texts = session.model.batcher, session.model.bundle.vocab.tokens
+            rows = session.model.pool.rows(session.slot)
             scored: dict[int, Scored] = {}
             for length in sorted({len(c) for c in continuations}):
                 indices = [i for i, c in enumerate(continuations) if len(c) == length]
                 tokens = np.stack([continuations[i] for i in indices])  # [batch, time]
-                result = await self.batcher.evaluate(tokens, self.batcher.states_of(rows, len(indices)))
+                result = await batcher.evaluate(tokens, batcher.states_of(rows, len(indices)))
                 logprobs, ranks = score_rows(rows[NEXT_LOGITS], result.logits, tokens)
                 for row, i in enumerate(indices):
-                    scored[i] = Scored(tokens[row], logprobs[row], ranks[row])
+                    scored[i] = Scored(tokens[row], [texts[token] for token in tokens[row].tolist()], logprobs[row],
+                                       ranks[row])
             return session.position, [scored[i] for i in range(len(continuations))]
 
     async def peek(self, session_id: str, owner: str, tokens: np.ndarray, top_k: int, temperature: float,
@@ -157,10 +161,9 @@ class Operations:
         """What a step of `tokens` would answer, committing nothing."""
         self._accepting()
         async with self._holding(session_id, owner, expected_position) as session:
-            states = self.batcher.states_of(self.pool.rows(session.slot))
-            result = await self.batcher.evaluate(tokens[np.newaxis], states)
-            return StepAnswer(session.position + len(tokens),
-                              self.batcher.predict(result.next_logits[0], top_k, temperature))
+            batcher = session.model.batcher
+            result = await batcher.evaluate(tokens[np.newaxis], batcher.states_of(session.model.pool.rows(session.slot)))
+            return StepAnswer(session.position + len(tokens), batcher.predict(result.next_logits[0], top_k, temperature))
 
     # Export and import -------------------------------------------------------------------------
 
@@ -168,26 +171,33 @@ class Operations:
         async with self._holding(session_id, owner, expected_position) as session:
             return session, self.blob_of(session)
 
-    def blob_of(self, session: Session) -> bytes:
+    @staticmethod
+    def blob_of(session: Session) -> bytes:
         """The session as a portable blob: what ExportSession answers and the session store keeps."""
-        history = session.history
+        history, model = session.history, session.model
         portable = PortableSession(
-            session.position, self.pool.rows(session.slot), "" if session.initial is None else session.initial.name,
+            session.position, model.pool.rows(session.slot), "" if session.initial is None else session.initial.name,
             None if session.initial is None else session.initial.rows,
             [] if history is None else list(history.checkpoints),
             [] if history is None else history.tokens)
-        return encode(portable, self.model, self.shapes)
+        return encode(portable, model.identity, model.shapes)
 
-    def decode(self, blob: bytes) -> PortableSession:
-        """The session in `blob`, checked whole against this server's model; refused with the reason otherwise."""
-        return decode(blob, self.model, self.shapes, len(self.pool.arrays[NEXT_LOGITS][0]))
+    def decode(self, blob: bytes) -> tuple[ServedModel, PortableSession]:
+        """The session in `blob` and the loaded version it was exported from, checked whole; refused with the reason
+        when the blob is damaged or no version of that graph is loaded here."""
+        exported = exported_model(blob)
+        model = self.models.with_identity(exported)
+        if model is None:
+            loaded = ", ".join(model.identity.describe() for model in self.models.all() if not model.retiring)
+            raise IncompatibleState(f"{FIELD}: the session was exported from {exported.describe()}, which this server "
+                                    f"does not serve (it serves {loaded}): its state means nothing to another model")
+        return model, decode(blob, model.identity, model.shapes, len(model.bundle.vocab))
 
-    def import_(self, owner: str, blob: bytes, ttl: float, top_k: int,
+    def import_(self, owner: str, model: ServedModel, portable: PortableSession, ttl: float, top_k: int,
                 temperature: float) -> tuple[Session, Prediction | None]:
-        """A new session of `owner` continuing the exported one; nothing is created when the blob is refused."""
+        """A new session of `owner` continuing the exported one (decoded by `decode`) on `model`."""
         self._accepting()
-        portable = self.decode(blob)
-        session = self.table.create(owner, ttl)
+        session = self.table.create(owner, ttl, model)
         self.install(session, portable)
         session.move_to(portable.position, time.monotonic())
         self._made(session)
@@ -195,7 +205,7 @@ class Operations:
 
     def install(self, session: Session, portable: PortableSession) -> None:
         """Give `session` (new in the table) the rows, initial state and history of `portable`; not its position."""
-        self.pool.set_rows(session.slot, portable.rows)
+        session.model.pool.set_rows(session.slot, portable.rows)
         if portable.initial_rows is not None:
             session.initial = NamedState(portable.initial_state, IMPORTED, portable.initial_rows, None)
         if portable.checkpoints and self.table.rewind_depth:
@@ -206,8 +216,9 @@ class Operations:
 
     # Named states ------------------------------------------------------------------------------
 
-    async def register_state(self, name: str, tokens: np.ndarray) -> NamedState:
-        """Read `tokens` from zeros, in a model call that commits nothing, and name the state after them."""
+    async def register_state(self, model: ServedModel, name: str, tokens: np.ndarray) -> NamedState:
+        """Read `tokens` from zeros with `model`, in a call that commits nothing, and name the state after them."""
         self._accepting()
-        result = await self.batcher.evaluate(tokens[np.newaxis], self.batcher.states_of(None))
-        return self.states.register(name, tokens, self.batcher.rows_of(result))
+        batcher = model.batcher
+        result = await batcher.evaluate(tokens[np.newaxis], batcher.states_of(None))
+        return model.states.register(name, tokens, batcher.rows_of(result))

@@ -6,6 +6,7 @@ each row has its own temperature.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -17,9 +18,14 @@ from rnnserve.server.model.runtime import session_options
 
 
 class Prediction(NamedTuple):
-    """The k most likely next tokens, most likely first (parallel lists)."""
+    """The k most likely next tokens, most likely first (parallel lists).
+
+    The texts travel with the ids because only the model that predicted them can name them: with
+    several models loaded, whoever answers the caller need not know which model that was.
+    """
 
     token_ids: list[int]
+    texts: list[str]
     probabilities: list[float]
     logprobs: list[float]
 
@@ -31,10 +37,11 @@ class TopK(NamedTuple):
     probabilities: np.ndarray  # [batch, k] float32
     logprobs: np.ndarray  # [batch, k] float32
 
-    def rows(self) -> list[Prediction]:
+    def rows(self, vocabulary: Sequence[str]) -> list[Prediction]:
         """One Prediction per row, made with one conversion per array instead of one per element."""
-        return [Prediction(*row) for row in zip(self.token_ids.tolist(), self.probabilities.tolist(),
-                                               self.logprobs.tolist())]
+        return [Prediction(ids, [vocabulary[i] for i in ids], probabilities, logprobs)
+                for ids, probabilities, logprobs in zip(self.token_ids.tolist(), self.probabilities.tolist(),
+                                                        self.logprobs.tolist())]
 
 
 class Ranker:
@@ -48,8 +55,9 @@ class Ranker:
     against 17,200-18,500 with numpy. One thread, so none to wake: the work is too small to share.
     """
 
-    def __init__(self, vocab_size: int):
-        self._session = ort.InferenceSession(_top_k_graph(vocab_size).SerializeToString(),
+    def __init__(self, vocabulary: Sequence[str]):
+        self.vocabulary = vocabulary
+        self._session = ort.InferenceSession(_top_k_graph(len(vocabulary)).SerializeToString(),
                                              session_options(1, spinning=False), providers=["CPUExecutionProvider"])
 
     def top_k(self, logits: np.ndarray, k: int, inverse_temperature: np.ndarray) -> TopK:
@@ -59,6 +67,10 @@ class Ranker:
         """
         feed = {"logits": logits, "inverse_temperature": inverse_temperature, "k": np.array([k], np.int64)}
         return TopK(*self._session.run(None, feed))
+
+    def predictions(self, logits: np.ndarray, k: int, inverse_temperature: np.ndarray) -> list[Prediction]:
+        """`top_k` as one Prediction per row, its candidates named."""
+        return self.top_k(logits, k, inverse_temperature).rows(self.vocabulary)
 
 
 def _top_k_graph(vocab_size: int) -> onnx.ModelProto:

@@ -1,5 +1,10 @@
 """The session table: ids, owners, positions, expiry, the session cap, and each session's slot.
 
+One table holds the sessions of every loaded model: `--max-sessions` is the process's budget,
+whichever models the sessions run. A session belongs to one model version for its whole life
+(`Session.model`): its slot is in that version's state pool, its events go to that version's
+metrics.
+
 Nothing else creates, advances or removes sessions. Expiry costs nothing per token: sessions
 sharing a time-to-live expire in the order they were last active, so each TTL keeps its
 sessions in one ordered dict (moving a session to its end on every step is O(1)), and the
@@ -26,11 +31,11 @@ from rnnserve.server.core.errors import (CapacityExhausted, PositionMismatch, Rn
 from rnnserve.server.core.history import Checkpoint, History
 from rnnserve.server.core.lines import Line
 from rnnserve.server.core.quotas import OwnerQuota
-from rnnserve.server.model.state_pool import StatePool
 
 if TYPE_CHECKING:
     from rnnserve.server.core.batcher import StepAnswer
     from rnnserve.server.core.named_states import NamedState
+    from rnnserve.server.core.served_model import ServedModel
 
 
 class SessionEvents(Protocol):
@@ -73,6 +78,7 @@ class Session:
     created_wall: float  # time.time() at the same moment: wall clock for the API, monotonic for expiry
     last_active: float  # time.monotonic() of its last step
     recency: OrderedDict[str, Session] = field(repr=False)  # its TTL group in the table, oldest activity first
+    model: ServedModel = field(repr=False)  # the model version it runs, for its whole life
     line: Line = field(default_factory=Line, repr=False)
     position: int = 0  # tokens consumed
     # The last step applied, so that an exact retry is answered from it instead of applied twice.
@@ -138,13 +144,10 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self, pool: StatePool, *, max_sessions: int, evict_when_full: bool, remember_removed: int,
-                 rewind_depth: int = 0, rewind_checkpoint_every: int = 1, events: SessionEvents | None = None,
-                 max_sessions_per_owner: int = 0):
-        self.pool = pool
+    def __init__(self, *, max_sessions: int, evict_when_full: bool, remember_removed: int, rewind_depth: int = 0,
+                 rewind_checkpoint_every: int = 1, max_sessions_per_owner: int = 0):
         self.rewind_depth = rewind_depth
         self.rewind_checkpoint_every = rewind_checkpoint_every
-        self.events = events
         self.max_sessions = max_sessions
         self.owners = OwnerQuota(max_sessions_per_owner)
         self.evict_when_full = evict_when_full
@@ -156,12 +159,12 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, owner: str, ttl: float, initial: NamedState | None = None) -> Session:
-        """A new session at position 0: zeros, or the named state `initial`."""
-        session = self._new(owner, ttl)
+    def create(self, owner: str, ttl: float, model: ServedModel, initial: NamedState | None = None) -> Session:
+        """A new session of `model` at position 0: zeros, or the named state `initial` (one of `model`'s)."""
+        session = self._new(owner, ttl, model)
         if initial is not None:  # a new slot is zeros already
             session.initial = initial
-            self.pool.set_rows(session.slot, initial.rows)
+            model.pool.set_rows(session.slot, initial.rows)
         session.history = self.new_history(session.initial_checkpoint)
         return session
 
@@ -170,13 +173,13 @@ class SessionTable:
         forks: list[Session] = []
         try:
             for _ in range(count):
-                forks.append(self._new(source.owner, ttl))
+                forks.append(self._new(source.owner, ttl, source.model))
         except BaseException:  # the table full, or the owner at its own cap: all or none
             for fork in forks:
                 self.remove(fork, Removal.CLOSED)
             raise
         for fork in forks:
-            self.pool.copy_row(source.slot, fork.slot)
+            source.model.pool.copy_row(source.slot, fork.slot)
             fork.initial, fork.position = source.initial, source.position
             fork.history = None if source.history is None else source.history.copy()
         return forks
@@ -187,16 +190,17 @@ class SessionTable:
             return None
         return History.starting_at(self.rewind_depth, self.rewind_checkpoint_every, base)
 
-    def _new(self, owner: str, ttl: float) -> Session:
+    def _new(self, owner: str, ttl: float, model: ServedModel) -> Session:
         now = time.monotonic()
         # 128 random bits, in hex: an id never starts with '-', which a shell command would read as a flag
-        session = self._add(secrets.token_hex(16), owner, ttl, now, time.time(), now)
-        if self.events is not None:
-            self.events.record_session_created()
+        session = self._add(secrets.token_hex(16), owner, ttl, model, now, time.time(), now)
+        if model.events is not None:
+            model.events.record_session_created()
         return session
 
-    def restore(self, session_id: str, owner: str, ttl: float, created_wall: float, last_active_wall: float,
-                position: int, last_step: tuple[int, np.ndarray, StepAnswer] | None) -> Session:
+    def restore(self, session_id: str, owner: str, ttl: float, model: ServedModel, created_wall: float,
+                last_active_wall: float, position: int,
+                last_step: tuple[int, np.ndarray, StepAnswer] | None) -> Session:
         """Re-admit a session from a snapshot with its id, owner, wall-clock times, position and last step.
 
         Its idle time goes on from where it was, so a restart neither renews nor shortens its TTL.
@@ -204,25 +208,27 @@ class SessionTable:
         group at the front, which keeps the group in the sweep's order. The caller fills its rows.
         """
         now, wall = time.monotonic(), time.time()
-        session = self._add(session_id, owner, ttl, now - (wall - created_wall), created_wall,
+        session = self._add(session_id, owner, ttl, model, now - (wall - created_wall), created_wall,
                             now - max(0.0, wall - last_active_wall))
-        if self.events is not None:
-            self.events.record_session_restored()
+        if model.events is not None:
+            model.events.record_session_restored()
         session.recency.move_to_end(session_id, last=False)
         session.position = position
         if last_step is not None:
             session.last_start, session.last_tokens, session.last_answer = last_step
         return session
 
-    def _add(self, session_id: str, owner: str, ttl: float, created: float, created_wall: float,
+    def _add(self, session_id: str, owner: str, ttl: float, model: ServedModel, created: float, created_wall: float,
              last_active: float) -> Session:
         self.owners.check(owner)  # first: an owner at its own cap must not evict anyone's session
         if len(self._sessions) >= self.max_sessions:
-            self._make_room()
+            self._make_room(model)
         recency = self._by_ttl.setdefault(ttl, OrderedDict())
-        session = Session(session_id, self.pool.allocate(), owner, ttl, created, created_wall, last_active, recency)
+        session = Session(session_id, model.pool.allocate(), owner, ttl, created, created_wall, last_active, recency,
+                          model)
         self._sessions[session_id] = recency[session_id] = session
         self.owners.added(owner)
+        model.joined()
         return session
 
     def by_recency(self) -> list[Session]:
@@ -270,14 +276,16 @@ class SessionTable:
         del session.recency[session.id]
         if not session.recency:
             del self._by_ttl[session.ttl]
-        self.pool.free(session.slot)
+        session.model.pool.free(session.slot)
         self.owners.removed(session.owner)
         session.removed = reason
         self._removed[session.id] = reason, session.owner
         if len(self._removed) > self.remember_removed:
             self._removed.popitem(last=False)
-        if self.events is not None:
-            self.events.record_session_ended(reason.value, session.position, time.monotonic() - session.created)
+        events = session.model.events
+        if events is not None:
+            events.record_session_ended(reason.value, session.position, time.monotonic() - session.created)
+        session.model.left()
 
     def expire(self, now: float) -> int:
         """Remove every idle session whose time-to-live has passed; return how many."""
@@ -292,11 +300,12 @@ class SessionTable:
             self.remove(session, Removal.EXPIRED)
         return len(expired)
 
-    def _make_room(self) -> None:
+    def _make_room(self, model: ServedModel) -> None:
+        """Evict, or refuse the session of `model` that would not fit."""
         victim = self._least_recently_active_idle() if self.evict_when_full else None
         if victim is None:
-            if self.events is not None:
-                self.events.record_capacity_refusal()
+            if model.events is not None:
+                model.events.record_capacity_refusal()
             raise CapacityExhausted(self.max_sessions)
         self.remove(victim, Removal.EVICTED)
 

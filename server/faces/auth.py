@@ -8,7 +8,9 @@ match is in the file nor how long the presented token is shows in the time taken
 
 The check runs once per call in `TokenAuthentication`, a server interceptor, for every service
 except the ones left open (health, for probes; reflection, which describes only the public
-schema), so that no method of ours can be left unchecked by forgetting it. The interceptor runs
+schema), so that no method of ours can be left unchecked by forgetting it. A service may have
+tokens of its own (Admin: operators, not callers of the model), which alone open it: `ServiceTokens`
+is that rule, read by the interceptor here and by the HTTP face alike. The interceptor runs
 in the call's own task, before the handler, so it hands the identity on in a context variable.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -78,6 +80,36 @@ class Tokens:
         return identity
 
 
+class ServiceTokens:
+    """Which tokens open which service, for both faces: a service with tokens of its own (Admin) takes those
+    and no others; every other service takes the callers' tokens, or is not checked when there are none."""
+
+    def __init__(self, tokens: Tokens | None, own_tokens: Mapping[str, Tokens] | None = None):
+        self._tokens = tokens
+        self._own_tokens = dict(own_tokens or {})
+
+    @classmethod
+    def from_files(cls, tokens_file: Path | None, admin_service: str = "",
+                   admin_tokens_file: Path | None = None) -> ServiceTokens:
+        """The callers' tokens of `tokens_file`, and `admin_service`'s of `admin_tokens_file`: with tokens on and
+        no such file, none at all (an operator's service is never open to every caller); with neither file,
+        nothing is checked."""
+        tokens = None if tokens_file is None else Tokens.from_file(tokens_file)
+        if tokens_file is None and admin_tokens_file is None:
+            return cls(None)
+        admin_tokens = Tokens([]) if admin_tokens_file is None else Tokens.from_file(admin_tokens_file)
+        return cls(tokens, {admin_service: admin_tokens})
+
+    @property
+    def checked(self) -> bool:
+        """Whether any service is checked at all."""
+        return self._tokens is not None or bool(self._own_tokens)
+
+    def of(self, service: str) -> Tokens | None:
+        """The tokens that open `service` (its full name); None when it is not checked."""
+        return self._own_tokens.get(service, self._tokens)
+
+
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
     """The token of the call's `authorization: Bearer <token>` metadata, None without one."""
     for key, value in metadata:
@@ -100,13 +132,14 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
 class TokenAuthentication(grpc.aio.ServerInterceptor):
-    """Refuse calls without a known bearer token UNAUTHENTICATED, except to the open services.
+    """Refuse calls without a bearer token that opens their service UNAUTHENTICATED, except to the open services.
 
-    A refused call never reaches the servicer, whose guard reports every call it ends; so the
-    refusal is reported here, to `on_refused` (method name, status code), for the same metric.
+    `tokens` says which tokens open which service. A refused call never reaches the servicer, whose
+    guard reports every call it ends; so the refusal is reported here, to `on_refused` (method
+    name, status code), for the same metric.
     """
 
-    def __init__(self, tokens: Tokens, open_services: Collection[str],
+    def __init__(self, tokens: ServiceTokens, open_services: Collection[str],
                  on_refused: Callable[[str, int], None] | None = None):
         self._tokens = tokens
         self._open = frozenset(open_services)
@@ -117,9 +150,10 @@ class TokenAuthentication(grpc.aio.ServerInterceptor):
             details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         service = details.method.rpartition("/")[0].lstrip("/")
-        if handler is None or service in self._open:
+        tokens = self._tokens.of(service)
+        if handler is None or service in self._open or tokens is None:
             return handler
-        identity = self._tokens.identify(bearer_token(details.invocation_metadata or ()))
+        identity = tokens.identify(bearer_token(details.invocation_metadata or ()))
         if identity is None:
             if self._on_refused is not None:
                 self._on_refused(details.method.rpartition("/")[2], UNAUTHENTICATED)
@@ -129,11 +163,14 @@ class TokenAuthentication(grpc.aio.ServerInterceptor):
 
 
 def interceptors(tokens_file: Path | None, open_services: Collection[str],
-                 on_refused: Callable[[str, int], None] | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """The server's interceptors: token authentication when a tokens file is configured."""
-    if tokens_file is None:
-        return []
-    return [TokenAuthentication(Tokens.from_file(tokens_file), open_services, on_refused)]
+                 on_refused: Callable[[str, int], None] | None = None, admin_service: str = "",
+                 admin_tokens_file: Path | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """The server's interceptors: token authentication when a tokens file is configured.
+
+    `admin_service` takes the tokens of `admin_tokens_file` only (`ServiceTokens.from_files`).
+    """
+    tokens = ServiceTokens.from_files(tokens_file, admin_service, admin_tokens_file)
+    return [TokenAuthentication(tokens, open_services, on_refused)] if tokens.checked else []
 
 
 def caller(context: grpc.aio.ServicerContext) -> str:

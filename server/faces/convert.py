@@ -2,9 +2,14 @@
 
 Every mistake a caller can make in a request is an InvalidArgument naming the field and its
 limit, raised before anything is queued, so that a batch can only fail for a server fault.
+Token ids, texts and top_k are checked against the vocabulary of the model version that will
+read them: `Readers` keeps a RequestReader per loaded version.
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
 
 import numpy as np
 from google.protobuf.message import Message
@@ -15,10 +20,12 @@ from rnnserve.server.core.batcher import StepAnswer
 from rnnserve.server.core.engine import CreateInput, GenerateInput, StepInput
 from rnnserve.server.core.errors import InvalidArgument
 from rnnserve.server.core.generate import Finish, GeneratedToken
+from rnnserve.server.core.models import ModelRegistry
 from rnnserve.server.core.named_states import NamedState, check_name
 from rnnserve.server.core.operations import Scored
 from rnnserve.server.core.prediction import Prediction
 from rnnserve.server.core.sampling import SamplingParams
+from rnnserve.server.core.served_model import ServedModel
 from rnnserve.server.core.sessions import Session
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -50,18 +57,36 @@ FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, Finish.LENGTH: pb.FINISH_R
                   Finish.STOP: pb.FINISH_REASON_STOP}
 
 
-class RequestReader:
-    """Requests of the Inference service, checked against the model and the server's limits."""
+class Readers:
+    """A RequestReader per loaded model version, made at its first request and gone with the version."""
 
-    def __init__(self, bundle: Bundle, settings: Settings):
-        self.vocab = bundle.vocab
-        self.vocab_size = len(bundle.vocab)
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self._one_token = [_read_only(np.array([token], np.int64)) for token in range(self.vocab_size)]
-        # The hot path, a single id with every option at its default, reads to one of these: StepInput is
-        # immutable, so one per id serves every such step (a third of the cost of reading the fields).
-        self._plain_steps = [StepInput(tokens, self._top_k(0), self._temperature(0.0)) for tokens in self._one_token]
-        self.candidate_bytes = candidate_bytes(bundle.vocab.tokens)
+        self.checks = RequestChecks(settings)
+        self._readers: weakref.WeakKeyDictionary[ServedModel, RequestReader] = weakref.WeakKeyDictionary()
+
+    def of(self, model: ServedModel) -> RequestReader:
+        reader = self._readers.get(model)
+        if reader is None:
+            reader = self._readers[model] = RequestReader(model.bundle, self.settings)
+        return reader
+
+    def step_batch(self, request: pb.StepBatchRequest, models: Iterable[ServedModel]) -> None:
+        """`RequestReader.step_batch` by the reader whose answer to `request` could be largest: the steps' sessions
+        may run any of the loaded `models`."""
+        readers = [self.of(model) for model in models]
+        max(readers, key=lambda reader: reader.answer_bytes(request.steps)).step_batch(request)
+
+
+class RequestChecks:
+    """What a request must satisfy whichever model reads it: the server's limits.
+
+    Checked before the request's session is looked up, so that a malformed request is answered
+    INVALID_ARGUMENT naming its field whether or not its session exists.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
 
     @staticmethod
     def session_id(value: str) -> str:
@@ -73,6 +98,85 @@ class RequestReader:
     def model_name(value: str, field: str = "name") -> str:
         """A model name; "" selects the default."""
         return _quotable(field, value)
+
+    def fork(self, request: pb.ForkSessionRequest) -> tuple[int, int | None, int | None]:
+        """(count, ttl or None for the source's, expected position)."""
+        if request.count > MAX_FORKS:
+            raise InvalidArgument("count", f"at most {MAX_FORKS} forks in one call (0 means 1)")
+        return request.count or 1, self._ttl(request.ttl_seconds) or None, self.expected_position(request)
+
+    @staticmethod
+    def exported_state(request: pb.ImportSessionRequest) -> bytes:
+        """The blob to import; which model reads the rest of the request depends on it."""
+        if not request.state:
+            raise InvalidArgument("state", "required: the bytes ExportSession answered")
+        return request.state
+
+    def _ttl(self, ttl_seconds: int) -> int:
+        if ttl_seconds > self.settings.max_ttl_seconds:
+            raise InvalidArgument("ttl_seconds", f"at most {self.settings.max_ttl_seconds} "
+                                                 f"(0 means the default, {self.settings.default_ttl_seconds})")
+        return ttl_seconds
+
+    @staticmethod
+    def _temperature(temperature: float) -> float:
+        if not temperature:
+            return 1.0
+        if not MIN_STEP_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument("temperature", f"must be in [{MIN_STEP_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+                                                 "(0 means 1)")
+        return temperature
+
+    @staticmethod
+    def expected_position(request: Message) -> int | None:
+        """The request's optional expected_position, every message that changes or copies a session has one."""
+        if not request.HasField("expected_position"):
+            return None
+        if request.expected_position < 0:
+            raise InvalidArgument("expected_position", "must be >= 0")
+        return request.expected_position
+
+
+    def generate_options(self, request: pb.GenerateRequest) -> SamplingParams:
+        """The limits of a Generate request but its vocabulary's (top_k, tokens); its sampling parameters."""
+        limit = self.settings.max_generate_tokens
+        if not 1 <= request.max_tokens <= limit:
+            raise InvalidArgument("max_tokens", f"must be in [1, {limit}]")
+        if request.temperature and not 0.0 < request.temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument("temperature", f"must be in (0, {MAX_TEMPERATURE:g}] (0 means greedy)")
+        if request.top_p and not 0.0 < request.top_p <= 1.0:
+            raise InvalidArgument("top_p", "must be in (0, 1] (0 means 1, no limit)")
+        if len(request.stop) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in request.stop):
+            raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters")
+        return SamplingParams(request.temperature, request.top_k, request.top_p or 1.0,
+                              request.seed if request.HasField("seed") else None)
+
+    @staticmethod
+    def rewind_count(request: pb.RewindSessionRequest) -> int:
+        if not request.tokens:
+            raise InvalidArgument("tokens", "must be at least 1: how many of the last tokens to undo")
+        return request.tokens
+
+    @staticmethod
+    def continuation_count(request: pb.ScoreRequest) -> int:
+        count = len(request.continuations)
+        if not 1 <= count <= MAX_CONTINUATIONS:
+            raise InvalidArgument("continuations", f"give 1 to {MAX_CONTINUATIONS} continuations, got {count}")
+        return count
+
+
+class RequestReader(RequestChecks):
+    """Requests of the Inference service, checked against one model's vocabulary and the server's limits."""
+
+    def __init__(self, bundle: Bundle, settings: Settings):
+        super().__init__(settings)
+        self.vocab = bundle.vocab
+        self.vocab_size = len(bundle.vocab)
+        self._one_token = [_read_only(np.array([token], np.int64)) for token in range(self.vocab_size)]
+        # The hot path, a single id with every option at its default, reads to one of these: StepInput is
+        # immutable, so one per id serves every such step (a third of the cost of reading the fields).
+        self._plain_steps = [StepInput(tokens, self._top_k(0), self._temperature(0.0)) for tokens in self._one_token]
+        self.candidate_bytes = candidate_bytes(bundle.vocab.tokens)
 
     def step(self, request: pb.StepRequest) -> StepInput:
         ids = request.token_ids
@@ -89,20 +193,21 @@ class RequestReader:
         """Refuse a StepBatch that breaks a limit of the message as a whole, before any of its steps is queued.
 
         Its steps would otherwise run (a session named twice, twice), or run and then be lost with an answer
-        too large to deliver; the checks of each single step stay in-band (`step`).
+        too large to deliver; the checks of each single step stay in-band (`step`). Call it on the reader of the
+        reader whose answer could be largest (`Readers.step_batch`): the steps' sessions may run any version.
         """
         steps, limit = request.steps, self.settings.max_batch_size
         if len(steps) > limit:
             raise InvalidArgument("steps", f"at most {limit} steps (the server's maximum batch size), got {len(steps)}")
         _each_session_once(steps)
-        answer_bytes = self._answer_bytes(steps)
+        answer_bytes = self.answer_bytes(steps)
         if answer_bytes > CLIENT_RECEIVE_BYTES:
             raise InvalidArgument("steps", f"the answer could take {answer_bytes} bytes, over the {CLIENT_RECEIVE_BYTES} "
                                            f"a gRPC client accepts by default: send fewer steps or a smaller top_k "
                                            f"(each step counts {STEP_ANSWER_BYTES} bytes, its session_id and "
                                            f"{self.candidate_bytes} bytes per top_k)")
 
-    def _answer_bytes(self, steps) -> int:
+    def answer_bytes(self, steps) -> int:
         """An upper bound on the encoded StepBatchResponse to `steps`."""
         total = len(steps) * STEP_ANSWER_BYTES
         for step in steps:
@@ -114,26 +219,15 @@ class RequestReader:
         tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
         prompt = None if tokens is None else StepInput(tokens, self._top_k(request.top_k),
                                                        self._temperature(request.temperature))
-        return CreateInput(self.model_name(request.model, "model"), self._ttl(request.ttl_seconds), prompt,
-                           _quotable("initial_state", request.initial_state))
-
-    def fork(self, request: pb.ForkSessionRequest) -> tuple[int, int | None, int | None]:
-        """(count, ttl or None for the source's, expected position)."""
-        if request.count > MAX_FORKS:
-            raise InvalidArgument("count", f"at most {MAX_FORKS} forks in one call (0 means 1)")
-        return request.count or 1, self._ttl(request.ttl_seconds) or None, self.expected_position(request)
+        return CreateInput(self._ttl(request.ttl_seconds), prompt, _quotable("initial_state", request.initial_state))
 
     def rewind(self, request: pb.RewindSessionRequest) -> tuple[int, int | None, int, float]:
         """(tokens to undo, expected position, top_k, temperature)."""
-        if not request.tokens:
-            raise InvalidArgument("tokens", "must be at least 1: how many of the last tokens to undo")
-        return (request.tokens, self.expected_position(request), self._top_k(request.top_k),
+        return (self.rewind_count(request), self.expected_position(request), self._top_k(request.top_k),
                 self._temperature(request.temperature))
 
     def score(self, request: pb.ScoreRequest) -> list[np.ndarray]:
-        count = len(request.continuations)
-        if not 1 <= count <= MAX_CONTINUATIONS:
-            raise InvalidArgument("continuations", f"give 1 to {MAX_CONTINUATIONS} continuations, got {count}")
+        self.continuation_count(request)
         continuations = []
         for index, continuation in enumerate(request.continuations):
             where = f"continuations[{index}]"
@@ -146,12 +240,9 @@ class RequestReader:
             raise InvalidArgument("continuations", f"at most {limit} tokens in all, got {total}")
         return continuations
 
-    def import_(self, request: pb.ImportSessionRequest) -> tuple[bytes, int, int, float]:
-        """(the blob, ttl, top_k, temperature)."""
-        if not request.state:
-            raise InvalidArgument("state", "required: the bytes ExportSession answered")
-        return (request.state, self._ttl(request.ttl_seconds), self._top_k(request.top_k),
-                self._temperature(request.temperature))
+    def import_(self, request: pb.ImportSessionRequest) -> tuple[int, int, float]:
+        """(ttl, top_k, temperature)."""
+        return self._ttl(request.ttl_seconds), self._top_k(request.top_k), self._temperature(request.temperature)
 
     def register_state(self, request: pb.RegisterStateRequest) -> tuple[str, np.ndarray]:
         tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
@@ -160,26 +251,10 @@ class RequestReader:
                                                  "after a prompt")
         return check_name(request.name), tokens
 
-    def _ttl(self, ttl_seconds: int) -> int:
-        if ttl_seconds > self.settings.max_ttl_seconds:
-            raise InvalidArgument("ttl_seconds", f"at most {self.settings.max_ttl_seconds} "
-                                                 f"(0 means the default, {self.settings.default_ttl_seconds})")
-        return ttl_seconds
-
     def generate(self, request: pb.GenerateRequest) -> GenerateInput:
-        limit = self.settings.max_generate_tokens
-        if not 1 <= request.max_tokens <= limit:
-            raise InvalidArgument("max_tokens", f"must be in [1, {limit}]")
-        if request.temperature and not 0.0 < request.temperature <= MAX_TEMPERATURE:
-            raise InvalidArgument("temperature", f"must be in (0, {MAX_TEMPERATURE:g}] (0 means greedy)")
+        sampling = self.generate_options(request)
         if request.top_k > self.vocab_size:
             raise InvalidArgument("top_k", f"at most the vocabulary size, {self.vocab_size} (0 means no limit)")
-        if request.top_p and not 0.0 < request.top_p <= 1.0:
-            raise InvalidArgument("top_p", "must be in (0, 1] (0 means 1, no limit)")
-        if len(request.stop) > MAX_STOP_STRINGS or not all(0 < len(s) <= MAX_STOP_CHARS for s in request.stop):
-            raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters")
-        sampling = SamplingParams(request.temperature, request.top_k, request.top_p or 1.0,
-                                  request.seed if request.HasField("seed") else None)
         return GenerateInput(self._tokens(request.token_ids, request.text, ("token_ids", "text")), request.max_tokens,
                              sampling, tuple(request.stop), self.expected_position(request))
 
@@ -217,48 +292,26 @@ class RequestReader:
                                            f"(0 means {DEFAULT_TOP_K})")
         return top_k or min(DEFAULT_TOP_K, self.vocab_size)
 
-    @staticmethod
-    def _temperature(temperature: float) -> float:
-        if not temperature:
-            return 1.0
-        if not MIN_STEP_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-            raise InvalidArgument("temperature", f"must be in [{MIN_STEP_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
-                                                 "(0 means 1)")
-        return temperature
-
-    @staticmethod
-    def expected_position(request: Message) -> int | None:
-        """The request's optional expected_position, every message that changes or copies a session has one."""
-        if not request.HasField("expected_position"):
-            return None
-        if request.expected_position < 0:
-            raise InvalidArgument("expected_position", "must be >= 0")
-        return request.expected_position
-
-
 class ResponseWriter:
-    """Engine results as responses of the Inference service."""
+    """Engine results as responses of the Inference service, whichever model version they came from."""
 
-    def __init__(self, bundle: Bundle):
-        self.texts = bundle.vocab.tokens
-        self.model_name = bundle.name
-
-    def prediction(self, prediction: Prediction, into: pb.Prediction) -> None:
+    @staticmethod
+    def prediction(prediction: Prediction, into: pb.Prediction) -> None:
         """Fill `into`, a message inside its response: extending its fields in place costs far less than
         building a Prediction and having protobuf copy it into the response."""
-        token_ids, probabilities, logprobs = prediction
-        into.token_ids.extend(token_ids)
-        into.texts.extend([self.texts[i] for i in token_ids])
-        into.probabilities.extend(probabilities)
-        into.logprobs.extend(logprobs)
+        into.token_ids.extend(prediction.token_ids)
+        into.texts.extend(prediction.texts)
+        into.probabilities.extend(prediction.probabilities)
+        into.logprobs.extend(prediction.logprobs)
 
-    def step(self, request: pb.StepRequest, answer: StepAnswer, into: pb.StepResponse | None = None) -> pb.StepResponse:
+    @classmethod
+    def step(cls, request: pb.StepRequest, answer: StepAnswer, into: pb.StepResponse | None = None) -> pb.StepResponse:
         """The answer to `request`, written into `into` (e.g. a StepBatchResponse's `results.add()`) if given."""
         response = pb.StepResponse() if into is None else into
         response.session_id = request.session_id
         response.position = answer.position
         response.request_id = request.request_id
-        self.prediction(answer.prediction, response.prediction)
+        cls.prediction(answer.prediction, response.prediction)
         return response
 
     @staticmethod
@@ -272,34 +325,40 @@ class ResponseWriter:
         response.error.CopyFrom(status)
         return response
 
-    def session(self, session: Session) -> pb.Session:
-        return pb.Session(session_id=session.id, model=self.model_name, position=session.position,
+    @staticmethod
+    def session(session: Session) -> pb.Session:
+        return pb.Session(session_id=session.id, model=session.model.name, model_version=session.model.version,
+                          position=session.position,
                           created=_timestamp(session.created_wall),
                           last_active=_timestamp(session.wall(session.last_active)),
                           expires=_timestamp(session.wall(session.expires)),
                           initial_state="" if session.initial is None else session.initial.name,
                           rewindable=session.rewindable)
 
-    def moved(self, session: Session, prediction: Prediction | None,
+    @classmethod
+    def moved(cls, session: Session, prediction: Prediction | None,
               into: pb.RewindSessionResponse | pb.ImportSessionResponse) -> None:
         """A session that arrived somewhere without a step (rewound, imported), and what it predicts there."""
-        into.session.CopyFrom(self.session(session))
+        into.session.CopyFrom(cls.session(session))
         if prediction is not None:
-            self.prediction(prediction, into.prediction)
+            cls.prediction(prediction, into.prediction)
 
-    def scores(self, position: int, scored: list[Scored]) -> pb.ScoreResponse:
+    @staticmethod
+    def scores(position: int, scored: list[Scored]) -> pb.ScoreResponse:
         response = pb.ScoreResponse(position=position)
         for candidate in scored:
-            token_ids = candidate.tokens.tolist()
-            response.scores.add(token_ids=token_ids, texts=[self.texts[i] for i in token_ids],
+            response.scores.add(token_ids=candidate.tokens.tolist(), texts=candidate.texts,
                                 logprobs=candidate.logprobs.tolist(), ranks=candidate.ranks.tolist(),
                                 total_logprob=candidate.total)
         return response
 
-    def named_state(self, state: NamedState) -> pb.NamedState:
+    @staticmethod
+    def named_state(state: NamedState, model: ServedModel) -> pb.NamedState:
+        """`state`, one of `model`'s (whose vocabulary spells its prompt)."""
         tokens = () if state.tokens is None else state.tokens.tolist()
+        texts = model.bundle.vocab.tokens
         return pb.NamedState(name=state.name, source=state.source, prompt_tokens=len(tokens),
-                             prompt_text="".join(self.texts[i] for i in tokens))
+                             prompt_text="".join(texts[i] for i in tokens))
 
     @staticmethod
     def generated(token: GeneratedToken) -> pb.GenerateResponse:
@@ -307,7 +366,8 @@ class ResponseWriter:
                                    position=token.position, finish_reason=FINISH_REASONS[token.finish])
 
     @staticmethod
-    def model(bundle: Bundle, is_default: bool) -> pb.Model:
+    def model(model: ServedModel, models: ModelRegistry) -> pb.Model:
+        bundle = model.bundle
         sizes = bundle.manifest["sizes"]
         metrics = {key: float(value) for key, value in bundle.manifest.get("metrics", {}).items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
@@ -315,7 +375,8 @@ class ResponseWriter:
                         hidden_size=sizes["hidden_size"], embed_size=sizes["embed_size"],
                         vocab_size=sizes["vocab_size"], sha256=bundle.sha256,
                         state_bytes_per_session=bundle.state_bytes_per_session, metrics=metrics,
-                        is_default=is_default)
+                        is_default=models.is_server_default(model), default_version=models.is_default(model),
+                        sessions=model.sessions, retiring=model.retiring)
 
 
 def _each_session_once(steps) -> None:

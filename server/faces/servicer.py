@@ -17,8 +17,9 @@ from rnnserve.server.core.engine import Engine
 from rnnserve.server.core.errors import RnnserveError, to_status
 from rnnserve.server.core.generate import GeneratedToken
 from rnnserve.server.core.named_states import check_name
+from rnnserve.server.core.served_model import ServedModel
 from rnnserve.server.faces.auth import caller
-from rnnserve.server.faces.convert import RequestReader, ResponseWriter
+from rnnserve.server.faces.convert import Readers, RequestReader, ResponseWriter
 from rnnserve.server.faces.replies import InOrder
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -31,16 +32,28 @@ def deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, reader: RequestReader, writer: ResponseWriter,
+    def __init__(self, engine: Engine, readers: Readers, writer: ResponseWriter,
                  on_in_band_error: Callable[[int], None] | None = None):
         self._engine = engine
+        self._models = engine.models
         self._operations = engine.operations
-        self._read = reader
+        self._readers = readers
+        self._checks = readers.checks  # what a request must satisfy before its session is looked up
         self._write = writer
         self._on_in_band_error = on_in_band_error  # called with the google.rpc.Code of each in-band error
 
+    def _model(self, name: str, version: str, *, for_new_sessions: bool = True) -> ServedModel:
+        """The model version a request names in its `model` and `model_version` fields."""
+        name, version = RequestReader.model_name(name, "model"), RequestReader.model_name(version, "model_version")
+        return self._models.get(name, version) if for_new_sessions else self._models.find(name, version)
+
+    async def _reader_of(self, session_id: str, owner: str) -> RequestReader:
+        """The reader of the model the session runs: its vocabulary is what the request's ids and top_k mean."""
+        return self._readers.of(await self._engine.model_of(session_id, owner))
+
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
-        created = await self._engine.create_session(caller(context), self._read.create(request))
+        model = self._model(request.model, request.model_version)
+        created = await self._engine.create_session(caller(context), model, self._readers.of(model).create(request))
         response = pb.CreateSessionResponse(session=self._write.session(created.session),
                                             cached_prompt_tokens=created.cached_tokens)
         if created.answer is not None:
@@ -48,11 +61,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
-        session = await self._engine.find_session(self._read.session_id(request.session_id), caller(context))
+        session = await self._engine.find_session(RequestReader.session_id(request.session_id), caller(context))
         return self._write.session(session)
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
-        position = await self._engine.close_session(self._read.session_id(request.session_id), caller(context))
+        position = await self._engine.close_session(RequestReader.session_id(request.session_id), caller(context))
         return pb.CloseSessionResponse(position=position)
 
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
@@ -79,7 +92,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def StepBatch(self, request: pb.StepBatchRequest, context) -> pb.StepBatchResponse:
         owner, until = caller(context), deadline(context)
-        self._read.step_batch(request)
+        self._readers.step_batch(request, self._models.all())
         replies = [self._submit_in_band(step, owner, until) for step in request.steps]
         try:
             for reply in replies:  # steps run in one model call settle together: one wake-up for them, not one each
@@ -97,58 +110,62 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async def send(token: GeneratedToken) -> None:
             await context.write(self._write.generated(token))
 
-        await self._engine.generate(self._read.session_id(request.session_id), caller(context),
-                                    self._read.generate(request), send)
+        self._checks.generate_options(request)
+        await self._engine.generate(RequestReader.session_id(request.session_id), caller(context),
+                                    lambda model: self._readers.of(model).generate(request), send)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        default = self._engine.model("")
-        return pb.ListModelsResponse(models=[self._write.model(b, b is default) for b in self._engine.models()])
+        return pb.ListModelsResponse(models=[self._write.model(model, self._models) for model in self._models.all()])
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.Model:
-        model = self._engine.model(self._read.model_name(request.name))
-        return self._write.model(model, model is self._engine.model(""))
+        return self._write.model(self._model(request.name, request.version, for_new_sessions=False), self._models)
 
     # Session operations --------------------------------------------------------------------------
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.ForkSessionResponse:
-        count, ttl, expected = self._read.fork(request)
-        forks = await self._operations.fork(self._read.session_id(request.session_id), caller(context), count, ttl,
+        count, ttl, expected = self._checks.fork(request)
+        forks = await self._operations.fork(RequestReader.session_id(request.session_id), caller(context), count, ttl,
                                             expected)
         return pb.ForkSessionResponse(sessions=[self._write.session(fork) for fork in forks])
 
     async def ResetSession(self, request: pb.ResetSessionRequest, context) -> pb.Session:
-        session = await self._operations.reset(self._read.session_id(request.session_id), caller(context),
-                                               self._read.expected_position(request))
+        session = await self._operations.reset(RequestReader.session_id(request.session_id), caller(context),
+                                               RequestReader.expected_position(request))
         return self._write.session(session)
 
     async def RewindSession(self, request: pb.RewindSessionRequest, context) -> pb.RewindSessionResponse:
-        tokens, expected, top_k, temperature = self._read.rewind(request)
-        session, prediction = await self._operations.rewind(self._read.session_id(request.session_id),
-                                                            caller(context), tokens, expected, top_k, temperature)
+        session_id, owner = RequestReader.session_id(request.session_id), caller(context)
+        self._checks.rewind_count(request)
+        tokens, expected, top_k, temperature = (await self._reader_of(session_id, owner)).rewind(request)
+        session, prediction = await self._operations.rewind(session_id, owner, tokens, expected, top_k, temperature)
         response = pb.RewindSessionResponse()
         self._write.moved(session, prediction, response)
         return response
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
-        continuations = self._read.score(request)
-        position, scored = await self._operations.score(self._read.session_id(request.session_id), caller(context),
-                                                        continuations, self._read.expected_position(request))
+        session_id, owner = RequestReader.session_id(request.session_id), caller(context)
+        self._checks.continuation_count(request)
+        continuations = (await self._reader_of(session_id, owner)).score(request)
+        position, scored = await self._operations.score(session_id, owner, continuations,
+                                                        RequestReader.expected_position(request))
         return self._write.scores(position, scored)
 
     async def Peek(self, request: pb.StepRequest, context) -> pb.StepResponse:
-        step = self._read.step(request)
-        answer = await self._operations.peek(self._read.session_id(request.session_id), caller(context), step.tokens,
-                                             step.top_k, step.temperature, step.expected_position)
+        session_id, owner = RequestReader.session_id(request.session_id), caller(context)
+        step = (await self._reader_of(session_id, owner)).step(request)
+        answer = await self._operations.peek(session_id, owner, step.tokens, step.top_k, step.temperature,
+                                             step.expected_position)
         return self._write.step(request, answer)
 
     async def ExportSession(self, request: pb.ExportSessionRequest, context) -> pb.ExportSessionResponse:
-        session, blob = await self._operations.export(self._read.session_id(request.session_id), caller(context),
-                                                      self._read.expected_position(request))
+        session, blob = await self._operations.export(RequestReader.session_id(request.session_id), caller(context),
+                                                      RequestReader.expected_position(request))
         return pb.ExportSessionResponse(state=blob, session=self._write.session(session))
 
     async def ImportSession(self, request: pb.ImportSessionRequest, context) -> pb.ImportSessionResponse:
-        blob, ttl, top_k, temperature = self._read.import_(request)
-        session, prediction = self._operations.import_(caller(context), blob,
+        model, portable = self._operations.decode(RequestReader.exported_state(request))
+        ttl, top_k, temperature = self._readers.of(model).import_(request)
+        session, prediction = self._operations.import_(caller(context), model, portable,
                                                        ttl or self._engine.settings.default_ttl_seconds, top_k,
                                                        temperature)
         response = pb.ImportSessionResponse()
@@ -156,20 +173,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def RegisterState(self, request: pb.RegisterStateRequest, context) -> pb.NamedState:
-        name, tokens = self._read.register_state(request)
-        return self._write.named_state(await self._operations.register_state(name, tokens))
+        model = self._model(request.model, request.model_version)
+        name, tokens = self._readers.of(model).register_state(request)
+        return self._write.named_state(await self._operations.register_state(model, name, tokens), model)
 
     async def ListStates(self, request: pb.ListStatesRequest, context) -> pb.ListStatesResponse:
-        return pb.ListStatesResponse(states=[self._write.named_state(state) for state in self._engine.states.all()])
+        model = self._model(request.model, request.model_version, for_new_sessions=False)
+        return pb.ListStatesResponse(states=[self._write.named_state(state, model) for state in model.states.all()])
 
     async def DeleteState(self, request: pb.DeleteStateRequest, context) -> pb.DeleteStateResponse:
-        self._engine.states.delete(check_name(request.name))
+        model = self._model(request.model, request.model_version, for_new_sessions=False)
+        model.states.delete(check_name(request.name))
         return pb.DeleteStateResponse()
 
     # Steps -------------------------------------------------------------------------------------
 
     def _submit(self, request: pb.StepRequest, owner: str, until: float | None = None) -> asyncio.Future:
-        return self._engine.step(self._read.session_id(request.session_id), owner, self._read.step(request), until)
+        return self._engine.step(RequestReader.session_id(request.session_id), owner,
+                                 lambda model: self._readers.of(model).step(request), until)
 
     def _submit_in_band(self, request: pb.StepRequest, owner: str, until: float | None = None) -> asyncio.Future:
         """Like `_submit`, but a request refused at once is a failed future too, settled in its turn."""

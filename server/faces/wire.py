@@ -1,4 +1,4 @@
-"""The Inference service registered taking bytes, so that a request that does not parse is INVALID_ARGUMENT.
+"""Our services registered taking bytes, so that a request that does not parse is INVALID_ARGUMENT.
 
 grpc parses a request before the handler runs, outside the handler's error mapping (`guard`): a
 message that is not valid protobuf (a corrupt wire format, a string field holding invalid UTF-8)
@@ -14,7 +14,7 @@ import inspect
 from collections.abc import AsyncIterator, Callable
 
 import grpc
-from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
@@ -22,6 +22,7 @@ from rnnserve.server.core.errors import InvalidArgument
 from rnnserve.v1 import rnnserve_pb2
 
 SERVICE = rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"]
+ADMIN_SERVICE = rnnserve_pb2.DESCRIPTOR.services_by_name["Admin"]
 
 _HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
                   (False, True): grpc.unary_stream_rpc_method_handler,
@@ -72,19 +73,20 @@ def _parsing(method: MethodDescriptor, handler: Callable) -> Callable:
 class Parsed:
     """The servicer's methods, each parsing its requests from bytes first."""
 
-    def __init__(self, servicer: object):
+    def __init__(self, servicer: object, service: ServiceDescriptor = SERVICE):
         self._servicer = servicer
+        self._service = service
 
     def __getattr__(self, name: str) -> Callable:
-        return _parsing(SERVICE.methods_by_name[name], getattr(self._servicer, name))
+        return _parsing(self._service.methods_by_name[name], getattr(self._servicer, name))
 
 
-def add_to_server(servicer: object, server: grpc.aio.Server) -> None:
-    """Register `servicer`, whose methods take bytes (a guarded `Parsed`), as the Inference service."""
+def add_to_server(servicer: object, server: grpc.aio.Server, service: ServiceDescriptor = SERVICE) -> None:
+    """Register `servicer`, whose methods take bytes (a guarded `Parsed`), as `service`."""
     handlers = {}
-    for method in SERVICE.methods:
+    for method in service.methods:
         handlers[method.name] = method_handler(
             getattr(servicer, method.name), method.client_streaming, method.server_streaming,
             response_serializer=GetMessageClass(method.output_type).SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

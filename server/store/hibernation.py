@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from rnnserve.server.core.batcher import Batcher, StepAnswer
+from rnnserve.server.core.batcher import StepAnswer
 from rnnserve.server.core.errors import CapacityExhausted, RnnserveError, SessionNotFound, SessionUnavailable
 from rnnserve.server.core.operations import Operations
 from rnnserve.server.core.sessions import Removal, Session, SessionTable
@@ -59,12 +59,11 @@ class StoreEvents(Protocol):
 
 
 class Hibernation:
-    def __init__(self, store: SessionStore, table: SessionTable, batcher: Batcher, operations: Operations, *,
+    def __init__(self, store: SessionStore, table: SessionTable, operations: Operations, *,
                  hibernate_after_seconds: float, write_through_every: int, sweep_seconds: float,
                  events: StoreEvents | None = None, on_health: Callable[[bool], None] | None = None):
         self.store = store
         self.table = table
-        self.batcher = batcher
         self.operations = operations
         self.hibernate_after_seconds = hibernate_after_seconds
         self.write_through_every = write_through_every
@@ -173,7 +172,7 @@ class Hibernation:
     async def _install(self, session_id: str, claim: Claimed) -> None:
         """Admit the claimed session whole, or give the claim back and refuse: never a partial or zeroed state."""
         try:
-            portable = self.operations.decode(claim.state)
+            model, portable = self.operations.decode(claim.state)
             record = SessionRecord.from_json(json.loads(claim.record))
             if record.position != portable.position:
                 raise ValueError(f"record at {record.position}, state at {portable.position}")
@@ -183,7 +182,7 @@ class Hibernation:
             raise SessionUnavailable(session_id, "has a stored state this replica cannot read whole",
                                      RETRY_AFTER_FAULT_SECONDS) from None
         try:
-            session = restore_record(self.table, record)
+            session = restore_record(self.table, model, record)
         except CapacityExhausted:
             await self._give_back(session_id)
             raise
@@ -227,7 +226,7 @@ class Hibernation:
 
     async def put_at_rest(self, sessions: list[Session]) -> int:
         """Put `sessions` at rest in the store and free them here; how many were written."""
-        holds = [await self.batcher.hold(session) for session in sessions]  # free ones are granted at once
+        holds = [await session.model.batcher.hold(session) for session in sessions]  # free ones are granted at once
         try:
             live = [session for session in sessions if session.removed is None]
             started = time.perf_counter()
@@ -358,7 +357,7 @@ class Hibernation:
     async def _drop(self, sessions: list[Session], why: str) -> None:
         """Free stale copies: their next call wakes the session from where it is now, or is refused."""
         for session in sessions:
-            hold = await self.batcher.hold(session)
+            hold = await session.model.batcher.hold(session)
             try:
                 if session.removed is None:
                     log.warning("dropped session %s here: %s", session.id, why)

@@ -70,24 +70,20 @@ def encode(session: PortableSession, model: ModelIdentity, shapes: Mapping[str, 
     return body + hashlib.sha256(body).digest()
 
 
+def exported_model(blob: bytes) -> ModelIdentity:
+    """The model `blob` was exported from, so that the server can pick that model; refused like `decode`."""
+    return ModelIdentity(**_header(blob)[1]["model"])
+
+
 def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ...]],
            vocab_size: int) -> PortableSession:
-    """The session in `blob`, checked whole against this server's model and rows; refused with the reason otherwise.
+    """The session in `blob`, checked whole against `model` and its rows; refused with the reason otherwise.
 
     The checksum catches damage, not forgery, so everything the server later relies on (positions
     that add up, token ids it can replay) is checked too: a crafted blob is refused like a damaged one.
     """
-    reader = _Reader(blob)
-    if reader.take(len(MAGIC), "the magic") != MAGIC:
-        raise InvalidArgument(FIELD, f"not an exported rnnserve session (no {MAGIC!r} at its start)")
-    version = reader.u32()
-    if version != FORMAT_VERSION:
-        raise IncompatibleState(f"{FIELD}: the blob has session format version {version}; "
-                                f"this server reads {FORMAT_VERSION}")
-    if len(blob) < _DIGEST_BYTES or hashlib.sha256(blob[:-_DIGEST_BYTES]).digest() != blob[-_DIGEST_BYTES:]:
-        raise InvalidArgument(FIELD, "corrupt or truncated: its sha256 checksum does not match its content")
+    reader, header = _header(blob)
     try:
-        header = json.loads(reader.take(reader.u32(), "the header"))
         exported = ModelIdentity(**header["model"])
         position, tokens = int(header["position"]), int(header["tokens"])
         checkpoints = [(int(at), bool(has_rows)) for at, has_rows in header["checkpoints"]]
@@ -115,6 +111,25 @@ def decode(blob: bytes, model: ModelIdentity, shapes: Mapping[str, tuple[int, ..
     if len(log) and not 0 <= log.min() <= log.max() < vocab_size:
         raise InvalidArgument(FIELD, f"its token log holds ids outside the vocabulary [0, {vocab_size - 1}]")
     return PortableSession(position, rows, initial_state, initial_rows, kept, array(TOKEN_TYPE, log))
+
+
+def _header(blob: bytes) -> tuple[_Reader, dict]:
+    """The blob's header, once its magic, format version and checksum are right; a reader after it."""
+    reader = _Reader(blob)
+    if reader.take(len(MAGIC), "the magic") != MAGIC:
+        raise InvalidArgument(FIELD, f"not an exported rnnserve session (no {MAGIC!r} at its start)")
+    version = reader.u32()
+    if version != FORMAT_VERSION:
+        raise IncompatibleState(f"{FIELD}: the blob has session format version {version}; "
+                                f"this server reads {FORMAT_VERSION}")
+    if len(blob) < _DIGEST_BYTES or hashlib.sha256(blob[:-_DIGEST_BYTES]).digest() != blob[-_DIGEST_BYTES:]:
+        raise InvalidArgument(FIELD, "corrupt or truncated: its sha256 checksum does not match its content")
+    try:
+        header = json.loads(reader.take(reader.u32(), "the header"))
+        ModelIdentity(**header["model"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise InvalidArgument(FIELD, f"unreadable header ({err})") from None
+    return reader, header
 
 
 class _Reader:

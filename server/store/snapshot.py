@@ -1,21 +1,26 @@
-"""The snapshot file: every session's record and state rows, written atomically, read back only by the same model.
+"""The snapshot file: every session's record and state rows, written atomically, each session read back only by
+the model version it ran on.
 
 A snapshot is what survives a restart, so it is written so that no crash can leave half of one
 in place (a temporary file in the same directory, fsync, rename, fsync of the directory) and
-read so that nothing is loaded from a file that is not whole and of this very model (the
-trailer's sha256 covers every byte; the header names the bundle's graph sha256).
+read so that nothing is loaded from a file that is not whole (the trailer's sha256 covers every
+byte), and no session by a model other than its own (the header names each model's graph sha256).
 
-Layout, little-endian, format version 1:
+Layout, little-endian, format version 2:
 
     magic b"RNNSNAP\\0", u32 format version
-    u32 n, n bytes of header JSON: {"model": {"name", "version", "sha256"}, "rows": {name: row shape},
+    u32 n, n bytes of header JSON: {"models": [{"model": {"name", "version", "sha256"},
+                                                "rows": {name: row shape}}, ...],
                                     "written_at": unix seconds}
-    chunks, each: u32 n (> 0), n bytes of JSON: a list of session records (`SessionRecord`);
-                  then for each row array, in header order, the chunk's rows [sessions, *row_shape]
-                  float32 as raw bytes (numpy arrays written in bulk, never float by float)
+    chunks, each: u32 n (> 0), n bytes of JSON: {"model": index into models, "sessions": a list of
+                  session records (`SessionRecord`)}; then for each of that model's row arrays, in
+                  header order, the chunk's rows [sessions, *row_shape] float32 as raw bytes
+                  (numpy arrays written in bulk, never float by float)
     trailer: u32 0, u64 sessions, the 32-byte sha256 of every byte before the digest
 
-Records carry wall-clock times, which survive a restart (monotonic clocks do not).
+Version 1, written before servers held several models, is read too: its header is one model's
+{"model", "rows"} and its chunks are bare lists of records. Records carry wall-clock times,
+which survive a restart (monotonic clocks do not).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,7 +42,8 @@ import numpy as np
 from rnnserve.bundle import Bundle
 
 MAGIC = b"RNNSNAP\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _DIGEST_BYTES = hashlib.sha256().digest_size
@@ -92,20 +98,35 @@ class SessionRecord:
 
 
 @dataclass(frozen=True)
-class SnapshotHeader:
+class ModelSection:
+    """One model version's part of a snapshot: whose sessions, and the shapes of their rows."""
+
     model: ModelIdentity
     rows: dict[str, tuple[int, ...]]  # the pool's row arrays: name -> shape of one session's row, in file order
+
+    def to_json(self) -> dict:
+        return {"model": dataclasses.asdict(self.model), "rows": self.rows}
+
+    @staticmethod
+    def from_json(entry: dict) -> ModelSection:
+        return ModelSection(ModelIdentity(**entry["model"]),
+                            {name: tuple(shape) for name, shape in entry["rows"].items()})
+
+
+@dataclass(frozen=True)
+class SnapshotHeader:
+    models: list[ModelSection]  # chunks name their model by its index here
     written_at: float = 0.0  # unix seconds
 
     def to_json(self) -> bytes:
-        return json.dumps({"model": dataclasses.asdict(self.model), "rows": self.rows,
+        return json.dumps({"models": [section.to_json() for section in self.models],
                            "written_at": self.written_at}).encode()
 
     @staticmethod
-    def from_json(data: bytes) -> SnapshotHeader:
+    def from_json(data: bytes, version: int) -> SnapshotHeader:
         entry = json.loads(data)
-        return SnapshotHeader(ModelIdentity(**entry["model"]),
-                              {name: tuple(shape) for name, shape in entry["rows"].items()}, entry["written_at"])
+        sections = [entry] if version == 1 else entry["models"]
+        return SnapshotHeader([ModelSection.from_json(section) for section in sections], entry["written_at"])
 
 
 class SnapshotWriter:
@@ -134,14 +155,16 @@ class SnapshotWriter:
             raise
         return self
 
-    def write_chunk(self, records: Sequence[SessionRecord], rows: Sequence[np.ndarray]) -> None:
-        """Sessions and their rows: one array `[len(records), *row_shape]` per header row, in header order."""
+    def write_chunk(self, model: int, records: Sequence[SessionRecord], rows: Sequence[np.ndarray]) -> None:
+        """Sessions of the header's `model`-th model and their rows: one array `[len(records), *row_shape]` per row
+        of that model, in header order."""
         if not records:
             return
-        shapes = [(len(records), *shape) for shape in self.header.rows.values()]
+        shapes = [(len(records), *shape) for shape in self.header.models[model].rows.values()]
         if [array.shape for array in rows] != shapes:
             raise ValueError(f"rows of shapes {[a.shape for a in rows]} do not match the header's {shapes}")
-        self._write_framed(json.dumps([dataclasses.asdict(record) for record in records]).encode())
+        chunk = {"model": model, "sessions": [dataclasses.asdict(record) for record in records]}
+        self._write_framed(json.dumps(chunk).encode())
         self._write(*(np.ascontiguousarray(array, _ROW_DTYPE).data for array in rows))
         self.sessions += len(records)
 
@@ -193,44 +216,43 @@ def _fsync_directory(directory: Path) -> None:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A verified snapshot file: whole (its digest matches) and of the expected model and rows."""
+    """A verified snapshot file: whole (its digest matches), its header read."""
 
     path: Path
+    version: int
     header: SnapshotHeader
     sessions: int
 
-    def chunks(self) -> Iterator[tuple[list[SessionRecord], tuple[np.ndarray, ...]]]:
-        """The sessions in file order, a chunk at a time, with one array `[sessions, *row_shape]` per row name."""
+    def chunks(self) -> Iterator[tuple[int, list[SessionRecord], tuple[np.ndarray, ...]]]:
+        """The sessions in file order, a chunk at a time: the index of their model in the header, their records, and
+        one array `[sessions, *row_shape]` per row name of that model."""
         with self.path.open("rb") as file:
             file.seek(len(MAGIC) + _U32.size)
             file.seek(_read_u32(file), os.SEEK_CUR)  # past the header
             while length := _read_u32(file):
-                records = [SessionRecord.from_json(entry) for entry in json.loads(_read_exactly(file, length))]
-                yield records, tuple(_read_rows(file, len(records), shape) for shape in self.header.rows.values())
+                chunk = json.loads(_read_exactly(file, length))
+                model, entries = (0, chunk) if self.version == 1 else (chunk["model"], chunk["sessions"])
+                records = [SessionRecord.from_json(entry) for entry in entries]
+                rows = self.header.models[model].rows
+                yield model, records, tuple(_read_rows(file, len(records), shape) for shape in rows.values())
 
 
-def open_snapshot(path: Path, model: ModelIdentity, rows: Mapping[str, tuple[int, ...]]) -> Snapshot:
-    """The snapshot at `path`, checked whole and belonging to `model` with these `rows`; SnapshotRefused otherwise.
-
-    Every check runs before a single session is handed out, so a refused file loads nothing.
-    """
+def open_snapshot(path: Path) -> Snapshot:
+    """The snapshot at `path`, checked whole; SnapshotRefused otherwise. Whose sessions may load is the caller's
+    to decide from the header, before a single session is handed out."""
     with path.open("rb") as file:
         size = file.seek(0, os.SEEK_END)
         file.seek(0)
         if _read_exactly(file, len(MAGIC), "the magic") != MAGIC:
             raise SnapshotRefused(f"{path} is not an rnnserve snapshot (no {MAGIC!r} at its start)")
         version = _read_u32(file)
-        if version != FORMAT_VERSION:
-            raise SnapshotRefused(f"{path} has snapshot format version {version}; this rnnserve reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise SnapshotRefused(f"{path} has snapshot format version {version}; this rnnserve reads "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))}")
         try:
-            header = SnapshotHeader.from_json(_read_exactly(file, _read_u32(file), "the header"))
-        except (ValueError, KeyError, TypeError) as err:
+            header = SnapshotHeader.from_json(_read_exactly(file, _read_u32(file), "the header"), version)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise SnapshotRefused(f"{path} has an unreadable header ({err})") from None
-        if header.model.sha256 != model.sha256:
-            raise SnapshotRefused(f"{path} holds sessions of {header.model.describe()}, but this server serves "
-                                  f"{model.describe()}: their state means nothing to this model")
-        if header.rows != dict(rows):
-            raise SnapshotRefused(f"{path} has state rows {header.rows}; this server's are {dict(rows)}")
         if size < file.tell() + _U32.size + _U64.size + _DIGEST_BYTES:
             raise SnapshotRefused(f"{path} is truncated: it ends before its trailer")
         file.seek(0)
@@ -244,7 +266,7 @@ def open_snapshot(path: Path, model: ModelIdentity, rows: Mapping[str, tuple[int
             raise SnapshotRefused(f"{path} is corrupt or truncated: its sha256 does not match its content")
         file.seek(size - _DIGEST_BYTES - _U64.size)
         sessions = _U64.unpack(file.read(_U64.size))[0]
-    return Snapshot(path, header, sessions)
+    return Snapshot(path, version, header, sessions)
 
 
 def _read_exactly(file: BinaryIO, size: int, what: str = "a chunk") -> bytes:

@@ -26,6 +26,9 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INCOMPATIBLE_STATE: _ClassVar[ErrorReason]
     STATE_NOT_FOUND: _ClassVar[ErrorReason]
     STATE_IS_SHIPPED: _ClassVar[ErrorReason]
+    MODEL_RETIRING: _ClassVar[ErrorReason]
+    MODEL_IS_DEFAULT: _ClassVar[ErrorReason]
+    MODEL_REFUSED: _ClassVar[ErrorReason]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,13 +48,17 @@ REWIND_BEYOND_DEPTH: ErrorReason
 INCOMPATIBLE_STATE: ErrorReason
 STATE_NOT_FOUND: ErrorReason
 STATE_IS_SHIPPED: ErrorReason
+MODEL_RETIRING: ErrorReason
+MODEL_IS_DEFAULT: ErrorReason
+MODEL_REFUSED: ErrorReason
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "prompt_text", "prompt_token_ids", "top_k", "temperature", "ttl_seconds", "initial_state")
+    __slots__ = ("model", "model_version", "prompt_text", "prompt_token_ids", "top_k", "temperature", "ttl_seconds", "initial_state")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -59,13 +66,14 @@ class CreateSessionRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     model: str
+    model_version: str
     prompt_text: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_k: int
     temperature: float
     ttl_seconds: int
     initial_state: str
-    def __init__(self, model: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., ttl_seconds: _Optional[int] = ..., initial_state: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., ttl_seconds: _Optional[int] = ..., initial_state: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
     __slots__ = ("session", "prediction", "cached_prompt_tokens")
@@ -96,7 +104,7 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "position", "created", "last_active", "expires", "initial_state", "rewindable")
+    __slots__ = ("session_id", "model", "position", "created", "last_active", "expires", "initial_state", "rewindable", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +113,7 @@ class Session(_message.Message):
     EXPIRES_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
     REWINDABLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     position: int
@@ -113,7 +122,8 @@ class Session(_message.Message):
     expires: _timestamp_pb2.Timestamp
     initial_state: str
     rewindable: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., position: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initial_state: _Optional[str] = ..., rewindable: _Optional[int] = ...) -> None: ...
+    model_version: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., position: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initial_state: _Optional[str] = ..., rewindable: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "token_ids", "text", "top_k", "temperature", "expected_position", "request_id")
@@ -220,13 +230,15 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "cell", "layers", "hidden_size", "embed_size", "vocab_size", "sha256", "state_bytes_per_session", "metrics", "is_default")
+    __slots__ = ("name", "version", "cell", "layers", "hidden_size", "embed_size", "vocab_size", "sha256", "state_bytes_per_session", "metrics", "is_default", "default_version", "sessions", "retiring")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +257,9 @@ class Model(_message.Message):
     STATE_BYTES_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    RETIRING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     cell: str
@@ -256,7 +271,10 @@ class Model(_message.Message):
     state_bytes_per_session: int
     metrics: _containers.ScalarMap[str, float]
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embed_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., sha256: _Optional[str] = ..., state_bytes_per_session: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    default_version: bool
+    sessions: int
+    retiring: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embed_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., sha256: _Optional[str] = ..., state_bytes_per_session: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., is_default: _Optional[bool] = ..., default_version: _Optional[bool] = ..., sessions: _Optional[int] = ..., retiring: _Optional[bool] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("session_id", "count", "ttl_seconds", "expected_position")
@@ -383,14 +401,18 @@ class ImportSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
 
 class RegisterStateRequest(_message.Message):
-    __slots__ = ("name", "prompt_text", "prompt_token_ids")
+    __slots__ = ("name", "prompt_text", "prompt_token_ids", "model", "model_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     prompt_text: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, name: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class NamedState(_message.Message):
     __slots__ = ("name", "source", "prompt_tokens", "prompt_text")
@@ -405,8 +427,12 @@ class NamedState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ...) -> None: ...
 
 class ListStatesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ListStatesResponse(_message.Message):
     __slots__ = ("states",)
@@ -415,11 +441,43 @@ class ListStatesResponse(_message.Message):
     def __init__(self, states: _Optional[_Iterable[_Union[NamedState, _Mapping]]] = ...) -> None: ...
 
 class DeleteStateRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "model", "model_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class DeleteStateResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("name", "version", "make_default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAKE_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    make_default: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., make_default: _Optional[bool] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class SetDefaultModelRequest(_message.Message):
+    __slots__ = ("name", "version", "server_default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    server_default: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., server_default: _Optional[bool] = ...) -> None: ...

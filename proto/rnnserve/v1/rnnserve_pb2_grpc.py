@@ -197,14 +197,15 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The models this server has loaded.
+        """The model versions this server has loaded, retiring ones included.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """One model by name; NOT_FOUND for a name that is not loaded.
+        """One model version by name and version (its default version without one); NOT_FOUND for
+        one that is not loaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -910,6 +911,179 @@ class Inference:
             '/rnnserve.v1.Inference/DeleteState',
             rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """Operator calls: which model versions are served, while sessions run. With bearer tokens on
+    (--auth-tokens-file), only the tokens of --admin-tokens-file may call it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadModel = channel.unary_unary(
+                '/rnnserve.v1.Admin/LoadModel',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/rnnserve.v1.Admin/UnloadModel',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
+                _registered_method=True)
+        self.SetDefaultModel = channel.unary_unary(
+                '/rnnserve.v1.Admin/SetDefaultModel',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.SetDefaultModelRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operator calls: which model versions are served, while sessions run. With bearer tokens on
+    (--auth-tokens-file), only the tokens of --admin-tokens-file may call it.
+    """
+
+    def LoadModel(self, request, context):
+        """Load a version from the model repository (<repository>/<name>/<version>/), check it (the
+        bundle's checks and a parity self-test of a few steps) and serve it; make_default makes it
+        the default for new sessions of its model. A bundle that fails a check is refused
+        FAILED_PRECONDITION (reason MODEL_REFUSED) and nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Stop serving a version: at once if no session runs on it, else it retires (takes no new
+        sessions, serves its running ones) and unloads after the last one ends. A default version
+        is refused FAILED_PRECONDITION (reason MODEL_IS_DEFAULT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDefaultModel(self, request, context):
+        """Make a loaded version the default for new sessions of its model (and, with server_default,
+        that model the default for requests that name none). Running sessions stay where they are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.LoadModelRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.UnloadModelRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.SerializeToString,
+            ),
+            'SetDefaultModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultModel,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.SetDefaultModelRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rnnserve.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rnnserve.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operator calls: which model versions are served, while sessions run. With bearer tokens on
+    (--auth-tokens-file), only the tokens of --admin-tokens-file may call it.
+    """
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Admin/LoadModel',
+            rnnserve_dot_v1_dot_rnnserve__pb2.LoadModelRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Admin/UnloadModel',
+            rnnserve_dot_v1_dot_rnnserve__pb2.UnloadModelRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDefaultModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Admin/SetDefaultModel',
+            rnnserve_dot_v1_dot_rnnserve__pb2.SetDefaultModelRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,

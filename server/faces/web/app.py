@@ -1,8 +1,9 @@
 """The Starlette application: one endpoint per row of `routes.ROUTES`, all made by `rpc_endpoint`.
 
-Each endpoint checks the caller as gRPC's interceptor does (the same `auth.Tokens`, from the
-`Authorization: Bearer` header; else the client certificate), parses the JSON body into the
-route's request message, runs the servicer's own method, and answers its response as JSON, or
+Each endpoint checks the caller as gRPC's interceptor does (the same `auth.ServiceTokens` rule, so
+Admin's routes take only the admin tokens; from the `Authorization: Bearer` header; else the client
+certificate), parses the JSON body (or the query string's fields) into the route's request
+message, runs the servicer's own method, and answers its response as JSON, or
 its error as `status.error_body` with the matching HTTP code. Every request is measured with
 the RPC its route runs as `method` and the HTTP status as `code`.
 """
@@ -25,11 +26,11 @@ from starlette.routing import Mount, Route as StarletteRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message as AsgiMessage, Receive, Scope, Send
 
-from rnnserve.server.faces.auth import UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, Tokens, bearer_token
+from rnnserve.server.faces.auth import UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, ServiceTokens, bearer_token
 from rnnserve.server.faces.web import completions, openapi, sse
 from rnnserve.server.faces.web.calls import Aborted, HttpContext, deadline_of, json_body, parse, run, to_json
 from rnnserve.server.faces.web.face import PEER_IDENTITIES, WebFace
-from rnnserve.server.faces.web.routes import INFERENCE, ROUTES, Route
+from rnnserve.server.faces.web.routes import ADMIN, INFERENCE, ROUTES, Route
 from rnnserve.server.faces.web.status import error_event, error_response
 from rnnserve.server.metrics import HttpMetrics
 from rnnserve.server.settings import Settings
@@ -39,15 +40,16 @@ METHOD = "rnnserve.method"  # the scope key naming, for metrics, what a request 
 
 
 class Gate:
-    """Who calls: the token's identity when tokens are configured, else the TLS client certificate's."""
+    """Who calls: the token's identity when the service is checked, else the TLS client certificate's."""
 
-    def __init__(self, tokens: Tokens | None):
+    def __init__(self, tokens: ServiceTokens):
         self._tokens = tokens
 
-    def identities(self, request: Request, open_route: bool = False) -> list[bytes] | None:
-        if self._tokens is None or open_route:
+    def identities(self, request: Request, service: str = INFERENCE, open_route: bool = False) -> list[bytes] | None:
+        tokens = self._tokens.of(service)
+        if tokens is None or open_route:
             return request.scope.get("state", {}).get(PEER_IDENTITIES)
-        identity = self._tokens.identify(bearer_token(request.headers.items()))
+        identity = tokens.identify(bearer_token(request.headers.items()))
         if identity is None:
             raise Aborted(status_pb2.Status(code=UNAUTHENTICATED, message=UNAUTHENTICATED_MESSAGE))
         return [identity.encode()]
@@ -81,8 +83,11 @@ def rpc_endpoint(route: Route, handler: Callable, gate: Gate, max_body_bytes: in
     async def endpoint(request: Request) -> Response:
         request.scope[METHOD] = route.name
         try:
-            identities, deadline = gate.identities(request, route.open), deadline_of(request)
-            body = await json_body(request, max_body_bytes) if route.verb == "POST" else None
+            identities, deadline = gate.identities(request, route.service, route.open), deadline_of(request)
+            if route.verb == "POST":
+                body = await json_body(request, max_body_bytes)
+            else:  # no body: the fields the route takes from the query string
+                body = {name: request.query_params[name] for name in route.query if name in request.query_params}
             message = parse(route, body if body is not None else ([] if route.method.client_streaming else {}),
                             request.path_params)
             if route.method.server_streaming:
@@ -136,9 +141,9 @@ async def playground(request: Request) -> Response:
     return FileResponse(STATIC / "index.html")
 
 
-def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: HttpMetrics | None,
+def create_app(servicers: Mapping[str, object], tokens: ServiceTokens, metrics: HttpMetrics | None,
                max_body_bytes: int) -> ASGIApp:
-    """The app for `servicers` (by full service name), checking `tokens` if given: a route per row of the
+    """The app for `servicers` (by full service name), checking `tokens`: a route per row of the
     table, then the face's own pages: its OpenAPI document, /v1/completions and the playground. A body
     over `max_body_bytes` is refused, as gRPC refuses a message over --max-message-bytes."""
     gate = Gate(tokens)
@@ -163,6 +168,6 @@ def create_app(servicers: Mapping[str, object], tokens: Tokens | None, metrics: 
 
 def create_face(settings: Settings, servicers: Mapping[str, object], registry: CollectorRegistry | None) -> WebFace:
     """The HTTP face for `settings.http_listen`, bound now; its metrics in `registry` (None: metrics off)."""
-    tokens = None if settings.auth_tokens_file is None else Tokens.from_file(settings.auth_tokens_file)
+    tokens = ServiceTokens.from_files(settings.auth_tokens_file, ADMIN, settings.admin_tokens_file)
     metrics = None if registry is None else HttpMetrics(registry)
     return WebFace(create_app(servicers, tokens, metrics, settings.max_message_bytes), settings)

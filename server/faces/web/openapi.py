@@ -94,6 +94,8 @@ def _operation(route: Route, operation_id: str, schemas: Schemas) -> dict:
     fields = {field.name: field for field in method.input_type.fields}
     parameters = [{"name": name, "in": "path", "required": True, "schema": schemas.field(fields[name])}
                   for name in route.path_fields]
+    parameters += [{"name": name, "in": "query", "required": False, "schema": schemas.field(fields[name])}
+                   for name in route.query]
     if method.server_streaming:
         parameters.append({"name": "stream", "in": "query", "required": False,
                            "description": "true: server-sent events, as with Accept: text/event-stream",
@@ -134,8 +136,9 @@ def document(routes: Sequence[Route], extra_paths: dict | None = None) -> dict:
     return {
         "openapi": "3.0.3",
         "info": {"title": "rnnserve", "version": metadata.version("rnnserve"),
-                 "description": "The rnnserve.v1 Inference service over HTTP/JSON; the same operations, errors "
-                                "and sessions as gRPC. A call's deadline, if it has one, is the X-Server-Timeout "
+                 "description": "The rnnserve.v1 Inference and Admin services over HTTP/JSON; the same operations, "
+                                "errors, sessions and tokens as gRPC (with tokens on, the Admin routes take only "
+                                "the admin tokens). A call's deadline, if it has one, is the X-Server-Timeout "
                                 "header in seconds: past it the call is cancelled and answers 504 "
                                 "DEADLINE_EXCEEDED, as over gRPC."},
         "paths": paths,

@@ -142,7 +142,8 @@ async function generateTwo() {
 async function describeModel() {
   try {
     const { models } = await json("GET", "/v1/models");
-    const m = models[0];
+    // The version sessions get: the server's default model comes first, but in version order, not default first.
+    const m = models.find((model) => model.is_default) || models[0];
     $("model").textContent = `${m.name} ${m.version}: ${m.cell.toUpperCase()} ${m.layers} \u00d7 ${m.hidden_size}, ` +
                              `${m.vocab_size} tokens`;
   } catch (error) {
