@@ -150,6 +150,10 @@ def test_a_refused_paste_leaves_no_bars_of_the_previous_text(browser, server):
         assert error.startswith("Not accepted: text: ") and "16384" in error  # the field and limit, in words
         assert "INVALID_ARGUMENT" not in error and "[" not in error
         assert not visible(page, "#no-prediction")  # the error says why there are no bars
+        page.click("#generate")
+        page.wait_for_function(BOTH_DONE)
+        assert page.text_content("#generate-error") == "Nothing to continue: the text above was not accepted."
+        assert page.text_content("#output-a") == page.text_content("#output-b") == ""
         page.fill("#text", "To be, or")  # the next text is read afresh, and the error goes
         assert_shows_grpcs_prediction(page, server, "To be, or")
         assert not visible(page, "#error") and position_line(page).startswith("session ")

@@ -165,8 +165,9 @@ async function generateTwo() {
   await follow();  // the session has read exactly the text now
   const source = session;
   try {
-    if (!source) {  // nothing typed, or the text was refused (said beside the bars): nothing to continue
-      if (!$("text").value) say("generate-error", "Type some text first: each fork continues it.");
+    if (!source) {  // nothing typed, or the text was refused: nothing to continue
+      say("generate-error", $("text").value ? "Nothing to continue: the text above was not accepted."
+                                            : "Type some text first: each fork continues it.");
       return;
     }
     const seed = Number($("seed").value);
