@@ -1,6 +1,7 @@
 """README's quickstart, run as a newcomer runs it beside `make serve`: every `$ ` command of its shell
 blocks in one bash (so `SID=$(...)` carries to the next line) and every Python block, against a server of
-the shipped repository with HTTP on, each address the README names pointed at that server's ports.
+the shipped repository with HTTP on, each address the README names pointed at that server's ports; and
+each Python example of docs/ that shows what it prints (after a line "prints"), compared with what it does.
 
 A command's output shown in the README must be what it prints: words exactly, printed decimals to one unit
 of their last digit (the float model's sums round differently on other CPUs' instruction sets).
@@ -20,7 +21,8 @@ from conftest import LOOPBACK
 from rnnserve.server.settings import Settings
 from serving import RunningServer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 # Commands a test cannot run as written: a full-screen loop that waits for keys (tests/test_client_cli.py
 # drives it on a terminal of its own).
@@ -87,17 +89,28 @@ def run_shell(commands: list[str], served: RunningServer) -> list[list[str]]:
     return [chunk.splitlines() for chunk in done.stdout.split(MARK + "\n")[1:]]
 
 
+def run_python(code: str, served: RunningServer) -> list[str]:
+    """Run `code` as a script of its own; the lines it printed."""
+    done = subprocess.run([sys.executable, "-c", pointed_at(code, served)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 SHELL_BLOCKS = [body for lang, body in fenced_blocks(README.read_text())
                 if any(line.startswith("$ ") for line in body.splitlines())]
 PYTHON_BLOCKS = [body for lang, body in fenced_blocks(README.read_text()) if lang == "python"]
+PRINTING_EXAMPLES = [(page.name, code, shown) for page in sorted((ROOT / "docs").glob("*.md"))
+                     for code, shown in re.findall(r"^```python\n(.*?)^```\n\nprints\n\n```\n(.*?)^```",
+                                                   page.read_text(), re.S | re.M)]
 
 
-def test_the_readme_has_the_quickstarts_examples():
+def test_the_examples_are_found():
     """The parsing below finds what it is meant to run: the CLI, curl and Python examples."""
     commands = [command for body in SHELL_BLOCKS for command, _ in shell_commands(body)]
     assert any(c.startswith("rnnserve-client predict") for c in commands)
     assert any(c.startswith("curl ") for c in commands)
-    assert PYTHON_BLOCKS
+    assert PYTHON_BLOCKS and "SESSIONS.md" in [page for page, _, _ in PRINTING_EXAMPLES]
 
 
 @pytest.mark.parametrize("block", SHELL_BLOCKS, ids=[f"shell-{i}" for i in range(len(SHELL_BLOCKS))])
@@ -114,9 +127,14 @@ def test_the_readmes_shell_examples_print_what_it_shows(block, served):
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"python-{i}" for i in range(len(PYTHON_BLOCKS))])
 def test_the_readmes_python_examples_run(block, served):
-    done = subprocess.run([sys.executable, "-c", pointed_at(block, served)], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
+    run_python(block, served)
+
+
+@pytest.mark.parametrize(("page", "code", "shown"), PRINTING_EXAMPLES,
+                         ids=[page for page, _, _ in PRINTING_EXAMPLES])
+def test_the_docs_python_examples_print_what_they_show(page, code, shown, served):
+    printed = run_python(code, served)
+    assert same_output(shown.splitlines(), printed), "\n".join(printed)
 
 
 @pytest.mark.parametrize(("shown", "printed", "same"), [
