@@ -3,7 +3,8 @@ shows the same top predictions, with the same probabilities, as gRPC answers for
 the two continuations of its session, forked in two, are Generate's over gRPC with the same seeds; the
 model it names is the version its sessions run.
 
-With RNNSERVE_PLAYGROUND_SCREENSHOT=docs/playground.png the test also writes the screenshot of README.md and docs/API.md.
+With RNNSERVE_PLAYGROUND_SCREENSHOT=docs/playground.png the test also writes the screenshot that README.md
+and docs/API.md show.
 """
 
 from __future__ import annotations
