@@ -209,6 +209,30 @@ def test_the_token_fields_placeholder_fits_it(page):
     assert 0 < needed <= room
 
 
+def test_without_a_token_it_says_so_and_a_token_typed_in_recovers(browser, tmp_path):
+    """A server that checks tokens refuses the page until one is typed; then nothing of the refusal stays."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("playground-token-0123456789abcdef alice\n")
+    running = RunningServer(load_bundle(default_bundle_path()),
+                            Settings(**LOOPBACK, http_listen="127.0.0.1:0", auth_tokens_file=tokens))
+    try:
+        with playground(browser, running) as opened:
+            opened.evaluate("localStorage.removeItem('rnnserve-token')")
+            opened.reload()
+            opened.wait_for_function("document.querySelector('#model').textContent.startsWith('A bearer token')")
+            opened.type("#text", "To be", delay=15)
+            opened.wait_for_function("!document.querySelector('#error').hidden")
+            assert opened.text_content("#error").startswith("A bearer token the server knows is needed (top right): ")
+            assert bars(opened) == [] and position_line(opened) == ""
+            opened.click("header details summary")
+            opened.fill("#token", "playground-token-0123456789abcdef")
+            opened.dispatch_event("#token", "change")
+            assert len(shown_predictions(opened, "To be")) == TOP_K
+            assert not visible(opened, "#error") and opened.text_content("#model").startswith("shakespeare-lstm ")
+    finally:
+        running.stop()
+
+
 def test_the_page_names_the_version_its_sessions_run(browser, tmp_path, versions):
     """ListModels lists the default model's versions in order, so its first is not always the default one."""
     running = RunningServer(None, Settings(**LOOPBACK, http_listen="127.0.0.1:0", model_poll_seconds=0,
