@@ -82,7 +82,7 @@ def read(body: object) -> Completion:
             raise InvalidArgument(name, "not a field of OpenAI's completion request")
     for name, default in AT_DEFAULT_ONLY.items():
         if body.get(name, default) not in (default, None, {}):
-            raise InvalidArgument(name, f"not supported: only {default!r} (see the README's /v1/completions)")
+            raise InvalidArgument(name, f"not supported: only {default!r} (see docs/API.md, /v1/completions)")
     logprobs = _typed(body, "logprobs", (int,), None, "an integer")
     if logprobs is not None and logprobs != 0:
         raise InvalidArgument("logprobs", "only 0 (the chosen tokens' log-probabilities) or null: no alternatives")
