@@ -187,11 +187,13 @@ class StateNotFound(RnnserveError):
 
 
 class StateIsShipped(RnnserveError):
+    """A state for everyone (shipped in the bundle, or shared through Admin), which callers may use but not change."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "STATE_IS_SHIPPED"
 
-    def __init__(self, name: str):
-        super().__init__(f"the named state {name!r} ships with the model's bundle and cannot be deleted", name=name)
+    def __init__(self, name: str, how: str = "ships with the model's bundle"):
+        super().__init__(f"the named state {name!r} {how} and cannot be replaced or deleted", name=name)
 
 
 class ServerFault(RnnserveError):
