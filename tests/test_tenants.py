@@ -150,6 +150,29 @@ def test_the_global_scope_shares_cached_prompts_and_says_so_nowhere_else(bundle,
         running.stop()
 
 
+
+def test_each_identity_evicts_only_its_own_prompts_and_the_identities_cached_are_bounded(bundle, tmp_path):
+    carol = "token-of-carol-0123456789"
+    (tmp_path / "tokens").write_text(f"{ALICE} alice\n{BOB} bob\n{carol} carol\n")
+    running = RunningServer(bundle, Settings(listen="127.0.0.1:0", auth_tokens_file=tmp_path / "tokens",
+                                             prefix_cache_entries=2, prefix_cache_identities=2))
+    alice, bob, carol = (face(running, "grpc", token) for token in (ALICE, BOB, carol))
+    try:
+        prompts = [NOTES.format(price) for price in (1, 2, 3)]
+        assert cached(bob, prompts[0]) == 0
+        for prompt in prompts:  # two entries each: alice's third evicts her first, never bob's
+            assert cached(alice, prompt) == 0
+        assert cached(bob, prompts[0] + "!") == len(prompts[0])
+        assert cached(alice, prompts[2] + "!") == len(prompts[2])
+        assert cached(alice, prompts[0] + "!") == 0
+        # a third identity, beyond --prefix-cache-identities 2: served, never from the cache
+        assert cached(carol, prompts[1]) == 0 and cached(carol, prompts[1]) == 0
+        assert cached(bob, prompts[0] + "?") == len(prompts[0])
+    finally:
+        for caller in (alice, bob, carol):
+            caller.close()
+        running.stop()
+
 # Interleaved identities ------------------------------------------------------------------------------------------
 
 EXAMPLES = 30
