@@ -186,7 +186,8 @@ class Settings:
         "tokens per entry); with --prefix-cache-scope global, for everyone together.", minimum=0)
     prefix_cache_identities: int = _setting(
         16, "Most identities whose prompts the prefix-state cache keeps: the prompts of any further identity are "
-        "not cached. Memory held is at most this times --prefix-cache-bytes.", minimum=1)
+        "not cached (they are read as usual). Its evictable entries hold at most this times --prefix-cache-bytes.",
+        minimum=1)
     prefix_cache_min_tokens: int = _setting(
         16, "Shortest prompt whose state is cached: shorter ones are read in about as long as a copy takes.",
         minimum=1)

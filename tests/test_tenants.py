@@ -47,8 +47,9 @@ def faces(running, request):
         each.close()
 
 
-def cached(face, prompt: str) -> int:
-    return int(face.call("CreateSession", {"prompt_text": prompt})["cached_prompt_tokens"])
+def cached(caller, prompt: str) -> int:
+    """How many tokens of `prompt` a new session of `caller`'s started from the prefix-state cache."""
+    return int(caller.call("CreateSession", {"prompt_text": prompt})["cached_prompt_tokens"])
 
 
 def failure(call) -> Failed:
@@ -73,8 +74,8 @@ def test_registered_states_belong_to_the_identity_that_registered_them(faces):
     registered = alice.call("RegisterState", {"name": "alice-private", "prompt_text": prompt})
     assert (registered["name"], registered["source"]) == ("alice-private", "registered")
 
-    def names(face) -> list[str]:
-        return [state["name"] for state in face.call("ListStates", {})["states"]]
+    def names(caller) -> list[str]:
+        return [state["name"] for state in caller.call("ListStates", {})["states"]]
 
     assert "alice-private" in names(alice) and "alice-private" not in names(bob)
     # each of bob's calls naming it answers exactly as for a name nobody registered
