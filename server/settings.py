@@ -188,6 +188,10 @@ class Settings:
         16, "Most identities whose prompts the prefix-state cache keeps: the prompts of any further identity are "
         "not cached (they are read as usual). Its evictable entries hold at most this times --prefix-cache-bytes.",
         minimum=1)
+    max_states_per_identity: int = _setting(
+        64, "Most named states one identity may register (RegisterState) on one model version: each is a state row "
+        "and its prompt, pinned in memory until deleted. Beyond it, RESOURCE_EXHAUSTED (QuotaFailure subject "
+        "'identity'); replacing one of its own names is always allowed. 0: no bound.", minimum=0)
     prefix_cache_min_tokens: int = _setting(
         16, "Shortest prompt whose state is cached: shorter ones are read in about as long as a copy takes.",
         minimum=1)

@@ -174,6 +174,30 @@ def test_each_identity_evicts_only_its_own_prompts_and_the_identities_cached_are
             caller.close()
         running.stop()
 
+
+def test_each_identity_registers_at_most_its_own_share_of_named_states(bundle, tmp_path):
+    (tmp_path / "tokens").write_text(f"{ALICE} alice\n{BOB} bob\n")
+    running = RunningServer(bundle, Settings(listen="127.0.0.1:0", auth_tokens_file=tmp_path / "tokens",
+                                             max_states_per_identity=2))
+    alice, bob = face(running, "grpc", ALICE), face(running, "grpc", BOB)
+    try:
+        for name in ("one", "two"):
+            alice.call("RegisterState", {"name": name, "prompt_text": "The"})
+        refused = failure(lambda: alice.call("RegisterState", {"name": "three", "prompt_text": "The"}))
+        assert refused.status == "RESOURCE_EXHAUSTED" and "named states" in refused.message
+        [quota] = [detail for detail in refused.details if detail["@type"].endswith("QuotaFailure")]
+        assert quota["violations"] == [{"subject": "identity", "description": "at most 2 named states"}]
+        alice.call("RegisterState", {"name": "two", "prompt_text": "The quick"})  # replacing her own: no new one
+        for name in ("one", "two"):  # bob's share is his own, whatever alice holds
+            bob.call("RegisterState", {"name": name, "prompt_text": "The"})
+        assert [state["name"] for state in alice.call("ListStates", {})["states"]] == ["one", "two"]
+        alice.call("DeleteState", {"name": "one"})
+        alice.call("RegisterState", {"name": "three", "prompt_text": "The"})
+    finally:
+        alice.close()
+        bob.close()
+        running.stop()
+
 # Interleaved identities ------------------------------------------------------------------------------------------
 
 EXAMPLES = 30

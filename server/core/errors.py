@@ -145,18 +145,20 @@ class CapacityExhausted(RnnserveError):
 
 
 class IdentityQuotaExhausted(RnnserveError):
-    """The caller's identity holds as many sessions as one identity may. Same reason as a full table, told
-    apart by QuotaFailure's subject; no RetryInfo: only the caller's own closing or expiry makes room."""
+    """The caller's identity holds as many sessions (or named states) as one identity may. Same reason as a full
+    table, told apart by QuotaFailure's subject; no RetryInfo: only the caller's own closing, expiry or
+    deleting makes room."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "CAPACITY_EXHAUSTED"
 
-    def __init__(self, max_sessions_per_identity: int):
-        super().__init__(f"this caller's identity already holds {max_sessions_per_identity} sessions, the most one "
-                         "identity may: close one first", max_sessions_per_identity=max_sessions_per_identity)
+    def __init__(self, limit: int, what: str = "sessions", remedy: str = "close one first"):
+        super().__init__(f"this caller's identity already holds {limit} {what}, the most one identity may: {remedy}",
+                         limit=limit)
+        self.what = what
 
     def extra_details(self) -> list[Message]:
-        return [_quota_failure("identity", f"at most {self.metadata['max_sessions_per_identity']} sessions")]
+        return [_quota_failure("identity", f"at most {self.metadata['limit']} {self.what}")]
 
 
 class RewindBeyondDepth(RnnserveError):

@@ -24,7 +24,7 @@ import numpy as np
 from rnnserve.bundle import Bundle
 from rnnserve.initial_states import ShippedState
 from rnnserve.server.core.batcher import NEXT_LOGITS
-from rnnserve.server.core.errors import InvalidArgument, StateIsShipped, StateNotFound
+from rnnserve.server.core.errors import IdentityQuotaExhausted, InvalidArgument, StateIsShipped, StateNotFound
 from rnnserve.server.core.prefix_cache import EVERYONE, PrefixCache
 from rnnserve.server.model.state_pool import Row
 
@@ -56,8 +56,10 @@ def check_name(name: str) -> str:
 
 
 class NamedStates:
-    def __init__(self, cache: PrefixCache, shipped: Sequence[NamedState] = ()):
+    def __init__(self, cache: PrefixCache, shipped: Sequence[NamedState] = (), max_per_owner: int = 0):
+        """`max_per_owner`: the most states one identity may register (each a pinned row); 0 for no bound."""
         self._cache = cache
+        self.max_per_owner = max_per_owner
         self._shared = {state.name: state for state in shipped}
         self._owned: dict[str, dict[str, NamedState]] = {}  # identity -> its own states by name
         for state in shipped:
@@ -82,8 +84,11 @@ class NamedStates:
     def register(self, owner: str, name: str, tokens: np.ndarray, rows: Row) -> NamedState:
         """Name the state after `tokens` for `owner`, replacing its own state of that name; a shared name is
         refused (read-only to callers)."""
-        if name in self._shared and name not in self._owned.get(owner, {}):
+        own = self._owned.get(owner, {})
+        if name in self._shared and name not in own:
             raise _read_only(self._shared[name])
+        if self.max_per_owner and name not in own and len(own) >= self.max_per_owner:
+            raise IdentityQuotaExhausted(self.max_per_owner, "named states", "delete one first")
         return self._name(self._owned.setdefault(owner, {}), owner, name, tokens, rows, REGISTERED)
 
     def register_shared(self, name: str, tokens: np.ndarray, rows: Row) -> NamedState:

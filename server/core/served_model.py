@@ -56,7 +56,8 @@ class ServedModel:
                             min_tokens=settings.prefix_cache_min_tokens, row_bytes=pool.row_bytes,
                             scope=settings.prefix_cache_scope, max_partitions=settings.prefix_cache_identities,
                             events=events)
-        states = NamedStates(cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)])
+        states = NamedStates(cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)],
+                             settings.max_states_per_identity)
         model = cls(bundle, pool, batcher, cache, states, events)
         if events is not None:
             events.watch_sessions(lambda: model.sessions, pool.row_bytes)
