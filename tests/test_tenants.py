@@ -108,7 +108,8 @@ def test_a_shared_state_is_registered_through_admin_and_read_only_to_callers(fac
     for caller in (alice, bob):
         [listed] = [state for state in caller.call("ListStates", {})["states"] if state["name"] == "house-style"]
         assert listed["source"] == "shared" and int(listed["prompt_tokens"]) == len(prompt)
-        assert caller.call("CreateSession", {"initial_state": "house-style"})["session"]["initial_state"] == "house-style"
+        started = caller.call("CreateSession", {"initial_state": "house-style"})["session"]
+        assert started["initial_state"] == "house-style"
         assert cached(caller, prompt + "!") == len(prompt)  # pinned for everyone
         for refused in (lambda: caller.call("DeleteState", {"name": "house-style"}),
                         lambda: caller.call("RegisterState", {"name": "house-style", "prompt_text": "mine now"})):

@@ -152,13 +152,15 @@ class IdentityQuotaExhausted(RnnserveError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "CAPACITY_EXHAUSTED"
 
-    def __init__(self, limit: int, what: str = "sessions", remedy: str = "close one first"):
+    def __init__(self, limit: int, what: str = "sessions", remedy: str = "close one first",
+                 setting: str = "max_sessions_per_identity"):
+        """`setting`: the server setting that is the limit, the ErrorInfo metadata key that holds it."""
         super().__init__(f"this caller's identity already holds {limit} {what}, the most one identity may: {remedy}",
-                         limit=limit)
-        self.what = what
+                         **{setting: limit})
+        self.description = f"at most {limit} {what}"
 
     def extra_details(self) -> list[Message]:
-        return [_quota_failure("identity", f"at most {self.metadata['limit']} {self.what}")]
+        return [_quota_failure("identity", self.description)]
 
 
 class RewindBeyondDepth(RnnserveError):

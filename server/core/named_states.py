@@ -88,7 +88,8 @@ class NamedStates:
         if name in self._shared and name not in own:
             raise _read_only(self._shared[name])
         if self.max_per_owner and name not in own and len(own) >= self.max_per_owner:
-            raise IdentityQuotaExhausted(self.max_per_owner, "named states", "delete one first")
+            raise IdentityQuotaExhausted(self.max_per_owner, "named states", "delete one first",
+                                         "max_states_per_identity")
         return self._name(self._owned.setdefault(owner, {}), owner, name, tokens, rows, REGISTERED)
 
     def register_shared(self, name: str, tokens: np.ndarray, rows: Row) -> NamedState:
