@@ -188,6 +188,9 @@ class Settings:
         16, "Most identities whose prompts the prefix-state cache keeps: the prompts of any further identity are "
         "not cached (they are read as usual). Its evictable entries hold at most this times --prefix-cache-bytes.",
         minimum=1)
+    prefix_cache_idle_seconds: float = _setting(
+        3600.0, "How long a cached prompt nobody starts from stays in the prefix-state cache; an identity whose "
+        "prompts have all gone leaves room for another (--prefix-cache-identities). 0: until evicted.", minimum=0)
     max_states_per_identity: int = _setting(
         64, "Most named states one identity may register (RegisterState) on one model version: each is a state row "
         "and its prompt, pinned in memory until deleted. Beyond it, RESOURCE_EXHAUSTED (QuotaFailure subject "

@@ -10,6 +10,8 @@ Admin, and callers may use but not change them.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -194,6 +196,26 @@ def test_each_identity_registers_at_most_its_own_share_of_named_states(bundle, t
         assert [state["name"] for state in alice.call("ListStates", {})["states"]] == ["one", "two"]
         alice.call("DeleteState", {"name": "one"})
         alice.call("RegisterState", {"name": "three", "prompt_text": "The"})
+    finally:
+        alice.close()
+        bob.close()
+        running.stop()
+
+
+def test_an_identity_whose_cached_prompts_expired_leaves_room_for_another(bundle, tmp_path):
+    (tmp_path / "tokens").write_text(f"{ALICE} alice\n{BOB} bob\n")
+    running = RunningServer(bundle, Settings(listen="127.0.0.1:0", auth_tokens_file=tmp_path / "tokens",
+                                             prefix_cache_identities=1, prefix_cache_idle_seconds=1.0,
+                                             sweep_seconds=0.05))
+    alice, bob = face(running, "grpc", ALICE), face(running, "grpc", BOB)
+    try:
+        prompt = NOTES.format(9172)
+        assert cached(alice, prompt) == 0  # alice's partition is the one there is room for
+        deadline = time.monotonic() + 30
+        while cached(bob, prompt) == 0:  # once alice's entry expires, bob's prompt is cached, and hit next time
+            assert time.monotonic() < deadline, "alice's idle entry never expired"
+            time.sleep(0.05)
+        assert cached(alice, prompt) == 0  # hers went by time alone, not for bob's sake: he had no partition
     finally:
         alice.close()
         bob.close()

@@ -146,7 +146,10 @@ class Engine:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_seconds)
-            expired = self.table.expire(time.monotonic())
+            now = time.monotonic()
+            expired = self.table.expire(now)
+            for model in self.models.all():
+                model.cache.expire(now)
             if any([model.pool.shrink() for model in self.models.all()]):
                 release_free_memory()
             if expired:

@@ -15,7 +15,9 @@ every identity shares one. Each partition has its own bounds (`max_entries`, `ma
 recently used first), so one identity's prompts never evict another's; at most `max_partitions`
 identities hold entries at once, and the prompts of any further identity are not cached (a
 capacity refusal: it learns that many identities cached prompts, nothing about which or what).
-Pinned entries (named states) stay until unpinned and count toward no bound.
+An entry unused for `idle_seconds` expires, by time alone and never for another's sake, and a
+partition left with nothing makes room for another identity. Pinned entries (named states) stay
+until unpinned and count toward no bound.
 
 Results are the same as reading the prompt: an entry is the very state (and next-token logits)
 a cold read of the same tokens produced.
@@ -23,6 +25,7 @@ a cold read of the same tokens produced.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -53,6 +56,7 @@ class _Partition:
     """One identity's entries (or everyone's, for the shared partition and under the scope GLOBAL)."""
 
     entries: OrderedDict[bytes, CachedPrefix] = field(default_factory=OrderedDict)  # least recently used first
+    used: dict[bytes, float] = field(default_factory=dict)  # each entry's last use, time.monotonic()
     pinned: dict[bytes, CachedPrefix] = field(default_factory=dict)
     pins: Counter[bytes] = field(default_factory=Counter)  # named states standing for each pinned prompt
     lengths: Counter[int] = field(default_factory=Counter)  # prompt lengths held, so a lookup tries only those
@@ -65,6 +69,14 @@ class _Partition:
         entry = self.pinned.get(key)
         if entry is None and (entry := self.entries.get(key)) is not None:
             self.entries.move_to_end(key)
+            self.used[key] = time.monotonic()
+        return entry
+
+    def pop_oldest(self) -> CachedPrefix:
+        """Remove the least recently used entry (the caller keeps `bytes`)."""
+        key, entry = self.entries.popitem(last=False)
+        del self.used[key]
+        self.drop_length(len(entry.tokens))
         return entry
 
     def drop_length(self, length: int) -> None:
@@ -75,8 +87,10 @@ class _Partition:
 
 class PrefixCache:
     def __init__(self, *, max_entries: int, max_bytes: int, min_tokens: int, row_bytes: int,
-                 scope: str = IDENTITY, max_partitions: int = 16, events: CacheEvents | None = None):
-        """`max_entries` and `max_bytes` bound each partition; `max_partitions` the identities holding entries."""
+                 scope: str = IDENTITY, max_partitions: int = 16, idle_seconds: float = 0.0,
+                 events: CacheEvents | None = None):
+        """`max_entries` and `max_bytes` bound each partition; `max_partitions` the identities holding entries;
+        `idle_seconds` (0: no limit) how long an unused entry stays (see `expire`)."""
         if scope not in SCOPES:
             raise ValueError(f"scope: one of {', '.join(SCOPES)}, not {scope!r}")
         self.scope = scope
@@ -84,6 +98,7 @@ class PrefixCache:
         self.min_tokens = min_tokens  # shorter prompts are not cached (nor counted as misses): a copy saves little
         self.max_bytes = max_bytes
         self.max_partitions = max_partitions
+        self.idle_seconds = idle_seconds
         self.row_bytes = row_bytes
         self.events = events
         self._shared = _Partition()
@@ -141,12 +156,25 @@ class PrefixCache:
         if partition is None or key in partition.pinned or key in partition.entries:
             return
         entry = partition.entries[key] = CachedPrefix(_read_only(tokens), rows)
+        partition.used[key] = time.monotonic()
         partition.lengths[len(tokens)] += 1
         partition.bytes += self._entry_bytes(entry)
         while partition.entries and (len(partition.entries) > self.max_entries or partition.bytes > self.max_bytes):
-            _, gone = partition.entries.popitem(last=False)
-            partition.bytes -= self._entry_bytes(gone)
-            partition.drop_length(len(gone.tokens))
+            partition.bytes -= self._entry_bytes(partition.pop_oldest())
+
+    def expire(self, now: float) -> int:
+        """Drop the entries unused since `now - idle_seconds` (time.monotonic()), and the partitions left with
+        nothing, so that another identity may have one; how many entries went."""
+        if not self.idle_seconds:
+            return 0
+        expired, before = 0, now - self.idle_seconds
+        for name, partition in list(self._partitions.items()):
+            while partition.entries and partition.used[next(iter(partition.entries))] < before:
+                partition.bytes -= self._entry_bytes(partition.pop_oldest())
+                expired += 1
+            if not partition.entries and not partition.pinned:
+                del self._partitions[name]
+        return expired
 
     def pin(self, owner: str | None, tokens: np.ndarray, rows: Row) -> CachedPrefix:
         """Keep `rows` for `owner`'s `tokens` (EVERYONE: for everyone), outside the bounds, until each `pin` of them
@@ -158,6 +186,7 @@ class PrefixCache:
             return entry
         key = entry.tokens.tobytes()
         if (unpinned := partition.entries.pop(key, None)) is not None:
+            del partition.used[key]
             partition.bytes -= self._entry_bytes(unpinned)
         elif key not in partition.pinned:
             partition.lengths[len(tokens)] += 1

@@ -55,7 +55,7 @@ class ServedModel:
         cache = PrefixCache(max_entries=settings.prefix_cache_entries, max_bytes=settings.prefix_cache_bytes,
                             min_tokens=settings.prefix_cache_min_tokens, row_bytes=pool.row_bytes,
                             scope=settings.prefix_cache_scope, max_partitions=settings.prefix_cache_identities,
-                            events=events)
+                            idle_seconds=settings.prefix_cache_idle_seconds, events=events)
         states = NamedStates(cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)],
                              settings.max_states_per_identity)
         model = cls(bundle, pool, batcher, cache, states, events)
