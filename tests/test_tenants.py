@@ -136,7 +136,7 @@ def test_a_model_counts_the_callers_own_sessions_and_admin_everyones(faces):
     assert int(everyones["sessions"]) == 3
 
 
-def test_the_global_scope_shares_cached_prompts_and_says_so_nowhere_else(bundle, tmp_path):
+def test_the_global_scope_shares_cached_prompts_but_not_named_states(bundle, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{ALICE} alice\n{BOB} bob\n")
     running = RunningServer(bundle, Settings(listen="127.0.0.1:0", auth_tokens_file=tokens,
