@@ -150,6 +150,17 @@ class AsyncAdmin:
         """As `Admin.set_default_model`."""
         return await self._client._call(calls.set_default_model(name, version, server_default), timeout)
 
+    async def register_shared_state(self, name: str, prompt: Tokens, *, model: str | None = None,
+                                    model_version: str | int | None = None,
+                                    timeout: float | None = None) -> NamedState:
+        """As `Admin.register_shared_state`: not retried."""
+        return await self._client._call(calls.register_shared_state(name, prompt, model, model_version), timeout)
+
+    async def delete_shared_state(self, name: str, *, model: str | None = None,
+                                  model_version: str | int | None = None, timeout: float | None = None) -> None:
+        """As `Admin.delete_shared_state`."""
+        await self._client._call(calls.delete_shared_state(name, model, model_version), timeout)
+
 
 class AsyncSession(SessionHandle):
     """As `Session`, awaited; closed on leaving `async with`."""

@@ -47,6 +47,7 @@ examples:
   rnnserve-client predict "To be" --model shakespeare-lstm --model-version 2
   rnnserve-client admin load shakespeare-lstm 2 --default --admin-token $ADMIN_TOKEN
   rnnserve-client admin unload shakespeare-lstm 1
+  rnnserve-client admin share house-style "Answer briefly." --admin-token $ADMIN_TOKEN
 
 Connection options may come before or after the command."""
 
@@ -237,11 +238,11 @@ def _add_sessions(commands: argparse._SubParsersAction, common: argparse.Argumen
 
 def _add_states(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     action = _group(commands, common, "states", "list, register and delete named states sessions can start from")
-    listed = action("list", _states_list, "list the named states, shipped and registered")
+    listed = action("list", _states_list, "list the named states you may use: shipped, shared and your own")
     register = action("register", _states_register, "name the state after TEXT (replacing one of that name)")
     register.add_argument("name", metavar="NAME")
     register.add_argument("text", metavar="TEXT")
-    delete = action("delete", _states_delete, "forget a registered state")
+    delete = action("delete", _states_delete, "forget one of your registered states")
     delete.add_argument("name", metavar="NAME")
     for sub in (listed, register, delete):
         _add_model_options(sub, "model whose named states these are, each version having its own")
@@ -251,8 +252,8 @@ def _add_admin(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     options = argparse.ArgumentParser(add_help=False, parents=[common])
     options.add_argument("--admin-token", default=argparse.SUPPRESS, metavar="TOKEN",
                          help="bearer token of the Admin service (env RNNSERVE_ADMIN_TOKEN; default: --token)")
-    action = _group(commands, options, "admin", "load and unload model versions and choose the defaults "
-                                                "(the Admin service)")
+    action = _group(commands, options, "admin", "load and unload model versions, choose the defaults and share "
+                                                "named states with every caller (the Admin service)")
     load = action("load", _admin_load, "load VERSION of NAME from the server's model repository, checked first")
     load.add_argument("--default", action="store_true", help="then make it NAME's default for new sessions")
     unload = action("unload", _admin_unload, "stop serving VERSION of NAME: at once, or once its sessions end")
@@ -262,6 +263,13 @@ def _add_admin(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     for sub in (load, unload, default):
         sub.add_argument("name", metavar="NAME")
         sub.add_argument("version", metavar="VERSION")
+    share = action("share", _admin_share, "name the state after TEXT for every caller (read-only to them)")
+    share.add_argument("name", metavar="NAME")
+    share.add_argument("text", metavar="TEXT")
+    unshare = action("unshare", _admin_unshare, "forget a state shared with every caller")
+    unshare.add_argument("name", metavar="NAME")
+    for sub in (share, unshare):
+        _add_model_options(sub, "model whose named states these are, each version having its own")
 
 
 def _show(args: argparse.Namespace, value: Any, as_text: Callable[[Any], str]) -> None:
@@ -432,6 +440,18 @@ def _admin_default(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_share(client: Client, args: argparse.Namespace) -> int:
+    state = client.admin.register_shared_state(args.name, args.text, model=args.model, model_version=args.model_version)
+    _show(args, state, lambda s: f"shared {s.name} ({s.prompt_tokens} tokens) with every caller")
+    return 0
+
+
+def _admin_unshare(client: Client, args: argparse.Namespace) -> int:
+    client.admin.delete_shared_state(args.name, model=args.model, model_version=args.model_version)
+    _show(args, {"name": args.name, "deleted": True}, lambda deleted: f"deleted the shared state {deleted['name']}")
+    return 0
+
+
 def _health(client: Client, args: argparse.Namespace) -> int:
     status = client.health(args.service)
     _show(args, {"status": status}, lambda health: health["status"])
@@ -451,7 +471,8 @@ def _explain(error: RnnserveError, args: argparse.Namespace) -> str:
     if isinstance(error, Unavailable) and error.reason is None:
         return (f"error: {error}\n"
                 f"  is a server running at {args.address}? Start one with `rnnserve-server`, or pass --address.")
-    if isinstance(error, Unauthenticated) and args.run in (_admin_load, _admin_unload, _admin_default):
+    if isinstance(error, Unauthenticated) and args.run in (_admin_load, _admin_unload, _admin_default, _admin_share,
+                                                           _admin_unshare):
         return (f"error: {error}\n"
                 f"  Admin calls take a token of the server's --admin-tokens-file: pass --admin-token or set "
                 f"RNNSERVE_ADMIN_TOKEN.")

@@ -93,7 +93,9 @@ class Client(ClientBase):
                        model_version: str | int | None = None, timeout: float | None = None) -> NamedState:
         """Name the state after `prompt`: sessions can start from it, and prompts starting with it skip reading it.
 
-        Each model version has its own named states (a state means something only to its graph):
+        The state is this client's identity's alone: no other identity lists, uses or deletes it
+        (`admin.register_shared_state` registers one for everyone). A name shared with everyone
+        raises StateIsShipped. Each model version has its own named states (a state means something only to its graph):
         `model` and `model_version` choose whose, None for the defaults, as in `session`. Not
         retried: registering a name again replaces it, so a resent registration could undo a newer one.
         """
@@ -101,12 +103,14 @@ class Client(ClientBase):
 
     def states(self, *, model: str | None = None, model_version: str | int | None = None,
                timeout: float | None = None) -> list[NamedState]:
-        """Every named state of a model version (None: the defaults), shipped or registered, sorted by name."""
+        """The named states of a model version (None: the defaults) this client may use, sorted by name: shipped
+        ones, those shared through Admin, and its own identity's registered ones."""
         return self._call(calls.list_states(model, model_version), timeout)
 
     def delete_state(self, name: str, *, model: str | None = None, model_version: str | int | None = None,
                      timeout: float | None = None) -> None:
-        """Forget a registered state; sessions started from it keep their copy. Shipped ones raise StateIsShipped."""
+        """Forget one of this identity's registered states; sessions started from it keep their copy. Shipped and
+        shared ones raise StateIsShipped."""
         self._call(calls.delete_state(name, model, model_version), timeout)
 
     def resume(self, session_id: str, *, timeout: float | None = None) -> Session:
@@ -177,6 +181,17 @@ class Admin:
         """New sessions of `name` get `version` (and, with `server_default`, requests naming no model get
         `name`); running sessions stay where they are. A retiring version raises ModelRetiring."""
         return self._client._call(calls.set_default_model(name, version, server_default), timeout)
+
+    def register_shared_state(self, name: str, prompt: Tokens, *, model: str | None = None,
+                              model_version: str | int | None = None, timeout: float | None = None) -> NamedState:
+        """Name the state after `prompt` for every caller (source "shared"): each may list it and start from it,
+        none may replace or delete it. A shipped state's name raises StateIsShipped. Not retried."""
+        return self._client._call(calls.register_shared_state(name, prompt, model, model_version), timeout)
+
+    def delete_shared_state(self, name: str, *, model: str | None = None, model_version: str | int | None = None,
+                            timeout: float | None = None) -> None:
+        """Forget a shared state; sessions started from it keep their copy. A shipped one raises StateIsShipped."""
+        self._client._call(calls.delete_shared_state(name, model, model_version), timeout)
 
 
 class Session(SessionHandle):

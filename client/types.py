@@ -120,8 +120,9 @@ class SessionInfo:
 class NamedState:
     """A state sessions can start from (`initial_state=`): the state after reading `prompt_text` from zeros.
 
-    `source` is "bundle" for states shipped with the model, which cannot be deleted, and
-    "registered" for those made with `register_state`. The prompt is unknown (0 tokens, "") for
+    `source` is "bundle" for states shipped with the model and "shared" for those registered for
+    everyone through Admin (neither can be replaced or deleted by callers), and "registered" for
+    the caller's own, made with `register_state`. The prompt is unknown (0 tokens, "") for
     shipped states that did not record it.
     """
 

@@ -118,10 +118,11 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", settings.max_message_bytes)])
     on_rpc = None if metrics is None else metrics.record_rpc
-    servicer = InferenceServicer(engine, Readers(settings), ResponseWriter(),
+    readers, writer = Readers(settings), ResponseWriter()
+    servicer = InferenceServicer(engine, readers, writer,
                                  on_in_band_error=None if metrics is None else metrics.record_in_band_error)
     wire.add_to_server(Guarded(wire.Parsed(servicer), on_rpc=on_rpc), grpc_server)
-    admin = AdminServicer(engine, loader, ResponseWriter())
+    admin = AdminServicer(engine, loader, readers, writer)
     wire.add_to_server(Guarded(wire.Parsed(admin, wire.ADMIN_SERVICE), on_rpc=on_rpc), grpc_server, wire.ADMIN_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

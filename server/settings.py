@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rnnserve.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
+from rnnserve.server.core.prefix_cache import IDENTITY, SCOPES
 from rnnserve.server.logs import LOG_FORMATS
 
 ENV_PREFIX = "RNNSERVE_"
@@ -170,13 +171,30 @@ class Settings:
     rewind_checkpoint_every: int = _setting(
         32, "Tokens between a session's checkpoints: a rewind replays at most this plus the depth in one model call; "
         "fewer checkpoints cost less memory and a longer replay.", minimum=1)
+    prefix_cache_scope: str = _setting(
+        IDENTITY, "Whose cached prompts a new session may start from. 'identity': only its own identity's (and the "
+        "named states shared with everyone), so that neither an answer's cached_prompt_tokens nor its speed tells "
+        "one caller what another has sent. 'global': anyone's, for a deployment whose callers are one trusted "
+        "tenant; any caller can then confirm any prompt another has sent (docs/SECURITY.md).", choices=SCOPES)
     prefix_cache_entries: int = _setting(
-        1024, "Most prompts whose state the prefix-state cache keeps (least recently used go first), so that a new "
-        "session whose prompt starts with one skips reading that part. 0 turns the cache off; named states are "
-        "kept regardless.", minimum=0)
+        1024, "Most prompts whose state the prefix-state cache keeps for one identity (its least recently used go "
+        "first; no identity's prompts evict another's), so that a new session whose prompt starts with one skips "
+        "reading that part. With --prefix-cache-scope global, the most for everyone together. 0 turns the cache "
+        "off; named states are kept regardless.", minimum=0)
     prefix_cache_bytes: int = _setting(
-        64 * 1024 * 1024, "Most bytes the prefix-state cache holds: a state row and the prompt's tokens per entry.",
-        minimum=0)
+        64 * 1024 * 1024, "Most bytes the prefix-state cache holds for one identity (a state row and the prompt's "
+        "tokens per entry); with --prefix-cache-scope global, for everyone together.", minimum=0)
+    prefix_cache_identities: int = _setting(
+        16, "Most identities whose prompts the prefix-state cache keeps: the prompts of any further identity are "
+        "not cached (they are read as usual). Its evictable entries hold at most this times --prefix-cache-bytes.",
+        minimum=1)
+    prefix_cache_idle_seconds: float = _setting(
+        3600.0, "How long a cached prompt nobody starts from stays in the prefix-state cache; an identity whose "
+        "prompts have all gone leaves room for another (--prefix-cache-identities). 0: until evicted.", minimum=0)
+    max_states_per_identity: int = _setting(
+        64, "Most named states one identity may register (RegisterState) on one model version: each is a state row "
+        "and its prompt, pinned in memory until deleted. Beyond it, RESOURCE_EXHAUSTED (QuotaFailure subject "
+        "'identity'); replacing one of its own names is always allowed. 0: no bound.", minimum=0)
     prefix_cache_min_tokens: int = _setting(
         16, "Shortest prompt whose state is cached: shorter ones are read in about as long as a copy takes.",
         minimum=1)

@@ -146,7 +146,10 @@ class Engine:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_seconds)
-            expired = self.table.expire(time.monotonic())
+            now = time.monotonic()
+            expired = self.table.expire(now)
+            for model in self.models.all():
+                model.cache.expire(now)
             if any([model.pool.shrink() for model in self.models.all()]):
                 release_free_memory()
             if expired:
@@ -187,12 +190,13 @@ class Engine:
     async def create_session(self, owner: str, model: ServedModel, request: CreateInput) -> Created:
         """A new session of `model`, having read the prompt if there is one; no session is left behind on failure.
 
-        A session from zeros starts from the longest prefix of its prompt in the prefix-state cache and
-        reads only the rest; a prompt read (even partly) by the model is cached for the next session.
+        A session from zeros starts from the longest prefix of its prompt in the prefix-state cache that
+        `owner` may hit and reads only the rest; a prompt read (even partly) by the model is cached for
+        `owner`'s next session (for anyone's under the scope "global").
         """
         arrived = time.perf_counter()
         self._accepting()
-        initial = model.states.get(request.initial_state) if request.initial_state else None
+        initial = model.states.get(owner, request.initial_state) if request.initial_state else None
         session = self.table.create(owner, request.ttl_seconds or self.settings.default_ttl_seconds, model, initial)
         log.debug("created session %s of model %s", session.id, model.describe())
         if request.prompt is None:
@@ -204,7 +208,7 @@ class Engine:
             if len(rest):
                 answer = await model.batcher.submit(session, rest, prompt.top_k, prompt.temperature)
                 if initial is None:
-                    model.cache.put(prompt.tokens, model.pool.rows(session.slot))
+                    model.cache.put(owner, prompt.tokens, model.pool.rows(session.slot))
             else:
                 answer = StepAnswer(cached, self.operations.prediction(session, prompt.top_k, prompt.temperature))
         except BaseException:
@@ -217,9 +221,10 @@ class Engine:
 
     @staticmethod
     def _start_from_cache(session: Session, prompt: np.ndarray) -> int:
-        """Put the session where the longest cached prefix of `prompt` leaves it; how many tokens that is."""
+        """Put the session where the longest prefix of `prompt` cached for its owner leaves it; how many tokens
+        that is."""
         pool = session.model.pool
-        hit = session.model.cache.longest_prefix(prompt)
+        hit = session.model.cache.longest_prefix(session.owner, prompt)
         if hit is None:
             return 0
         pool.set_rows(session.slot, hit.rows)

@@ -99,6 +99,11 @@ class RequestChecks:
         """A model name; "" selects the default."""
         return _quotable(field, value)
 
+    @classmethod
+    def model_of(cls, request: Message) -> tuple[str, str]:
+        """The model and version a request names in its `model` and `model_version` fields; "" for the defaults."""
+        return cls.model_name(request.model, "model"), cls.model_name(request.model_version, "model_version")
+
     def fork(self, request: pb.ForkSessionRequest) -> tuple[int, int | None, int | None]:
         """(count, ttl or None for the source's, expected position)."""
         if request.count > MAX_FORKS:
@@ -366,7 +371,8 @@ class ResponseWriter:
                                    position=token.position, finish_reason=FINISH_REASONS[token.finish])
 
     @staticmethod
-    def model(model: ServedModel, models: ModelRegistry) -> pb.Model:
+    def model(model: ServedModel, models: ModelRegistry, owner: str | None = None) -> pb.Model:
+        """`model` as `owner` may see it: only its own sessions counted, or everyone's for an operator (None)."""
         bundle = model.bundle
         sizes = bundle.manifest["sizes"]
         metrics = {key: float(value) for key, value in bundle.manifest.get("metrics", {}).items()
@@ -376,7 +382,8 @@ class ResponseWriter:
                         vocab_size=sizes["vocab_size"], sha256=bundle.sha256,
                         state_bytes_per_session=bundle.state_bytes_per_session, metrics=metrics,
                         is_default=models.is_server_default(model), default_version=models.is_default(model),
-                        sessions=model.sessions, retiring=model.retiring)
+                        sessions=model.sessions if owner is None else model.sessions_by_owner[owner],
+                        retiring=model.retiring)
 
 
 def _each_session_once(steps) -> None:

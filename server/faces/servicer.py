@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+from google.protobuf.message import Message
 
 from rnnserve.server.core.engine import Engine
 from rnnserve.server.core.errors import RnnserveError, to_status
@@ -42,9 +43,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._write = writer
         self._on_in_band_error = on_in_band_error  # called with the google.rpc.Code of each in-band error
 
-    def _model(self, name: str, version: str, *, for_new_sessions: bool = True) -> ServedModel:
+    def _model(self, request: Message, *, for_new_sessions: bool = True) -> ServedModel:
         """The model version a request names in its `model` and `model_version` fields."""
-        name, version = RequestReader.model_name(name, "model"), RequestReader.model_name(version, "model_version")
+        name, version = RequestReader.model_of(request)
         return self._models.get(name, version) if for_new_sessions else self._models.find(name, version)
 
     async def _reader_of(self, session_id: str, owner: str) -> RequestReader:
@@ -52,7 +53,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return self._readers.of(await self._engine.model_of(session_id, owner))
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
-        model = self._model(request.model, request.model_version)
+        model = self._model(request)
         created = await self._engine.create_session(caller(context), model, self._readers.of(model).create(request))
         response = pb.CreateSessionResponse(session=self._write.session(created.session),
                                             cached_prompt_tokens=created.cached_tokens)
@@ -115,10 +116,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     lambda model: self._readers.of(model).generate(request), send)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[self._write.model(model, self._models) for model in self._models.all()])
+        owner = caller(context)
+        return pb.ListModelsResponse(models=[self._write.model(model, self._models, owner)
+                                             for model in self._models.all()])
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.Model:
-        return self._write.model(self._model(request.name, request.version, for_new_sessions=False), self._models)
+        name = RequestReader.model_name(request.name, "model")
+        version = RequestReader.model_name(request.version, "model_version")
+        return self._write.model(self._models.find(name, version), self._models, caller(context))
 
     # Session operations --------------------------------------------------------------------------
 
@@ -173,17 +178,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def RegisterState(self, request: pb.RegisterStateRequest, context) -> pb.NamedState:
-        model = self._model(request.model, request.model_version)
+        model = self._model(request)
         name, tokens = self._readers.of(model).register_state(request)
-        return self._write.named_state(await self._operations.register_state(model, name, tokens), model)
+        return self._write.named_state(await self._operations.register_state(model, caller(context), name, tokens),
+                                       model)
 
     async def ListStates(self, request: pb.ListStatesRequest, context) -> pb.ListStatesResponse:
-        model = self._model(request.model, request.model_version, for_new_sessions=False)
-        return pb.ListStatesResponse(states=[self._write.named_state(state, model) for state in model.states.all()])
+        model = self._model(request, for_new_sessions=False)
+        states = model.states.all(caller(context))
+        return pb.ListStatesResponse(states=[self._write.named_state(state, model) for state in states])
 
     async def DeleteState(self, request: pb.DeleteStateRequest, context) -> pb.DeleteStateResponse:
-        model = self._model(request.model, request.model_version, for_new_sessions=False)
-        model.states.delete(check_name(request.name))
+        model = self._model(request, for_new_sessions=False)
+        model.states.delete(caller(context), check_name(request.name))
         return pb.DeleteStateResponse()
 
     # Steps -------------------------------------------------------------------------------------
