@@ -29,17 +29,18 @@ def _setting(default: object, help: str, **rules: object):
 @dataclass(frozen=True)
 class Settings:
     bundle: Path | None = _setting(
-        None, "One model bundle directory (manifest.json + model.onnx) to serve alone, instead of a repository. "
-        "Default: the model shipped with rnnserve.")
+        None, "One model bundle directory (manifest.json + model.onnx) to serve alone, instead of a repository: "
+        "Admin then loads nothing and nothing is polled. Default: the repository shipped with rnnserve.")
     model_repository: Path | None = _setting(
         None, "Model repository to serve: <dir>/<model>/<version>/ holds a bundle, versions are positive integers "
         "(Triton's layout), and an optional <dir>/<model>/model.json {\"default_version\": \"N\"} picks the version "
         "new sessions get (else the highest). Every version is loaded and checked (bundle checks and a parity "
-        "self-test); a version that fails is refused and logged. Not with --bundle.")
+        "self-test); a version that fails is refused and logged. Not with --bundle. Default: the repository shipped "
+        "with rnnserve (its models are served, loaded and polled the same way).")
     default_model: str = _setting(
-        "", "With --model-repository: the model requests get when they name none. Empty: the first by name.")
+        "", "The repository's model that requests get when they name none. Empty: the first by name.")
     model_poll_seconds: float = _setting(
-        5.0, "With --model-repository: how often to look for versions dropped in (or removed). A new version newer "
+        5.0, "How often to look in the model repository for versions dropped in (or removed). A new version newer "
         "than its model's default is loaded, checked and made the default for new sessions; the version it replaces "
         "serves its running sessions and unloads after the last one ends. Copy a version in under a name starting "
         "with '.' and rename it into place, so that it appears whole. 0: never look (Admin calls still load).",
@@ -212,8 +213,8 @@ class Settings:
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.bundle is not None and self.model_repository is not None:
             raise ValueError("bundle and model_repository exclude each other: serve one bundle or a repository")
-        if self.default_model and self.model_repository is None:
-            raise ValueError("default_model needs a model_repository to choose from")
+        if self.default_model and self.bundle is not None:
+            raise ValueError("default_model chooses among a repository's models: not with a bundle served alone")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 
