@@ -10,17 +10,13 @@ from collections.abc import Sequence
 from typing import TypeVar, Union
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from rnnserve import wire_numbers
 from rnnserve.client.errors import FieldViolation, InvalidArgument
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 M = TypeVar("M", bound=Message)
-# What each integer wire type holds: a Python int outside it makes protobuf raise a bare ValueError that names
-# no field, so it is refused here first, as the server refuses a field out of its range.
-_WIRE_RANGES = {FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1), FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
-                FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1), FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1)}
 
 # Tokens to feed: text (encoded by the server with the model's vocabulary) or token ids.
 Tokens = Union[str, Sequence[int]]
@@ -29,15 +25,19 @@ DEFAULT_TOP_K = 5
 
 
 def _message(message_class: type[M], **fields: object) -> M:
-    """`message_class(**fields)`, with every integer checked against its wire type: InvalidArgument naming the
-    field and its range, not a traceback from inside protobuf, for what a caller (or a CLI flag) can type."""
+    """`message_class(**fields)`, each integer as the wire can carry it (`wire_numbers.carried`): a number outside
+    its field's wire type is sent as a stand-in the server refuses naming the field's real range, or refused here
+    naming the wire's (InvalidArgument), rather than a traceback from inside protobuf."""
     for name, value in fields.items():
-        limits = _WIRE_RANGES.get(message_class.DESCRIPTOR.fields_by_name[name].type)
-        values = value if isinstance(value, (list, tuple)) else () if value is None else (value,)
-        if limits and any(not limits[0] <= v <= limits[1] for v in values):
-            description = f"must be in [{limits[0]}, {limits[1]}], got {value}"
-            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {description}",
-                                  reason="INVALID_ARGUMENT", field_violations=(FieldViolation(name, description),))
+        field = message_class.DESCRIPTOR.fields_by_name[name]
+        if field.type not in wire_numbers.RANGES or value is None:
+            continue
+        try:
+            fields[name] = [wire_numbers.carried(field, v) for v in value] if isinstance(value, (list, tuple)) \
+                else wire_numbers.carried(field, value)
+        except ValueError as error:
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {error}", reason="INVALID_ARGUMENT",
+                                  field_violations=(FieldViolation(name, str(error)),)) from None
     return message_class(**fields)
 
 

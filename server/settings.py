@@ -16,13 +16,15 @@ from pathlib import Path
 
 from rnnserve.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from rnnserve.server.logs import LOG_FORMATS
+from rnnserve.wire_numbers import MAX_UINT32_LIMIT
 
 ENV_PREFIX = "RNNSERVE_"
 FULL_POLICIES = ("refuse", "evict-oldest")
 
 
 def _setting(default: object, help: str, **rules: object):
-    """A field with its `--help` text and the rules `Settings` checks (minimum, choices)."""
+    """A field with its `--help` text and the rules `Settings` checks (minimum, maximum, choices); a limit of a
+    uint32 request field has MAX_UINT32_LIMIT as its maximum (see rnnserve/wire_numbers.py)."""
     return field(default=default, metadata={"help": help, **rules})
 
 
@@ -86,15 +88,16 @@ class Settings:
         "--max-sessions keeps the table from filling, so that no identity's sessions are evicted for another's. "
         "0: no cap.", minimum=0)
     default_ttl_seconds: int = _setting(
-        3600, "Idle time-to-live of a session that asks for none; an idle session is freed after it.", minimum=1)
+        3600, "Idle time-to-live of a session that asks for none; an idle session is freed after it.", minimum=1,
+        maximum=MAX_UINT32_LIMIT)
     max_ttl_seconds: int = _setting(
-        86_400, "Longest idle time-to-live a session may ask for.", minimum=1)
+        86_400, "Longest idle time-to-live a session may ask for.", minimum=1, maximum=MAX_UINT32_LIMIT)
     max_input_tokens: int = _setting(
         16_384, "Most token ids in one step or prompt.", minimum=1)
     max_input_chars: int = _setting(
         16_384, "Most characters of text in one step or prompt.", minimum=1)
     max_generate_tokens: int = _setting(
-        4096, "Most tokens one Generate call may ask for.", minimum=1)
+        4096, "Most tokens one Generate call may ask for.", minimum=1, maximum=MAX_UINT32_LIMIT)
     max_batch_size: int = _setting(
         256, "Most sessions whose steps run in one model call.", minimum=1)
     max_batch_tokens: int = _setting(
@@ -200,6 +203,8 @@ class Settings:
             value, rules = getattr(self, settings_field.name), settings_field.metadata
             if "minimum" in rules and value < rules["minimum"]:
                 raise ValueError(f"{settings_field.name} must be at least {rules['minimum']}, got {value}")
+            if "maximum" in rules and value > rules["maximum"]:
+                raise ValueError(f"{settings_field.name} must be at most {rules['maximum']}, got {value}")
             if "choices" in rules and value not in rules["choices"]:
                 raise ValueError(f"{settings_field.name} must be one of {', '.join(rules['choices'])}, got {value!r}")
         if self.snapshot_interval_seconds and not self.snapshot_path:

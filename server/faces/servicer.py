@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import grpc
 
-from rnnserve.server.core.engine import Engine
+from rnnserve.server.core.engine import Engine, GenerateInput
 from rnnserve.server.core.errors import RnnserveError, to_status
 from rnnserve.server.core.generate import GeneratedToken
 from rnnserve.server.core.named_states import check_name
@@ -53,11 +53,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         model = self._model(request.model, request.model_version)
-        created = await self._engine.create_session(caller(context), model, self._readers.of(model).create(request))
+        create = self._readers.of(model).create(request)
+        created = await self._engine.create_session(caller(context), model, create)
         response = pb.CreateSessionResponse(session=self._write.session(created.session),
                                             cached_prompt_tokens=created.cached_tokens)
         if created.answer is not None:
             self._write.prediction(created.answer.prediction, response.prediction)
+            response.unknown_characters = create.prompt.unknown_characters
         return response
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
@@ -107,12 +109,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def Generate(self, request: pb.GenerateRequest, context) -> None:
+        unknown = 0  # the request's, told on the first token only
+
+        def read(model: ServedModel) -> GenerateInput:
+            nonlocal unknown
+            generate = self._readers.of(model).generate(request)
+            unknown = generate.unknown_characters
+            return generate
+
         async def send(token: GeneratedToken) -> None:
-            await context.write(self._write.generated(token))
+            nonlocal unknown
+            response = self._write.generated(token)
+            response.unknown_characters, unknown = unknown, 0
+            await context.write(response)
 
         self._checks.generate_options(request)
-        await self._engine.generate(RequestReader.session_id(request.session_id), caller(context),
-                                    lambda model: self._readers.of(model).generate(request), send)
+        await self._engine.generate(RequestReader.session_id(request.session_id), caller(context), read, send)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[self._write.model(model, self._models) for model in self._models.all()])
@@ -148,14 +160,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         continuations = (await self._reader_of(session_id, owner)).score(request)
         position, scored = await self._operations.score(session_id, owner, continuations,
                                                         RequestReader.expected_position(request))
-        return self._write.scores(position, scored)
+        return self._write.scores(request, position, scored)
 
     async def Peek(self, request: pb.StepRequest, context) -> pb.StepResponse:
         session_id, owner = RequestReader.session_id(request.session_id), caller(context)
         step = (await self._reader_of(session_id, owner)).step(request)
         answer = await self._operations.peek(session_id, owner, step.tokens, step.top_k, step.temperature,
                                              step.expected_position)
-        return self._write.step(request, answer)
+        return self._write.step(request, answer._replace(unknown_characters=step.unknown_characters))
 
     async def ExportSession(self, request: pb.ExportSessionRequest, context) -> pb.ExportSessionResponse:
         session, blob = await self._operations.export(RequestReader.session_id(request.session_id), caller(context),
