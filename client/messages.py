@@ -36,9 +36,32 @@ def _message(message_class: type[M], **fields: object) -> M:
             fields[name] = [wire_numbers.carried(field, v) for v in value] if isinstance(value, (list, tuple)) \
                 else wire_numbers.carried(field, value)
         except ValueError as error:
-            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {error}", reason="INVALID_ARGUMENT",
-                                  field_violations=(FieldViolation(name, str(error)),)) from None
-    return message_class(**fields)
+            raise _invalid(name, str(error)) from None
+    try:
+        return message_class(**fields)
+    except UnicodeEncodeError as error:  # a str holding lone surrogates: bytes that were not UTF-8 (PEP 383)
+        name = next(name for name, value in fields.items() if _unencodable(value))
+        raise _invalid(name, f"not UTF-8 text: character {error.start} is a lone surrogate "
+                             f"({error.object[error.start]!r}), which is what Python makes of bytes that are not "
+                             f"UTF-8") from None
+
+
+def _unencodable(value: object) -> bool:
+    texts = value if isinstance(value, (list, tuple)) else (value,)
+    return any(isinstance(text, str) and not text.isascii() and _has_surrogate(text) for text in texts)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _invalid(name: str, description: str) -> InvalidArgument:
+    return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {description}", reason="INVALID_ARGUMENT",
+                           field_violations=(FieldViolation(name, description),))
 
 
 def version(value: str | int | None) -> str | None:

@@ -108,6 +108,13 @@ def test_an_unknown_field_is_named_and_the_fields_listed_as_the_proto_spells_the
     assert http.call("Step", {"session_id": session.id, "text": "a", "topK": 3})["position"] == "4"  # JSON's own name
 
 
+def test_a_python_text_that_is_not_utf8_is_refused_naming_its_field_before_any_call(alice):
+    session = alice.session("The")
+    assert over_grpc(lambda: session.step("To be\udcff"))[0] == "text"  # argv's undecodable bytes, as Python has them
+    assert over_grpc(lambda: list(session.generate(2, stop=["ok", "\udcfe"])))[0] == "stop"
+    assert session.step("a").position == 4
+
+
 def test_an_empty_text_is_named_as_the_text_the_caller_gave(alice, http):
     session = alice.session()
     assert over_grpc(lambda: session.step(""))[0] == "text"
