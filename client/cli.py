@@ -484,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
             status = args.run(client, args)
     except RnnserveError as error:
         sys.exit(_explain(error, args))
+    except UnicodeDecodeError as error:  # `interactive` reading standard input as it comes, line by line
+        sys.exit(f"error: {cli_text.not_utf8('standard input', error)}")
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

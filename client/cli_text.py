@@ -16,14 +16,19 @@ import sys
 STDIN = "-"
 
 
+def not_utf8(source: str, error: UnicodeDecodeError, offset: int | None = None) -> str:
+    """What to say of `source` whose bytes failed to decode: the first byte at fault, at `offset` when known."""
+    at = "" if offset is None else f" at offset {offset}"
+    return (f"{source} is not UTF-8: byte 0x{error.object[error.start]:02x}{at} ({error.reason}); convert it first, "
+            f"e.g. with `iconv -f latin1 -t utf-8`")
+
+
 def decoded(data: bytes, source: str) -> str:
     """`data` as UTF-8; argparse's error naming `source`, the offset and the byte when it is not."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise argparse.ArgumentTypeError(
-            f"{source} is not UTF-8: byte 0x{data[error.start]:02x} at offset {error.start} ({error.reason}); "
-            f"convert it first, e.g. with `iconv -f latin1 -t utf-8`") from None
+        raise argparse.ArgumentTypeError(not_utf8(source, error, error.start)) from None
 
 
 def text_argument(value: str) -> str:

@@ -264,10 +264,10 @@ def test_an_empty_prompt_is_named_as_the_text_given(cli):
         assert refused.returncode == 1 and refused.stderr.startswith("error: text: "), refused.stderr
 
 
-def run_bytes(address: str, *args: bytes, stdin: bytes = b"") -> subprocess.CompletedProcess:
+def run_bytes(address: str, *args: bytes, stdin: bytes = b"", **environment: str) -> subprocess.CompletedProcess:
     """The command with arguments as raw bytes, as a shell passes $'...' to it."""
     return subprocess.run([COMMAND.encode(), *args], input=stdin, capture_output=True, timeout=60,
-                          env={**os.environ, "RNNSERVE_ADDRESS": address})
+                          env={**os.environ, "RNNSERVE_ADDRESS": address, **environment})
 
 
 @pytest.mark.parametrize("args", [(b"predict", b"To be\xff\xfe"), (b"generate", b"To be\xff\xfe"),
@@ -314,3 +314,13 @@ def test_unknown_characters_are_counted_and_noted(cli):
     assert cli("predict", "the fox").stderr == ""
     generated = cli("generate", "Zebra", "--max-tokens", "2")
     assert "1 character of the prompt is not in the model's vocabulary and was read" in generated.stderr
+
+
+@pytest.mark.parametrize(("errors", "said"), [
+    ("strict", "error: standard input is not UTF-8: byte 0xe9 (invalid continuation byte)"),
+    ("surrogateescape", "error: text: not UTF-8 text: character 8 is a lone surrogate ('\\udce9')")])
+def test_interactive_input_that_is_not_utf8_ends_in_one_line(address, errors, said):
+    """Python reads standard input with either error handler, by locale: each ends in one line."""
+    refused = run_bytes(address, b"interactive", stdin=b"the king\nthe caf\xe9\n", PYTHONIOENCODING=f"utf-8:{errors}")
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+    assert refused.stderr.decode().startswith(said)

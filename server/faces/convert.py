@@ -316,7 +316,8 @@ class ResponseWriter:
         response.session_id = request.session_id
         response.position = answer.position
         response.request_id = request.request_id
-        response.unknown_characters = answer.unknown_characters
+        if answer.unknown_characters:  # rare: a plain step skips protobuf's setter
+            response.unknown_characters = answer.unknown_characters
         cls.prediction(answer.prediction, response.prediction)
         return response
 
