@@ -4,9 +4,10 @@ Python client) and HTTP, and none for ids."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
-from faces import ALICE, HttpFace
+from faces import ALICE, HttpFace, read_events
 from rnnserve.vocab import UNKNOWN_ID
 
 TEXT = "Zoë the fox"  # "Z" and "ë" are outside the tiny model's vocabulary (conftest's TINY_TEXT)
@@ -53,3 +54,14 @@ def test_http_answers_carry_the_count(faces_server):
         assert [token["unknown_characters"] for token in tokens] == [UNKNOWN, 0]
     finally:
         http.close()
+
+
+def test_completions_usage_counts_the_prompts_unknown_characters(faces_server):
+    url = f"http://127.0.0.1:{faces_server.server.http_port}/v1/completions"
+    headers = {"authorization": f"Bearer {ALICE}"}
+    answer = httpx.post(url, json={"prompt": TEXT, "max_tokens": 2}, headers=headers, timeout=30).json()
+    assert answer["usage"]["unknown_characters"] == UNKNOWN and answer["usage"]["prompt_tokens"] == len(TEXT)
+    streamed = read_events(httpx.post(url, json={"prompt": "the", "max_tokens": 2, "stream": True,
+                                                 "stream_options": {"include_usage": True}},
+                                      headers=headers, timeout=30).text.replace("data: [DONE]", "").strip())
+    assert streamed[-1]["usage"]["unknown_characters"] == 0

@@ -8,6 +8,7 @@ Supported: model (a loaded model's name; "" for the default), prompt (a string, 
 or a list of one of either; not empty), max_tokens (default 16), temperature (default 1; 0 is greedy), top_p,
 seed, stop (a string or a list of up to 4; left out of the text, as OpenAI does), stream, stream_options'
 include_usage, logprobs 0 (each chosen token's log-probability; no alternatives), user (ignored).
+`usage` also counts the prompt's characters outside the vocabulary (`unknown_characters`).
 Refused with 400 naming the field: n, best_of other than 1, echo, suffix, presence and frequency
 penalties other than 0, logit_bias, logprobs above 0, and any field OpenAI does not define.
 """
@@ -183,9 +184,8 @@ class Completions:
             completion.generate.session_id = created.session.session_id
             head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                     "model": created.session.model}
-            prompt_tokens = created.session.position
             if completion.stream:
-                return await sse.event_stream(lambda send: self._chunks(completion, context, head, prompt_tokens, send),
+                return await sse.event_stream(lambda send: self._chunks(completion, context, head, created, send),
                                               error_event, last="[DONE]")
             try:
                 tokens, finish, generated = await self._generate(completion, context)
@@ -194,7 +194,7 @@ class Completions:
         except Exception as error:  # noqa: BLE001  (answered as every HTTP error is)
             return error_response(error)
         return JSONResponse({**head, "choices": [_choice(tokens, finish, completion.logprobs, 0)],
-                             "usage": _usage(prompt_tokens, generated)})
+                             "usage": _usage(created, generated)})
 
     async def _create(self, completion: Completion, context: HttpContext) -> pb.CreateSessionResponse:
         """The session with the prompt read; an error about the prompt names `prompt`, the field the caller gave."""
@@ -219,7 +219,7 @@ class Completions:
         await self._servicer.Generate(completion.generate, HttpContext(context.peer_identities(), write))
         return out, finish, generated
 
-    async def _chunks(self, completion: Completion, context: HttpContext, head: dict, prompt_tokens: int,
+    async def _chunks(self, completion: Completion, context: HttpContext, head: dict, created: pb.CreateSessionResponse,
                       send: sse.Send) -> None:
         stops, sent, generated = StopsLeftOut(completion.generate.stop), 0, 0
 
@@ -237,14 +237,17 @@ class Completions:
         finally:
             await self._close(completion, context)
         if completion.usage_in_stream:
-            await send({**head, "choices": [], "usage": _usage(prompt_tokens, generated)})
+            await send({**head, "choices": [], "usage": _usage(created, generated)})
 
     async def _close(self, completion: Completion, context: HttpContext) -> None:
         await self._servicer.CloseSession(pb.CloseSessionRequest(session_id=completion.generate.session_id), context)
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(created: pb.CreateSessionResponse, completion: int) -> dict:
+    """OpenAI's usage, and rnnserve's count of the prompt's characters read as the unknown token (docs/INPUT.md)."""
+    prompt = created.session.position
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "unknown_characters": created.unknown_characters}
 
 
 _NULLABLE_INT = {"type": "integer", "nullable": True}
