@@ -407,6 +407,7 @@ def _states_list(client: Client, args: argparse.Namespace) -> int:
 
 def _states_register(client: Client, args: argparse.Namespace) -> int:
     state = client.register_state(args.name, args.text, model=args.model, model_version=args.model_version)
+    _note_unknown(state.unknown_characters, "the prompt")
     _show(args, state, lambda s: f"registered {s.name} ({s.prompt_tokens} tokens)")
     return 0
 

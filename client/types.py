@@ -136,17 +136,19 @@ class NamedState:
 
     `source` is "bundle" for states shipped with the model, which cannot be deleted, and
     "registered" for those made with `register_state`. The prompt is unknown (0 tokens, "") for
-    shipped states that did not record it.
+    shipped states that did not record it. `unknown_characters`, in `register_state`'s answer,
+    counts the prompt's characters outside the vocabulary, read as "<unk>".
     """
 
     name: str
     source: str
     prompt_tokens: int
     prompt_text: str
+    unknown_characters: int = 0
 
     @classmethod
     def from_pb(cls, state: pb.NamedState) -> NamedState:
-        return cls(state.name, state.source, state.prompt_tokens, state.prompt_text)
+        return cls(state.name, state.source, state.prompt_tokens, state.prompt_text, state.unknown_characters)
 
 
 @dataclass(frozen=True)

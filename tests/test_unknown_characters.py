@@ -32,6 +32,8 @@ def test_every_answer_to_a_text_counts_its_unknown_characters_over_grpc(alice, b
         assert [stream.step(created, text).unknown_characters for text in ("ë", "e")] == [1, 0]
     tokens = list(created.generate(3, tokens=TEXT))
     assert [token.unknown_characters for token in tokens] == [UNKNOWN, 0, 0]  # told on the first token only
+    assert alice.register_state("zoe", TEXT).unknown_characters == UNKNOWN
+    assert {state.name: state.unknown_characters for state in alice.states()}["zoe"] == 0  # a listing reads nothing
 
 
 def test_a_retried_step_counts_them_again(alice):

@@ -247,12 +247,13 @@ class RequestReader(RequestChecks):
         """(ttl, top_k, temperature)."""
         return self._ttl(request.ttl_seconds), self._top_k(request.top_k), self._temperature(request.temperature)
 
-    def register_state(self, request: pb.RegisterStateRequest) -> tuple[str, np.ndarray]:
+    def register_state(self, request: pb.RegisterStateRequest) -> tuple[str, np.ndarray, int]:
+        """(name, prompt tokens, how many of the prompt's characters were read as the unknown token)."""
         tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
         if tokens is None:
             raise InvalidArgument("prompt_text", "give prompt_text or prompt_token_ids: a named state is the state "
                                                  "after a prompt")
-        return check_name(request.name), tokens
+        return check_name(request.name), tokens, _unknown(tokens, request.prompt_text)
 
     def generate(self, request: pb.GenerateRequest) -> GenerateInput:
         sampling = self.generate_options(request)

@@ -186,8 +186,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def RegisterState(self, request: pb.RegisterStateRequest, context) -> pb.NamedState:
         model = self._model(request.model, request.model_version)
-        name, tokens = self._readers.of(model).register_state(request)
-        return self._write.named_state(await self._operations.register_state(model, name, tokens), model)
+        name, tokens, unknown = self._readers.of(model).register_state(request)
+        registered = self._write.named_state(await self._operations.register_state(model, name, tokens), model)
+        registered.unknown_characters = unknown
+        return registered
 
     async def ListStates(self, request: pb.ListStatesRequest, context) -> pb.ListStatesResponse:
         model = self._model(request.model, request.model_version, for_new_sessions=False)

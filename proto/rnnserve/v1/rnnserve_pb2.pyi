@@ -423,16 +423,18 @@ class RegisterStateRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class NamedState(_message.Message):
-    __slots__ = ("name", "source", "prompt_tokens", "prompt_text")
+    __slots__ = ("name", "source", "prompt_tokens", "prompt_text", "unknown_characters")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     prompt_tokens: int
     prompt_text: str
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ...) -> None: ...
+    unknown_characters: int
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ..., unknown_characters: _Optional[int] = ...) -> None: ...
 
 class ListStatesRequest(_message.Message):
     __slots__ = ("model", "model_version")
