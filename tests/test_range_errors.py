@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from faces import ALICE, Failed, HttpFace
-from rnnserve.client import InvalidArgument
+from rnnserve.client import Client, InvalidArgument
 from rnnserve.server.settings import Settings
 from rnnserve.wire_numbers import MAX_UINT32_LIMIT
 
@@ -153,3 +153,12 @@ def test_completions_state_max_tokens_range_and_take_at_most_four_stop_strings(c
         "stop", "at most 4 strings (OpenAI's limit), got 5")
     assert completions({"prompt": "The", "stop": list("abcd"), "max_tokens": 3}).status_code == 200
     assert refused_field(completions({"prompt": "The", "bogus": 1}))[0] == "bogus"
+
+
+def test_completions_refuse_a_bad_max_tokens_before_opening_a_session(start_server):
+    running = start_server(http_listen="127.0.0.1:0", max_sessions=1)
+    with Client(running.address) as client, client.session("The"):  # the table is full
+        answer = httpx.post(f"http://127.0.0.1:{running.server.http_port}/v1/completions",
+                            json={"prompt": "The", "max_tokens": 0}, timeout=30)
+        assert refused_field(answer) == ("max_tokens", "must be in [1, 4096]")  # not 429: nothing was opened
+        assert len(client.models()) == 1 and client.models()[0].sessions == 1

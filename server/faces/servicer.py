@@ -123,8 +123,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             response.unknown_characters, unknown = unknown, 0
             await context.write(response)
 
-        self._checks.generate_options(request)
+        self.check_generate(request)
         await self._engine.generate(RequestReader.session_id(request.session_id), caller(context), read, send)
+
+    def check_generate(self, request: pb.GenerateRequest) -> None:
+        """Generate's checks that need no session (the server's limits), for a face that opens the session itself
+        (/v1/completions): a mistake is then refused before a session is opened and its prompt read, and answered
+        INVALID_ARGUMENT even when the session table is full."""
+        self._checks.generate_options(request)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[self._write.model(model, self._models) for model in self._models.all()])

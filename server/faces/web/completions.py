@@ -180,6 +180,7 @@ class Completions:
         try:
             context = HttpContext(self._identities(request))
             completion = read(await json_body(request, self._max_body_bytes) or {})
+            self._servicer.check_generate(completion.generate)
             created = await self._create(completion, context)
             completion.generate.session_id = created.session.session_id
             head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
