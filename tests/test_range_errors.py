@@ -48,7 +48,7 @@ def test_top_k_states_the_vocabulary_range_for_any_value(alice, http, bundle):
     session = alice.session("The")
     said = {over_grpc(lambda v=v: session.step("a", top_k=v)) for v in (vocab + 1, HUGE, -1)}
     said |= {over_http(http, "Step", {"session_id": session.id, "text": "a", "top_k": v})
-             for v in (vocab + 1, HUGE, -1, 1e300, 10**300)}
+             for v in (vocab + 1, HUGE, -1, 1e300, 10**300, "-1", "1e300", "9" * 300)}
     assert said == {("top_k", f"must be in [1, {vocab}], the vocabulary size (0 means 5)")}
     assert session.step("a").position == 4  # none of them moved the session
 

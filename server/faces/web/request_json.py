@@ -6,7 +6,8 @@ whole (1e300 as 301 digits) under the wire type's range, not the field's. So the
 first, against the message's descriptor:
 - a key that is no field (by its .proto name, or the camelCase one protobuf's JSON mapping also
   reads) is refused naming it and listing the fields as the .proto spells them;
-- an integer field's number: a fraction is refused; a number the wire cannot hold becomes the
+- an integer field's number (or a string holding one, which protobuf's JSON mapping also reads):
+  a fraction is refused; a number the wire cannot hold becomes the
   stand-in of `rnnserve.wire_numbers`, which the servicer refuses naming the field's real range,
   the same message gRPC callers get; where there is no stand-in, the wire type's range is the
   field's, and the number is quoted compactly.
@@ -61,7 +62,11 @@ def _one(field: FieldDescriptor, value: object, where: str) -> object:
     if field.message_type is not None and isinstance(value, dict) and not field.message_type.GetOptions().map_entry \
             and field.message_type.full_name.startswith("rnnserve."):
         return _checked(field.message_type, value, f"{where}.")
-    if field.type not in wire_numbers.RANGES or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if field.type not in wire_numbers.RANGES or isinstance(value, bool):
+        return value
+    if isinstance(value, str):  # protobuf's JSON mapping reads integers from strings too ("12", "1e300")
+        value = _number(value)
+    if not isinstance(value, (int, float)):
         return value  # ParseDict refuses what is not a number, naming the field
     if isinstance(value, float):
         if not math.isfinite(value) or value != int(value):
@@ -71,3 +76,15 @@ def _one(field: FieldDescriptor, value: object, where: str) -> object:
         return wire_numbers.carried(field, value)
     except ValueError as error:
         raise InvalidArgument(where, str(error)) from None
+
+
+def _number(text: str) -> int | float | str:
+    """The number a string holds, as ParseDict would read it; the string itself when it holds none."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
