@@ -4,8 +4,9 @@
 `Server.stop` drains in order: health goes NOT_SERVING, new work is refused UNAVAILABLE, with a
 session store every session is handed to it (after the work already queued on it), calls in
 flight get the grace period, then the engine's background tasks stop. Unless metrics are
-off, the server's metrics live in a registry of its own, served on their own port. With a model
-repository, the server polls it for versions dropped in while it serves (`model_loading`).
+off, the server's metrics live in a registry of its own, served on their own port. Unless it serves
+one bundle alone, the server polls its model repository (the shipped one by default) for versions
+dropped in while it serves (`model_loading`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from rnnserve.bundle import Bundle
 from rnnserve.server import logs
 from rnnserve.server.core.engine import Engine
-from rnnserve.server.core.model_loading import ModelLoader, startup_bundles
+from rnnserve.server.core.model_loading import ModelLoader, served_repository, startup_bundles
 from rnnserve.server.faces import auth, tls, wire
 from rnnserve.server.faces.admin import AdminServicer
 from rnnserve.server.faces.convert import Readers, ResponseWriter
@@ -97,7 +98,8 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
 
     Call it inside the event loop that will run the server.
     """
-    bundles = [(bundle, True)] if bundle is not None else startup_bundles(settings.model_repository, settings.bundle,
+    repository = None if bundle is not None else served_repository(settings.model_repository, settings.bundle)
+    bundles = [(bundle, True)] if bundle is not None else startup_bundles(repository, settings.bundle,
                                                                           settings.default_model)
     logs.lower_caller_gone_records()
     methods = [method.name for service in (wire.SERVICE, wire.ADMIN_SERVICE) for method in service.methods]
@@ -107,7 +109,7 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     if metrics is not None:
         for name, version in ((b.name, b.version) for b, _ in bundles):
             metrics.record_model_load(name, version, loaded=True)
-    loader = ModelLoader(engine, settings.model_repository, settings.model_poll_seconds)
+    loader = ModelLoader(engine, repository, settings.model_poll_seconds)
     # Health and reflection stay open to callers without a token: probes have none, and reflection
     # describes only the schema, which ships with the client anyway.
     open_services = (health.SERVICE_NAME, reflection.SERVICE_NAME)

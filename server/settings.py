@@ -17,30 +17,33 @@ from pathlib import Path
 from rnnserve.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from rnnserve.server.core.prefix_cache import IDENTITY, SCOPES
 from rnnserve.server.logs import LOG_FORMATS
+from rnnserve.wire_numbers import MAX_UINT32_LIMIT
 
 ENV_PREFIX = "RNNSERVE_"
 FULL_POLICIES = ("refuse", "evict-oldest")
 
 
 def _setting(default: object, help: str, **rules: object):
-    """A field with its `--help` text and the rules `Settings` checks (minimum, choices)."""
+    """A field with its `--help` text and the rules `Settings` checks (minimum, maximum, choices); a limit of a
+    uint32 request field has MAX_UINT32_LIMIT as its maximum (see rnnserve/wire_numbers.py)."""
     return field(default=default, metadata={"help": help, **rules})
 
 
 @dataclass(frozen=True)
 class Settings:
     bundle: Path | None = _setting(
-        None, "One model bundle directory (manifest.json + model.onnx) to serve alone, instead of a repository. "
-        "Default: the model shipped with rnnserve.")
+        None, "One model bundle directory (manifest.json + model.onnx) to serve alone, instead of a repository: "
+        "Admin then loads nothing and nothing is polled. Default: the repository shipped with rnnserve.")
     model_repository: Path | None = _setting(
         None, "Model repository to serve: <dir>/<model>/<version>/ holds a bundle, versions are positive integers "
         "(Triton's layout), and an optional <dir>/<model>/model.json {\"default_version\": \"N\"} picks the version "
         "new sessions get (else the highest). Every version is loaded and checked (bundle checks and a parity "
-        "self-test); a version that fails is refused and logged. Not with --bundle.")
+        "self-test); a version that fails is refused and logged. Not with --bundle. Default: the repository shipped "
+        "with rnnserve (its models are served, loaded and polled the same way).")
     default_model: str = _setting(
-        "", "With --model-repository: the model requests get when they name none. Empty: the first by name.")
+        "", "The repository's model that requests get when they name none. Empty: the first by name.")
     model_poll_seconds: float = _setting(
-        5.0, "With --model-repository: how often to look for versions dropped in (or removed). A new version newer "
+        5.0, "How often to look in the model repository for versions dropped in (or removed). A new version newer "
         "than its model's default is loaded, checked and made the default for new sessions; the version it replaces "
         "serves its running sessions and unloads after the last one ends. Copy a version in under a name starting "
         "with '.' and rename it into place, so that it appears whole. 0: never look (Admin calls still load).",
@@ -86,15 +89,16 @@ class Settings:
         "--max-sessions keeps the table from filling, so that no identity's sessions are evicted for another's. "
         "0: no cap.", minimum=0)
     default_ttl_seconds: int = _setting(
-        3600, "Idle time-to-live of a session that asks for none; an idle session is freed after it.", minimum=1)
+        3600, "Idle time-to-live of a session that asks for none; an idle session is freed after it.", minimum=1,
+        maximum=MAX_UINT32_LIMIT)
     max_ttl_seconds: int = _setting(
-        86_400, "Longest idle time-to-live a session may ask for.", minimum=1)
+        86_400, "Longest idle time-to-live a session may ask for.", minimum=1, maximum=MAX_UINT32_LIMIT)
     max_input_tokens: int = _setting(
         16_384, "Most token ids in one step or prompt.", minimum=1)
     max_input_chars: int = _setting(
         16_384, "Most characters of text in one step or prompt.", minimum=1)
     max_generate_tokens: int = _setting(
-        4096, "Most tokens one Generate call may ask for.", minimum=1)
+        4096, "Most tokens one Generate call may ask for.", minimum=1, maximum=MAX_UINT32_LIMIT)
     max_batch_size: int = _setting(
         256, "Most sessions whose steps run in one model call.", minimum=1)
     max_batch_tokens: int = _setting(
@@ -217,6 +221,8 @@ class Settings:
             value, rules = getattr(self, settings_field.name), settings_field.metadata
             if "minimum" in rules and value < rules["minimum"]:
                 raise ValueError(f"{settings_field.name} must be at least {rules['minimum']}, got {value}")
+            if "maximum" in rules and value > rules["maximum"]:
+                raise ValueError(f"{settings_field.name} must be at most {rules['maximum']}, got {value}")
             if "choices" in rules and value not in rules["choices"]:
                 raise ValueError(f"{settings_field.name} must be one of {', '.join(rules['choices'])}, got {value!r}")
         if self.snapshot_interval_seconds and not self.snapshot_path:
@@ -230,8 +236,8 @@ class Settings:
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.bundle is not None and self.model_repository is not None:
             raise ValueError("bundle and model_repository exclude each other: serve one bundle or a repository")
-        if self.default_model and self.model_repository is None:
-            raise ValueError("default_model needs a model_repository to choose from")
+        if self.default_model and self.bundle is not None:
+            raise ValueError("default_model chooses among a repository's models: not with a bundle served alone")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 

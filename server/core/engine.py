@@ -48,6 +48,7 @@ class StepInput:
     top_k: int
     temperature: float
     expected_position: int | None = None
+    unknown_characters: int = 0  # characters of the request's text read as the unknown token
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class GenerateInput:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     expected_position: int | None = None
+    tokens_field: str = "token_ids"  # the request field that gave the tokens (or that an error about none names)
+    unknown_characters: int = 0  # characters of the request's text read as the unknown token
 
 
 class Engine:
@@ -302,7 +305,11 @@ class Engine:
     def _submit(self, session: Session, step: StepInput, deadline: float | None) -> asyncio.Future[StepAnswer]:
         answer = session.model.batcher.submit(session, step.tokens, step.top_k, step.temperature,
                                               step.expected_position, deadline)
-        return answer if self.hibernation is None else self.hibernation.after_step(session, len(step.tokens), answer)
+        if self.hibernation is not None:
+            answer = self.hibernation.after_step(session, len(step.tokens), answer)
+        if step.unknown_characters:  # rare (text outside the vocabulary): the common step pays nothing for it
+            answer = asyncio.ensure_future(_counting_unknown(answer, step.unknown_characters))
+        return answer
 
     async def _woken_step(self, session_id: str, owner: str, read: Callable[[ServedModel], StepInput],
                           deadline: float | None) -> StepAnswer:
@@ -326,8 +333,8 @@ class Engine:
                 await hold.submit(request.tokens)
                 self._record_first_prediction(model, arrived)
             elif not session.has_prediction:
-                raise InvalidArgument("token_ids", "the session has read nothing yet: give token_ids or text to "
-                                                   "continue from")
+                raise InvalidArgument(request.tokens_field, "the session has read nothing yet: give token_ids or "
+                                                            "text to continue from")
             await continue_session(hold, model.pool, model.bundle.vocab, Sampler(request.sampling),
                                    request.max_tokens, StopStrings(request.stop), send)
         finally:
@@ -338,6 +345,12 @@ class Engine:
         """A prompt that arrived at `arrived` (time.perf_counter()) now has its prediction."""
         if model.events is not None:
             model.events.record_first_prediction(time.perf_counter() - arrived)
+
+
+async def _counting_unknown(answer: asyncio.Future[StepAnswer], unknown_characters: int) -> StepAnswer:
+    """`answer` saying how many of the step's characters were read as the unknown token. Awaited, so cancelling
+    this withdraws the step as cancelling `answer` would; an identical retry counts them again."""
+    return (await answer)._replace(unknown_characters=unknown_characters)
 
 
 def default_replica_id(settings: Settings) -> str:

@@ -59,10 +59,12 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def RegisterSharedState(self, request: pb.RegisterStateRequest, context) -> pb.NamedState:
         model = self._engine.models.get(*RequestReader.model_of(request))
-        name, tokens = self._readers.of(model).register_state(request)
+        name, tokens, unknown = self._readers.of(model).register_state(request)
         state = await self._engine.operations.register_shared_state(model, name, tokens)
         log.info("%s registered the shared state %r of model %s", _who(context), name, model.describe())
-        return self._write.named_state(state, model)
+        registered = self._write.named_state(state, model)
+        registered.unknown_characters = unknown
+        return registered
 
     async def DeleteSharedState(self, request: pb.DeleteStateRequest, context) -> pb.DeleteStateResponse:
         model = self._engine.models.find(*RequestReader.model_of(request))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import Message
 
-from rnnserve.server.core.engine import Engine
+from rnnserve.server.core.engine import Engine, GenerateInput
 from rnnserve.server.core.errors import RnnserveError, to_status
 from rnnserve.server.core.generate import GeneratedToken
 from rnnserve.server.core.named_states import check_name
@@ -54,11 +54,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         model = self._model(request)
-        created = await self._engine.create_session(caller(context), model, self._readers.of(model).create(request))
+        create = self._readers.of(model).create(request)
+        created = await self._engine.create_session(caller(context), model, create)
         response = pb.CreateSessionResponse(session=self._write.session(created.session),
                                             cached_prompt_tokens=created.cached_tokens)
         if created.answer is not None:
             self._write.prediction(created.answer.prediction, response.prediction)
+            response.unknown_characters = create.prompt.unknown_characters
         return response
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
@@ -108,12 +110,28 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def Generate(self, request: pb.GenerateRequest, context) -> None:
-        async def send(token: GeneratedToken) -> None:
-            await context.write(self._write.generated(token))
+        unknown = 0  # the request's, told on the first token only
 
+        def read(model: ServedModel) -> GenerateInput:
+            nonlocal unknown
+            generate = self._readers.of(model).generate(request)
+            unknown = generate.unknown_characters
+            return generate
+
+        async def send(token: GeneratedToken) -> None:
+            nonlocal unknown
+            response = self._write.generated(token)
+            response.unknown_characters, unknown = unknown, 0
+            await context.write(response)
+
+        self.check_generate(request)
+        await self._engine.generate(RequestReader.session_id(request.session_id), caller(context), read, send)
+
+    def check_generate(self, request: pb.GenerateRequest) -> None:
+        """Generate's checks that need no session (the server's limits), for a face that opens the session itself
+        (/v1/completions): a mistake is then refused before a session is opened and its prompt read, and answered
+        INVALID_ARGUMENT even when the session table is full."""
         self._checks.generate_options(request)
-        await self._engine.generate(RequestReader.session_id(request.session_id), caller(context),
-                                    lambda model: self._readers.of(model).generate(request), send)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         owner = caller(context)
@@ -153,14 +171,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         continuations = (await self._reader_of(session_id, owner)).score(request)
         position, scored = await self._operations.score(session_id, owner, continuations,
                                                         RequestReader.expected_position(request))
-        return self._write.scores(position, scored)
+        return self._write.scores(request, position, scored)
 
     async def Peek(self, request: pb.StepRequest, context) -> pb.StepResponse:
         session_id, owner = RequestReader.session_id(request.session_id), caller(context)
         step = (await self._reader_of(session_id, owner)).step(request)
         answer = await self._operations.peek(session_id, owner, step.tokens, step.top_k, step.temperature,
                                              step.expected_position)
-        return self._write.step(request, answer)
+        return self._write.step(request, answer._replace(unknown_characters=step.unknown_characters))
 
     async def ExportSession(self, request: pb.ExportSessionRequest, context) -> pb.ExportSessionResponse:
         session, blob = await self._operations.export(RequestReader.session_id(request.session_id), caller(context),
@@ -179,9 +197,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def RegisterState(self, request: pb.RegisterStateRequest, context) -> pb.NamedState:
         model = self._model(request)
-        name, tokens = self._readers.of(model).register_state(request)
-        return self._write.named_state(await self._operations.register_state(model, caller(context), name, tokens),
-                                       model)
+        name, tokens, unknown = self._readers.of(model).register_state(request)
+        registered = self._write.named_state(
+            await self._operations.register_state(model, caller(context), name, tokens), model)
+        registered.unknown_characters = unknown
+        return registered
 
     async def ListStates(self, request: pb.ListStatesRequest, context) -> pb.ListStatesResponse:
         model = self._model(request, for_new_sessions=False)
