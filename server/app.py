@@ -119,7 +119,8 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
                                            ("grpc.max_receive_message_length", settings.max_message_bytes)])
     on_rpc = None if metrics is None else metrics.record_rpc
     servicer = InferenceServicer(engine, Readers(settings), ResponseWriter(),
-                                 on_in_band_error=None if metrics is None else metrics.record_in_band_error)
+                                 on_in_band_error=None if metrics is None else metrics.record_in_band_error,
+                                 routed_by_session=bool(settings.redis_url))
     wire.add_to_server(Guarded(wire.Parsed(servicer), on_rpc=on_rpc), grpc_server)
     admin = AdminServicer(engine, loader, ResponseWriter())
     wire.add_to_server(Guarded(wire.Parsed(admin, wire.ADMIN_SERVICE), on_rpc=on_rpc), grpc_server, wire.ADMIN_SERVICE)
