@@ -40,7 +40,9 @@ from rnnserve.client.errors import DeadlineExceeded, RnnserveError, Unavailable,
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 _END_OF_REQUESTS = object()
-_SHARED = ""  # the key of the stream all sessions share while the server does not ask for one each
+# The most shared streams a client opens: as many steps in flight as this keep a stream each; more queue behind
+# the least busy. HAProxy in front of replicas allows 1,000 streams on a connection (deploy/haproxy).
+MOST_SHARED = 256
 
 Stream = TypeVar("Stream", "_StepStream", "_AsyncStepStream")
 
@@ -79,33 +81,74 @@ def _routes_by_session(initial_metadata: Any) -> bool:
 
 
 class _Streams(Generic[Stream]):
-    """The open streams of one client by key (`_SHARED`, or a session id once the server routes by session)."""
+    """The open streams of one client: shared ones, as many as it has steps in flight (up to `MOST_SHARED`), or
+    one per session once the server says it routes sessions by id.
 
-    def __init__(self, connection: Connection, open_stream: Callable[[tuple, Callable[[bool], None]], Stream]):
+    A stream reads its messages one at a time, an await each, so one stream carrying every session's steps
+    would hand the server its steps one by one, and the server would batch them one by one. So a step takes
+    a shared stream that has nothing in flight, or opens one: under load as many streams as steps in flight,
+    which the server reads together and batches, as it does a stream per session; a lone caller has one.
+    A session whose last step is still on its stream (unanswered, or abandoned at a deadline) sends the
+    next one there behind it, so that its steps reach the server in order.
+    """
+
+    def __init__(self, connection: Connection, open_stream: Callable[[tuple, _Streams, bool], Stream]):
         self._connection = connection
         self._open_stream = open_stream
-        self._streams: dict[str, Stream] = {}
+        self._shared: list[Stream] = []  # open shared streams
+        self._idle: list[Stream] = []  # shared streams with nothing in flight, the last idle first
+        self._last: dict[str, Stream] = {}  # each session's last stream, while the session is open
+        self._own: dict[str, Stream] = {}  # a stream per session, once the server routes sessions by id
         self._by_session = False  # set when a server answers that its sessions are routed by id
-        self._lock = threading.Lock()  # the sync client's threads open streams, its readers learn the routing
+        self._lock = threading.Lock()  # the sync client's threads take streams while its readers give them back
 
     def _stream_for(self, session_id: str) -> Stream:
         with self._lock:
-            key = session_id if self._by_session else _SHARED
-            stream = self._streams.get(key)
-            if stream is None or not stream.open:
-                metadata = self._connection.metadata
-                if key != _SHARED:
-                    metadata = (*metadata, (SESSION_HEADER, session_id))
-                stream = self._streams[key] = self._open_stream(metadata, self._routed)
+            if self._by_session:
+                return self._own_stream(session_id)
+            last = self._last.get(session_id)
+            if last is not None and last.open and last.in_flight:
+                return last
+            while self._idle:
+                stream = self._idle.pop()
+                if stream.open:
+                    break
+            else:
+                if len(self._shared) < MOST_SHARED:
+                    stream = self._open_stream(self._connection.metadata, self, True)
+                    self._shared.append(stream)
+                else:
+                    stream = min(self._shared, key=lambda candidate: candidate.in_flight)
+            self._last[session_id] = stream
             return stream
 
-    def _routed(self, by_session: bool) -> None:
+    def _own_stream(self, session_id: str) -> Stream:
+        stream = self._own.get(session_id)
+        if stream is None or not stream.open:
+            metadata = (*self._connection.metadata, (SESSION_HEADER, session_id))
+            stream = self._own[session_id] = self._open_stream(metadata, self, False)
+        return stream
+
+    def routed(self, by_session: bool) -> None:
+        """What a stream's first answer told: whether sessions are routed by id. If so, no stream is shared."""
         with self._lock:
-            if by_session and not self._by_session:
-                self._by_session = True
-                shared = self._streams.pop(_SHARED, None)
-                if shared is not None:
-                    shared.retire()
+            if not by_session or self._by_session:
+                return
+            self._by_session = True
+            shared, self._shared, self._idle, self._last = self._shared, [], [], {}
+        for stream in shared:
+            stream.retire()
+
+    def idle(self, stream: Stream) -> None:
+        """A shared stream answered all it carried: the next step may take it."""
+        with self._lock:
+            if stream.open and not stream.in_flight:
+                self._idle.append(stream)
+
+    def ended(self, stream: Stream) -> None:
+        with self._lock:
+            if stream in self._shared:
+                self._shared.remove(stream)
 
     def _send(self, request: pb.StepRequest) -> tuple[Stream, Any]:
         """The stream the request went out on and the future of its answer.
@@ -130,13 +173,15 @@ class _Streams(Generic[Stream]):
     def forget(self, session_id: str) -> None:
         """The session is closed: its own stream, if it has one, ends once it has answered."""
         with self._lock:
-            stream = self._streams.pop(session_id, None)
+            self._last.pop(session_id, None)
+            stream = self._own.pop(session_id, None)
         if stream is not None:
             stream.retire()
 
     def close(self) -> None:
         with self._lock:
-            streams, self._streams = list(self._streams.values()), {}
+            streams = [*self._shared, *self._own.values()]
+            self._shared, self._idle, self._last, self._own = [], [], {}, {}
         for stream in streams:
             stream.retire()
 
@@ -144,9 +189,23 @@ class _Streams(Generic[Stream]):
 class _Answers:
     """What both kinds of stream keep: the futures of the steps sent and not yet answered, in sending order."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: _Streams, shared: bool) -> None:
         self.open = True
         self._waiting: deque = deque()
+        self._owner = owner
+        self._shared = shared
+        self._told_routing = False
+
+    @property
+    def in_flight(self) -> int:
+        """Steps sent and not yet answered (abandoned ones too: the server will still answer them)."""
+        return len(self._waiting)
+
+    def _routing(self, initial_metadata: Any) -> None:
+        """Tell the owner, at the first answer, whether the server routes sessions by id."""
+        if not self._told_routing:
+            self._told_routing = True
+            self._owner.routed(_routes_by_session(initial_metadata))
 
     def _hand_out(self, response: pb.StepResponse) -> None:
         """The next answer to the oldest step; dropped if its caller stopped waiting (deadline, cancelled)."""
@@ -154,9 +213,12 @@ class _Answers:
         if not answer.done():
             with contextlib.suppress(InvalidStateError, asyncio.InvalidStateError):  # cancelled just now
                 answer.set_result(response)
+        if self._shared and not self._waiting:
+            self._owner.idle(self)
 
     def _fail_waiting(self, error: RnnserveError) -> None:
         """Every step the stream carries and did not answer fails with `error` (it takes no new ones by now)."""
+        self._owner.ended(self)
         waiting, self._waiting = self._waiting, deque()
         for answer in waiting:
             if not answer.done():
@@ -167,12 +229,12 @@ class _Answers:
 class _StepStream(_Answers):
     """One Stream call of the sync client: callers' threads send, a reader thread hands each answer to its step."""
 
-    def __init__(self, stub: Any, metadata: tuple, on_routing: Callable[[bool], None]):
-        super().__init__()
+    def __init__(self, stub: Any, metadata: tuple, owner: _Streams, shared: bool):
+        super().__init__(owner, shared)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # a request and its place among the waiting are taken together
         self._call = stub.Stream(iter(self._requests.get, _END_OF_REQUESTS), metadata=metadata)
-        threading.Thread(target=self._read, args=(on_routing,), name="rnnserve-client-stream", daemon=True).start()
+        threading.Thread(target=self._read, name="rnnserve-client-stream", daemon=True).start()
 
     def send(self, request: pb.StepRequest) -> Future | None:
         """The future of the request's answer; None when the stream takes no more requests."""
@@ -191,12 +253,12 @@ class _StepStream(_Answers):
                 self.open = False
                 self._requests.put(_END_OF_REQUESTS)
 
-    def _read(self, on_routing: Callable[[bool], None]) -> None:
+    def _read(self) -> None:
         error = _ended()
         try:
-            for count, response in enumerate(self._call):
-                if count == 0:
-                    on_routing(_routes_by_session(self._call.initial_metadata()))
+            for response in self._call:
+                if not self._told_routing:
+                    self._routing(self._call.initial_metadata())
                 self._hand_out(response)
         except grpc.RpcError as failure:
             error = _broken(failure)
@@ -209,7 +271,7 @@ class StepStreams(_Streams[_StepStream]):
     """The sync client's streams for `Session.step`."""
 
     def __init__(self, connection: Connection, stub: Any):
-        super().__init__(connection, lambda metadata, on_routing: _StepStream(stub, metadata, on_routing))
+        super().__init__(connection, lambda metadata, owner, shared: _StepStream(stub, metadata, owner, shared))
 
     def step(self, request: pb.StepRequest, timeout: float | None, retry_safe: bool) -> pb.StepResponse:
         """The step's answer; retried as `Client._unary` retries a unary Step."""
@@ -230,11 +292,11 @@ class StepStreams(_Streams[_StepStream]):
 class _AsyncStepStream(_Answers):
     """One Stream call of the asyncio client: callers send, a reader task hands each answer to its step."""
 
-    def __init__(self, stub: Any, metadata: tuple, on_routing: Callable[[bool], None]):
-        super().__init__()
+    def __init__(self, stub: Any, metadata: tuple, owner: _Streams, shared: bool):
+        super().__init__(owner, shared)
         self._requests: asyncio.Queue = asyncio.Queue()
         self._call = stub.Stream(self._sent(), metadata=metadata)
-        self._reader = asyncio.ensure_future(self._read(on_routing))
+        self._reader = asyncio.ensure_future(self._read())
 
     async def _sent(self) -> AsyncIterator[pb.StepRequest]:
         while (request := await self._requests.get()) is not _END_OF_REQUESTS:
@@ -255,14 +317,12 @@ class _AsyncStepStream(_Answers):
             self.open = False
             self._requests.put_nowait(_END_OF_REQUESTS)
 
-    async def _read(self, on_routing: Callable[[bool], None]) -> None:
+    async def _read(self) -> None:
         error = _ended()
         try:
-            first = True
             async for response in self._call:
-                if first:
-                    first = False
-                    on_routing(_routes_by_session(await self._call.initial_metadata()))
+                if not self._told_routing:
+                    self._routing(await self._call.initial_metadata())
                 self._hand_out(response)
         except grpc.RpcError as failure:
             error = _broken(failure)
@@ -277,7 +337,7 @@ class AsyncStepStreams(_Streams[_AsyncStepStream]):
     """The asyncio client's streams for `AsyncSession.step`."""
 
     def __init__(self, connection: Connection, stub: Any):
-        super().__init__(connection, lambda metadata, on_routing: _AsyncStepStream(stub, metadata, on_routing))
+        super().__init__(connection, lambda metadata, owner, shared: _AsyncStepStream(stub, metadata, owner, shared))
 
     async def step(self, request: pb.StepRequest, timeout: float | None, retry_safe: bool) -> pb.StepResponse:
         """The step's answer; retried as `AsyncClient._unary` retries a unary Step."""
