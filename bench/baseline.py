@@ -3,14 +3,13 @@
 Speed on a shared 2-core machine is comparable only side by side, so a target like "1.2x today's
 main" needs today's main served in the same run. The ref's files are exported (`git archive`, which
 leaves the repository's worktrees and branches alone) into the cache, once per commit, and its server runs on this environment's Python with the ref's
-own code first on the import path: an import tree of symlinks lays its folders out as the ref's
+own code first on the import path (`launcher`): an import tree of symlinks lays its folders out as the ref's
 pyproject maps them into `rnnserve` (server/ as rnnserve.server, ...), so no second venv is
 needed while the ref's dependencies are this tree's.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tomllib
@@ -55,6 +54,12 @@ def import_tree(worktree: Path) -> Path:
     return tree
 
 
+def launcher(tree: Path, module: str = "rnnserve.server.main") -> str:
+    """`python -c` code running `module`'s main from `tree` (an `import_tree`): first on sys.path, ahead of the
+    current folder, whose rnnserve/ (this tree's) `-c` would otherwise put first."""
+    return f"import sys; sys.path.insert(0, {str(tree)!r}); from {module} import main; main()"
+
+
 def _link(link: Path, target: Path) -> None:
     if not link.is_symlink():
         link.symlink_to(target.resolve())
@@ -65,12 +70,11 @@ class Baseline:
 
     def __init__(self, ref: str, cache: Path, server_args: list[str]):
         self.commit, worktree = checkout(ref, cache)
-        self._env = {"PYTHONPATH": os.pathsep.join([str(import_tree(worktree)), os.environ.get("PYTHONPATH", "")])}
-        self._argv = [sys.executable, "-c", "from rnnserve.server.main import main; main()", *server_args]
+        self._argv = [sys.executable, "-c", launcher(import_tree(worktree)), *server_args]
         self._logs = cache / "logs"
 
     async def measure_round(self, number: int, sizes: Sizes, tokens: list[int], rounds: Rounds) -> None:
-        with ServerProcess(self._argv, self._logs / f"baseline-round{number}.log", self._env) as process:
+        with ServerProcess(self._argv, self._logs / f"baseline-round{number}.log") as process:
             async with connect(process) as server:
                 for count in sizes.batches:
                     for variant, steps in (("stream", stream_steps), ("unary", unary_steps)):
