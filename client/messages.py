@@ -6,6 +6,7 @@ so a default is decided in one place only, on the server.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TypeVar, Union
 
@@ -31,14 +32,25 @@ DEFAULT_TOP_K = 5
 def _message(message_class: type[M], **fields: object) -> M:
     """`message_class(**fields)`, with every integer checked against its wire type: InvalidArgument naming the
     field and its range, not a traceback from inside protobuf, for what a caller (or a CLI flag) can type."""
+    limits_of = _integer_fields(message_class)
     for name, value in fields.items():
-        limits = _WIRE_RANGES.get(message_class.DESCRIPTOR.fields_by_name[name].type)
-        values = value if isinstance(value, (list, tuple)) else () if value is None else (value,)
-        if limits and any(not limits[0] <= v <= limits[1] for v in values):
+        limits = limits_of.get(name)
+        if limits is None or value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        if any(not limits[0] <= v <= limits[1] for v in values):
             description = f"must be in [{limits[0]}, {limits[1]}], got {value}"
             raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {description}",
                                   reason="INVALID_ARGUMENT", field_violations=(FieldViolation(name, description),))
     return message_class(**fields)
+
+
+@functools.cache
+def _integer_fields(message_class: type[Message]) -> dict[str, tuple[int, int]]:
+    """The wire range of each integer field of a message, looked up once per message type (a step builds one
+    request per token: its descriptors are not read again each time)."""
+    return {field.name: _WIRE_RANGES[field.type] for field in message_class.DESCRIPTOR.fields
+            if field.type in _WIRE_RANGES}
 
 
 def version(value: str | int | None) -> str | None:
