@@ -147,9 +147,9 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
                 await headline_round(server, sizes, tokens, rounds)
             await baseline_round(number)
 
+    await baseline_round(1)  # each round of the baseline next to one of this tree's: the machine's spells are long
     with ServerProcess([*command, *W1_TO_W4_FLAGS], logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, rounds, progress)
-    await baseline_round(1)
     await operations()
     progress("HTTP face: W2 over HTTP/JSON at 1 and 64 sessions, time to first token over SSE and gRPC (fresh server)")
     http_command = [*command, *W1_TO_W4_FLAGS, "--http-listen", "127.0.0.1:0"]

@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,22 @@ def test_a_baseline_ref_runs_its_own_code_on_this_python(tmp_path):
                            check=True).stdout.split()  # run where this tree's rnnserve/ is the current folder's
     assert [Path(path).resolve() for path in found] == [exported.resolve() / "server" / "main.py",
                                                          exported.resolve() / "proto/rnnserve/v1/__init__.py"]
+
+
+def test_a_server_s_cpu_time_is_read_finer_than_clock_ticks():
+    """CPU per message of a short loop (F2 at one stream: 20 messages of about 200 us in the quick preset) is
+    below /proc's 10 ms ticks: the bench reads the process's CPU clock, in nanoseconds."""
+    sys.path.insert(0, str(ROOT))
+    from bench.processes import cpu_seconds
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.023\n"
+                             "while time.process_time() < end: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while (used := cpu_seconds(busy.pid)) < 0.023:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert round(used * 100) != used * 100  # not a whole number of ticks
+    finally:
+        busy.kill()
+        busy.wait()
