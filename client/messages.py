@@ -6,10 +6,12 @@ so a default is decided in one place only, on the server.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TypeVar, Union
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from rnnserve import wire_numbers
@@ -28,9 +30,10 @@ def _message(message_class: type[M], **fields: object) -> M:
     """`message_class(**fields)`, each integer as the wire can carry it (`wire_numbers.carried`): a number outside
     its field's wire type is sent as a stand-in the server refuses naming the field's real range, or refused here
     naming the wire's (InvalidArgument), rather than a traceback from inside protobuf."""
+    integers = _integer_fields(message_class)
     for name, value in fields.items():
-        field = message_class.DESCRIPTOR.fields_by_name[name]
-        if field.type not in wire_numbers.RANGES or value is None:
+        field = integers.get(name)
+        if field is None or value is None:
             continue
         try:
             fields[name] = [wire_numbers.carried(field, v) for v in value] if isinstance(value, (list, tuple)) \
@@ -62,6 +65,13 @@ def _has_surrogate(text: str) -> bool:
 def _invalid(name: str, description: str) -> InvalidArgument:
     return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {description}", reason="INVALID_ARGUMENT",
                            field_violations=(FieldViolation(name, description),))
+
+
+@functools.cache
+def _integer_fields(message_class: type[Message]) -> dict[str, FieldDescriptor]:
+    """The integer fields of a message, looked up once per message type (a step builds one request per token:
+    its descriptors are not read again each time)."""
+    return {field.name: field for field in message_class.DESCRIPTOR.fields if field.type in wire_numbers.RANGES}
 
 
 def version(value: str | int | None) -> str | None:

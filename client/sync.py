@@ -23,6 +23,7 @@ from rnnserve.client.calls import Call
 from rnnserve.client.connection import INFERENCE, ClientBase
 from rnnserve.client.errors import RnnserveError, SessionNotFound, error_from_rpc, raising_rnnserve_errors
 from rnnserve.client.messages import DEFAULT_TOP_K, Tokens
+from rnnserve.client.shared_streams import StepStreams
 from rnnserve.client.session import SessionHandle, Target, answer, batch_request, batch_results, is_retry_safe, \
     step_request
 from rnnserve.client.types import ContinuationScore, GeneratedToken, ModelInfo, NamedState, Prediction, SessionInfo
@@ -34,6 +35,8 @@ T = TypeVar("T")
 class Client(ClientBase):
     """A connection to an rnnserve server; use it as a context manager to close the channel."""
 
+    _step_streams = StepStreams
+
     def __enter__(self) -> Client:
         return self
 
@@ -41,6 +44,8 @@ class Client(ClientBase):
         self.close()
 
     def close(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
         self._channel.close()
 
     @property
@@ -56,6 +61,12 @@ class Client(ClientBase):
                 return method(request, **self._connection.call_options(timeout, request, service))
             except grpc.RpcError as error:
                 time.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
+
+    def _step(self, request: pb.StepRequest, timeout: float | None) -> pb.StepResponse:
+        """A session's step, over the shared streams unless the client was made `unary`."""
+        if self._steps is None:
+            return self._unary(self._inference.Step, request, timeout, retry_safe=is_retry_safe(request))
+        return self._steps.step(request, timeout, is_retry_safe(request))
 
     def _call(self, call: Call[T], timeout: float | None) -> T:
         response = self._unary(getattr(self._stubs[call.service], call.rpc), call.request, timeout,
@@ -212,9 +223,7 @@ class Session(SessionHandle):
     def step(self, tokens: Tokens, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
              timeout: float | None = None) -> Prediction:
         """Feed text or token ids (several are one prefill) and predict the next token."""
-        request = self._step_request(tokens, top_k, temperature)
-        return self._advance(self._client._unary(self._client._inference.Step, request, timeout,
-                                                 retry_safe=is_retry_safe(request)))
+        return self._advance(self._client._step(self._step_request(tokens, top_k, temperature), timeout))
 
     def generate(self, max_tokens: int, *, tokens: Tokens | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -287,6 +296,8 @@ class Session(SessionHandle):
 
     def close(self, *, timeout: float | None = None) -> None:
         """Free the session's state; one that is already gone (closed, expired, evicted) counts as closed."""
+        if self._client._steps is not None:
+            self._client._steps.forget(self.id)
         with contextlib.suppress(SessionNotFound):
             self._client._unary(self._client._inference.CloseSession, pb.CloseSessionRequest(session_id=self.id),
                                 timeout, retry_safe=True)

@@ -22,6 +22,7 @@ from rnnserve.server.core.served_model import ServedModel
 from rnnserve.server.faces.auth import caller
 from rnnserve.server.faces.convert import Readers, RequestReader, ResponseWriter
 from rnnserve.server.faces.replies import InOrder
+from rnnserve.server.faces.routing import STREAM_ROUTED_BY_SESSION
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -34,7 +35,7 @@ def deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, engine: Engine, readers: Readers, writer: ResponseWriter,
-                 on_in_band_error: Callable[[int], None] | None = None):
+                 on_in_band_error: Callable[[int], None] | None = None, routed_by_session: bool = False):
         self._engine = engine
         self._models = engine.models
         self._operations = engine.operations
@@ -42,6 +43,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._checks = readers.checks  # what a request must satisfy before its session is looked up
         self._write = writer
         self._on_in_band_error = on_in_band_error  # called with the google.rpc.Code of each in-band error
+        # Whether this server's sessions move between replicas routed by their ids: the rnnserve client, told so
+        # when it opens a Stream, then gives each session a stream of its own instead of sharing one.
+        self._routed_by_session = routed_by_session
 
     def _model(self, request: Message, *, for_new_sessions: bool = True) -> ServedModel:
         """The model version a request names in its `model` and `model_version` fields."""
@@ -77,6 +81,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Stream(self, requests, context) -> None:
         owner = caller(context)
+        if self._routed_by_session:
+            await context.send_initial_metadata(STREAM_ROUTED_BY_SESSION)
         replies: InOrder[pb.StepRequest] = InOrder()
         writer = asyncio.create_task(self._write_in_order(replies, owner, context))
         try:

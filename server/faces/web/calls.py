@@ -63,6 +63,9 @@ class HttpContext:
     async def write(self, message: Message) -> None:
         await self._write(message)
 
+    async def send_initial_metadata(self, metadata: object) -> None:
+        """Nothing: gRPC metadata (how the rnnserve client should route a Stream) means nothing to HTTP."""
+
     @staticmethod
     async def abort(code: grpc.StatusCode, details: str = "", *_: object) -> None:
         raise Aborted(status_pb2.Status(code=code.value[0], message=details or code.name))
