@@ -157,7 +157,7 @@ class Unbatched:
         self.bundle = bundle
         self._session = ort.InferenceSession(str(bundle.graph_path), providers=["CPUExecutionProvider"])
         self._outputs = [bundle.logits_output, *(s.output for s in bundle.states)]
-        self.states = [np.zeros((1, *s.row_shape), np.float32) for s in bundle.states]  # [1, layers, hidden] each
+        self.states = [s.zeros(1) for s in bundle.states]  # [1, *row_shape] each
         self.logits = np.zeros(len(bundle.vocab), np.float32)  # [vocab] after the last token read
 
     def feed(self, tokens) -> None:

@@ -371,8 +371,10 @@ class ResponseWriter:
         sizes = bundle.manifest["sizes"]
         metrics = {key: float(value) for key, value in bundle.manifest.get("metrics", {}).items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        return pb.Model(name=bundle.name, version=bundle.version, cell=bundle.cell, layers=sizes["layers"],
-                        hidden_size=sizes["hidden_size"], embed_size=sizes["embed_size"],
+        # layers, hidden and embed sizes describe the recurrent cells rnnserve-train makes; other architectures
+        # leave them out of the manifest and answer 0 (their state shapes are in the manifest's "state").
+        return pb.Model(name=bundle.name, version=bundle.version, cell=bundle.cell, layers=sizes.get("layers", 0),
+                        hidden_size=sizes.get("hidden_size", 0), embed_size=sizes.get("embed_size", 0),
                         vocab_size=sizes["vocab_size"], sha256=bundle.sha256,
                         state_bytes_per_session=bundle.state_bytes_per_session, metrics=metrics,
                         is_default=models.is_server_default(model), default_version=models.is_default(model),
