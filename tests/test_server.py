@@ -51,6 +51,8 @@ def test_models_are_described_from_the_manifest(stub, bundle):
            (bundle.name, bundle.cell, sizes.get("layers", 0), sizes.get("hidden_size", 0), len(bundle.vocab))
     assert model.sha256 == bundle.sha256 and model.is_default
     assert model.state_bytes_per_session == bundle.state_bytes_per_session
+    assert model.vocabulary == bundle.vocab.kind
+    assert [(s.name, tuple(s.shape), s.dtype) for s in model.states] == [(s.name, s.shape, s.dtype) for s in bundle.states]
     assert stub.GetModel(pb.GetModelRequest(name=bundle.name)) == model
     assert_fails(lambda: stub.GetModel(pb.GetModelRequest(name="gpt-9")), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
 
