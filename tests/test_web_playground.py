@@ -130,3 +130,17 @@ def test_the_page_names_the_version_its_sessions_run(browser, tmp_path, versions
             assert opened.text_content("#model").startswith("tiny 2: LSTM 2 \u00d7 16")
     finally:
         running.stop()
+
+
+def test_the_page_names_another_architecture_by_its_state(browser, tmp_path, bundles):
+    """A model with no layers or hidden size in its manifest (a state-space layer) is shown by its state tensor."""
+    from bench.models import repository as copies
+
+    running = RunningServer(None, Settings(**LOOPBACK, http_listen="127.0.0.1:0", model_poll_seconds=0,
+                                           model_repository=copies(bundles["ssm"], tmp_path / "models", ["ssm"])))
+    try:
+        with playground(browser, running) as opened:
+            opened.wait_for_function("document.querySelector('#model').textContent.startsWith('ssm ')")
+            assert opened.text_content("#model") == "ssm 1: SSM ssm [1 \u00d7 2 \u00d7 4 \u00d7 3], 47 tokens"
+    finally:
+        running.stop()

@@ -144,8 +144,10 @@ async function describeModel() {
     const { models } = await json("GET", "/v1/models");
     // The version sessions get: the server's default model comes first, but in version order, not default first.
     const m = models.find((model) => model.is_default) || models[0];
-    $("model").textContent = `${m.name} ${m.version}: ${m.cell.toUpperCase()} ${m.layers} \u00d7 ${m.hidden_size}, ` +
-                             `${m.vocab_size} tokens`;
+    // A recurrent cell by its layers and width; another architecture (no such sizes) by its state tensors.
+    const size = m.layers ? `${m.layers} \u00d7 ${m.hidden_size}`
+      : (m.states || []).map((s) => `${s.name} [${(s.shape || []).join(" \u00d7 ")}]`).join(", ");
+    $("model").textContent = `${m.name} ${m.version}: ${m.cell.toUpperCase()} ${size}, ${m.vocab_size} tokens`;
   } catch (error) {
     $("model").textContent = error.message;
   }
