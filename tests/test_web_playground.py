@@ -144,3 +144,16 @@ def test_the_page_names_another_architecture_by_its_state(browser, tmp_path, bun
             assert opened.text_content("#model") == "ssm 1: SSM ssm [1 \u00d7 2 \u00d7 4 \u00d7 3], 47 tokens"
     finally:
         running.stop()
+
+
+def test_typing_into_a_subword_model_shows_the_prediction_for_the_whole_text(browser, bundles):
+    """Typing ends in the prediction CreateSession gives for the whole text, not for the text's keystrokes read as
+    separate pieces (which a subword tokenizer splits otherwise)."""
+    running = RunningServer(bundles["bpe"], Settings(**LOOPBACK, http_listen="127.0.0.1:0"))
+    try:
+        with playground(browser, running) as opened:
+            opened.wait_for_function("document.querySelector('#model').textContent.startsWith('tiny-bpe ')")
+            opened.type("#text", "the king speak", delay=15)
+            assert_shows_grpcs_prediction(opened, running, "the king speak")
+    finally:
+        running.stop()
