@@ -16,7 +16,6 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rnnserve.bundle import Bundle
-from rnnserve.vocab import UNKNOWN_ID
 from rnnserve.server.core.batcher import StepAnswer
 from rnnserve.server.core.engine import CreateInput, GenerateInput, StepInput
 from rnnserve.server.core.errors import InvalidArgument
@@ -194,7 +193,7 @@ class RequestReader(RequestChecks):
             raise InvalidArgument(_given(request, "text", "token_ids"), "give token_ids or text: a step reads at "
                                                                        "least one token")
         return StepInput(tokens, self._top_k(request.top_k), self._temperature(request.temperature),
-                         self.expected_position(request), _unknown(tokens, request.text))
+                         self.expected_position(request), self.unknown(tokens, request.text))
 
     def step_batch(self, request: pb.StepBatchRequest) -> None:
         """Refuse a StepBatch that breaks a limit of the message as a whole, before any of its steps is queued.
@@ -226,7 +225,7 @@ class RequestReader(RequestChecks):
         tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
         prompt = None if tokens is None else StepInput(tokens, self._top_k(request.top_k),
                                                        self._temperature(request.temperature),
-                                                       unknown_characters=_unknown(tokens, request.prompt_text))
+                                                       unknown_characters=self.unknown(tokens, request.prompt_text))
         return CreateInput(self._ttl(request.ttl_seconds), prompt, _quotable("initial_state", request.initial_state))
 
     def rewind(self, request: pb.RewindSessionRequest) -> tuple[int, int | None, int, float]:
@@ -258,16 +257,25 @@ class RequestReader(RequestChecks):
         if tokens is None:
             raise InvalidArgument("prompt_text", "give prompt_text or prompt_token_ids: a named state is the state "
                                                  "after a prompt")
-        return check_name(request.name), tokens, _unknown(tokens, request.prompt_text)
+        return check_name(request.name), tokens, self.unknown(tokens, request.prompt_text)
 
     def generate(self, request: pb.GenerateRequest) -> GenerateInput:
         sampling = self.generate_options(request)
         if request.top_k > self.vocab_size:
             raise InvalidArgument("top_k", f"at most the vocabulary size, {self.vocab_size} (0 means no limit)")
+        if request.stop and not self.vocab.has_text:
+            raise InvalidArgument("stop", f"this model's vocabulary is {self.vocab_size} ids with no text: "
+                                          "nothing it generates can match a stop string")
         tokens = self._tokens(request.token_ids, request.text, ("token_ids", "text"))
         return GenerateInput(tokens, request.max_tokens, sampling, tuple(request.stop),
                              self.expected_position(request), _given(request, "text", "token_ids"),
-                             _unknown(tokens, request.text))
+                             self.unknown(tokens, request.text))
+
+    def unknown(self, tokens: np.ndarray | None, text: str) -> int:
+        """How many tokens of `text` (`tokens` its encoding) are the vocabulary's unknown token: for characters,
+        the characters outside the vocabulary; 0 where the vocabulary reads any text (byte-level BPE) or none."""
+        unknown_id = self.vocab.unknown_id
+        return int(np.count_nonzero(tokens == unknown_id)) if text and unknown_id is not None else 0
 
     def _tokens(self, ids, text: str, fields: tuple[str, str]) -> np.ndarray | None:
         """The tokens given as ids or as text ([time] int64), None when neither is given."""
@@ -275,10 +283,7 @@ class RequestReader(RequestChecks):
         if ids and text:
             raise InvalidArgument(text_field, f"give {ids_field} or {text_field}, not both")
         if text:
-            limit = self.settings.max_input_chars
-            if len(text) > limit:
-                raise InvalidArgument(text_field, f"at most {limit} characters, got {len(text)}")
-            return self.vocab.encode(text)
+            return self._encode(text, text_field, ids_field)
         if not ids:
             return None
         count, limit, vocab = len(ids), self.settings.max_input_tokens, self.vocab_size
@@ -295,6 +300,22 @@ class RequestReader(RequestChecks):
             out_of_range = tokens.view(np.uint64).max() >= vocab  # negative ids wrap around to huge values
         if out_of_range:
             raise InvalidArgument(ids_field, f"ids must be in [0, {vocab - 1}], the model's vocabulary")
+        return tokens
+
+    def _encode(self, text: str, text_field: str, ids_field: str) -> np.ndarray:
+        """`text` as the model's tokens ([time] int64); refused when the vocabulary has no text or it encodes to
+        no tokens or too many."""
+        if not self.vocab.has_text:
+            raise InvalidArgument(text_field, f"this model's vocabulary is {self.vocab_size} ids with no text: "
+                                              f"give {ids_field}")
+        limit = self.settings.max_input_chars
+        if len(text) > limit:
+            raise InvalidArgument(text_field, f"at most {limit} characters, got {len(text)}")
+        tokens = self.vocab.encode(text)
+        if not len(tokens):
+            raise InvalidArgument(text_field, "encodes to no tokens in this model's vocabulary")
+        if len(tokens) > self.settings.max_input_tokens:
+            raise InvalidArgument(text_field, f"at most {self.settings.max_input_tokens} tokens, got {len(tokens)}")
         return tokens
 
     def _top_k(self, top_k: int) -> int:
@@ -357,22 +378,21 @@ class ResponseWriter:
             cls.prediction(prediction, into.prediction)
 
     @staticmethod
-    def scores(request: pb.ScoreRequest, position: int, scored: list[Scored]) -> pb.ScoreResponse:
+    def scores(position: int, scored: list[Scored], unknown: list[int]) -> pb.ScoreResponse:
+        """`unknown`: how many unknown tokens each continuation's text was read with (RequestReader.unknown)."""
         response = pb.ScoreResponse(position=position)
-        for continuation, candidate in zip(request.continuations, scored):
+        for candidate, unknown_characters in zip(scored, unknown, strict=True):
             response.scores.add(token_ids=candidate.tokens.tolist(), texts=candidate.texts,
                                 logprobs=candidate.logprobs.tolist(), ranks=candidate.ranks.tolist(),
-                                total_logprob=candidate.total,
-                                unknown_characters=_unknown(candidate.tokens, continuation.text))
+                                total_logprob=candidate.total, unknown_characters=unknown_characters)
         return response
 
     @staticmethod
     def named_state(state: NamedState, model: ServedModel) -> pb.NamedState:
         """`state`, one of `model`'s (whose vocabulary spells its prompt)."""
         tokens = () if state.tokens is None else state.tokens.tolist()
-        texts = model.bundle.vocab.tokens
         return pb.NamedState(name=state.name, source=state.source, prompt_tokens=len(tokens),
-                             prompt_text="".join(texts[i] for i in tokens))
+                             prompt_text=model.bundle.vocab.decode(tokens))
 
     @staticmethod
     def generated(token: GeneratedToken) -> pb.GenerateResponse:
@@ -386,13 +406,16 @@ class ResponseWriter:
         sizes = bundle.manifest["sizes"]
         metrics = {key: float(value) for key, value in bundle.manifest.get("metrics", {}).items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        return pb.Model(name=bundle.name, version=bundle.version, cell=bundle.cell, layers=sizes["layers"],
-                        hidden_size=sizes["hidden_size"], embed_size=sizes["embed_size"],
+        # layers, hidden and embed sizes describe the recurrent cells rnnserve-train makes; other architectures
+        # leave them out of the manifest and answer 0 (their state shapes are in the manifest's "state").
+        return pb.Model(name=bundle.name, version=bundle.version, cell=bundle.cell, layers=sizes.get("layers", 0),
+                        hidden_size=sizes.get("hidden_size", 0), embed_size=sizes.get("embed_size", 0),
                         vocab_size=sizes["vocab_size"], sha256=bundle.sha256,
                         state_bytes_per_session=bundle.state_bytes_per_session, metrics=metrics,
                         is_default=models.is_server_default(model), default_version=models.is_default(model),
                         sessions=model.sessions if owner is None else model.sessions_by_owner[owner],
-                        retiring=model.retiring)
+                        retiring=model.retiring, vocabulary=bundle.vocab.kind,
+                        states=[pb.StateTensor(name=s.name, shape=s.shape, dtype=s.dtype) for s in bundle.states])
 
 
 def _each_session_once(steps) -> None:
@@ -422,12 +445,6 @@ def _given(request: Message, text_field: str, ids_field: str) -> str:
     """The field a request gave its tokens in, for an error about them: its text field if set, even empty (the
     field is `optional` for this), else its ids."""
     return text_field if request.HasField(text_field) else ids_field
-
-
-def _unknown(tokens: np.ndarray | None, text: str) -> int:
-    """How many characters of `text` (`tokens` its encoding) were read as the unknown token: a character
-    vocabulary gives each character one id, and no character's id is UNKNOWN_ID."""
-    return int(np.count_nonzero(tokens == UNKNOWN_ID)) if text else 0
 
 
 def _quotable(field: str, value: str) -> str:

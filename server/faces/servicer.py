@@ -174,10 +174,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         session_id, owner = RequestReader.session_id(request.session_id), caller(context)
         self._checks.continuation_count(request)
-        continuations = (await self._reader_of(session_id, owner)).score(request)
+        reader = await self._reader_of(session_id, owner)
+        continuations = reader.score(request)
         position, scored = await self._operations.score(session_id, owner, continuations,
                                                         RequestReader.expected_position(request))
-        return self._write.scores(request, position, scored)
+        unknown = [reader.unknown(candidate.tokens, continuation.text)
+                   for candidate, continuation in zip(scored, request.continuations)]
+        return self._write.scores(position, scored, unknown)
 
     async def Peek(self, request: pb.StepRequest, context) -> pb.StepResponse:
         session_id, owner = RequestReader.session_id(request.session_id), caller(context)
