@@ -324,3 +324,16 @@ def test_a_store_that_persists_nothing_is_warned_of_at_start(replicas, redis_ser
     wait_until(lambda: b.running.engine.hibernation.incarnation != "")
     assert "persists nothing" not in caplog.text
     assert a.held == b.held == 0
+
+
+def test_a_session_whose_put_at_rest_the_store_lost_is_not_stuck_with_its_old_holder(replicas):
+    a = replicas(hibernate_after_seconds=0.3, write_through_every=1)
+    b = replicas(hibernate_after_seconds=0)
+    session_id = create(a.stub, prompt_text="abc")
+    before = export(a.stub, session_id)
+    wait_until(lambda: a.held == 0)
+    store = redis.Redis.from_url(a.running.engine.settings.redis_url)
+    # An append-only file that lost the last second kept the write-through copy, which names a its holder.
+    store.hset(SESSION_PREFIX + session_id, "holder", a.running.engine.hibernation.store.holder)
+    assert export(b.stub, session_id) == before  # b asked a, which holds nothing, and put it at rest as stored
+    assert (a.held, b.held) == (0, 1)

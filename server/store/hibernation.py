@@ -205,13 +205,17 @@ class Hibernation:
         return HeldElsewhere(held.holder, 0)  # it listens, so it lives: busy, not dead; soon is worth a retry
 
     async def _answer_release_requests(self) -> None:
-        """Put at rest each session another replica asks for; listen again after a fault."""
+        """Put at rest each session another replica asks for; listen again after a fault. One the store still names
+        this replica the holder of, though it holds it no more (a store that lost the write that put it at rest, and
+        kept an older copy), is put at rest as stored: rolled back, never stuck with a holder that lets nothing go."""
         while True:
             try:
                 async for session_id in self.store.release_requests():
                     session = self.table.held(session_id)
                     if session is not None and session.removed is None:
                         await self.put_at_rest([session])
+                    elif session_id not in self._waking:
+                        await self.store.release(session_id)
             except StoreFault as fault:
                 self._fault(fault)
                 await asyncio.sleep(RETRY_AFTER_FAULT_SECONDS)
@@ -450,8 +454,9 @@ class Hibernation:
                                                                     "position": kept.position}).encode(),
                                 int((kept.expires - now) * 1000)) for session_id, kept in chunk]
             for (session_id, kept), lost in zip(chunk, await self.store.bury(stones)):
-                # A survivor is known to be in this life of the store; a lost one in none ("").
-                self._at_rest[session_id] = kept._replace(incarnation="" if lost else incarnation)
+                if self._at_rest.get(session_id) is kept:  # not woken meanwhile
+                    # A survivor is known to be in this life of the store; a lost one in none ("").
+                    self._at_rest[session_id] = kept._replace(incarnation="" if lost else incarnation)
                 buried += lost
         return buried
 

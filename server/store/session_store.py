@@ -76,14 +76,10 @@ _FORGET = """
 if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
-# KEYS[1] the session; ARGV owner, lost (JSON), milliseconds to live, holder. Only where nothing is stored: a session
-# that survived (or that a live replica wrote again) is no tombstone's. One that survived as an older copy still
-# naming this replica its holder (the put at rest was among the writes the store lost) is put at rest as it is.
+# KEYS[1] the session; ARGV owner, lost (JSON), milliseconds to live. Only where nothing is stored: a session
+# that survived (or that a live replica wrote again) is no tombstone's.
 _TOMBSTONE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], 'holder') == ARGV[4] then redis.call('HSET', KEYS[1], 'holder', '') end
-  return 0
-end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'holder', '', 'owner', ARGV[1], 'lost', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -196,8 +192,8 @@ class SessionStore:
         """Write each tombstone where its session is missing, in one round trip; True for each written."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for t in tombstones:
-                await self._tombstone([SESSION_PREFIX + t.session_id],
-                                      [t.owner, t.lost, max(1, t.milliseconds), self.holder], client=pipe)
+                await self._tombstone([SESSION_PREFIX + t.session_id], [t.owner, t.lost, max(1, t.milliseconds)],
+                                      client=pipe)
             return [bool(written) for written in await self._run(pipe.execute())]
 
     async def incarnation(self) -> str:
@@ -228,7 +224,8 @@ class SessionStore:
         await self._run(self._forget([SESSION_PREFIX + session_id], [self.holder]))
 
     async def release(self, session_id: str) -> None:
-        """Give back a claim this replica could not use (no room): the session stays at rest for another."""
+        """Put at rest, as it is stored, a session this replica is named the holder of but does not hold live: a
+        claim it could not use (no room), or an older copy a store that lost the later writes kept."""
         await self._run(self._release([SESSION_PREFIX + session_id], [self.holder]))
 
     async def ask_release(self, holder: str, session_id: str) -> bool:
