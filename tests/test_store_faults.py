@@ -276,6 +276,7 @@ def test_http_through_the_proxy_keeps_each_session_on_one_replica(cluster, bundl
             created = http.post("/v1/sessions", json={"prompt_text": PROMPT})
             assert created.status_code == 200, created.text
             texts[created.json()["session"]["session_id"]] = PROMPT
+        created_on = Counter(holders_of(redis_process.url, list(texts)))  # registered at once (write-through)
         rounds, moved, last = 5, Counter(), {}
         for round_ in range(rounds):
             for session_id, text in texts.items():
@@ -292,8 +293,9 @@ def test_http_through_the_proxy_keeps_each_session_on_one_replica(cluster, bundl
         exact = sum(matches_reference(bundle, text, last[session_id]) for session_id, text in texts.items())
         completions = [http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}) for _ in range(6)]
     spread = Counter(holders.values())
-    print(f"\n  sessions by replica: {dict(spread)}, moves after their first step: {moved[True]}, "
-          f"exact: {exact}/{len(texts)}")
+    print(f"\n  sessions by replica: created on {dict(created_on)}, then {dict(spread)}; moves after their first step: "
+          f"{moved[True]}, exact: {exact}/{len(texts)}")
+    assert set(created_on) == {"replica1", "replica2", "replica3"}  # creation carries no session: balanced
     assert len(spread) >= 2  # hashed on their ids, sessions spread over the replicas
     assert moved == {False: len(texts) * (rounds - 1)}  # after the first step, each stays where its id routes it
     assert exact == len(texts)
