@@ -24,10 +24,11 @@ STARTUP_SECONDS = 10.0
 class RedisProcess:
     """`with RedisProcess(workdir) as redis:` serves redis://127.0.0.1:<port>/0 until the block ends."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False):
+    def __init__(self, workdir: Path, appendonly: bool = False, flags: tuple[str, ...] = ()):
         self.workdir = workdir
         self.persistence = (["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly
                             else ["--appendonly", "no"])
+        self.flags = flags  # more of redis-server's, e.g. ("--rename-command", "CONFIG", "")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen | None = None
@@ -37,7 +38,7 @@ class RedisProcess:
         with self.log.open("ab") as sink:
             self._process = subprocess.Popen(
                 [BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self.persistence,
-                 "--dir", str(self.workdir)], stdout=sink, stderr=subprocess.STDOUT)
+                 "--dir", str(self.workdir), *self.flags], stdout=sink, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline and self._process.poll() is None:
             try:

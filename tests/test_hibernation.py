@@ -337,3 +337,26 @@ def test_a_session_whose_put_at_rest_the_store_lost_is_not_stuck_with_its_old_ho
     store.hset(SESSION_PREFIX + session_id, "holder", a.running.engine.hibernation.store.holder)
     assert export(b.stub, session_id) == before  # b asked a, which holds nothing, and put it at rest as stored
     assert (a.held, b.held) == (0, 1)
+
+
+def test_a_store_that_refuses_config_and_info_still_tells_its_restart(bundle, tmp_path, caplog):
+    """Managed Redis services often rename CONFIG and INFO away: the replica serves, and the marker key alone tells
+    it that the store came back empty."""
+    caplog.set_level(logging.INFO, logger="rnnserve.server.store.hibernation")
+    hidden = ("--rename-command", "CONFIG", "", "--rename-command", "INFO", "")
+    with RedisProcess(tmp_path, flags=hidden) as locked:
+        replica = Replica(bundle, Settings(**{**LOOPBACK, "redis_url": locked.url, "hibernate_after_seconds": 0.3,
+                                              "write_through_every": 1}))
+        try:
+            resting = create(replica.stub, prompt_text="resting")
+            wait_until(lambda: replica.held == 0)
+            assert "refuses CONFIG" in caplog.text and "persists nothing" not in caplog.text
+            locked.stop()
+            locked.start()
+            store = redis.Redis.from_url(locked.url)
+            wait_until(lambda: store.hexists(SESSION_PREFIX + resting, "lost"))
+            _, info = assert_fails(lambda: step(replica.stub, resting, "!", len("resting")), grpc.StatusCode.NOT_FOUND,
+                                   "SESSION_LOST")
+            assert info.metadata["last_position"] == str(len("resting"))
+        finally:
+            replica.stop()

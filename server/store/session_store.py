@@ -163,7 +163,6 @@ class SessionStore:
         self._forget = self.redis.register_script(_FORGET)
         self._release = self.redis.register_script(_RELEASE)
         self._tombstone = self.redis.register_script(_TOMBSTONE)
-        self._marker = secrets.token_hex(8)  # ours, if we are the first to find the marker missing
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -199,7 +198,7 @@ class SessionStore:
     async def incarnation(self) -> str:
         """Which life of the store this is: Redis's run_id (a restart changes it, whether or not it kept its data;
         empty where INFO is refused) and the marker (changed when the store lost its keys)."""
-        await self._run(self.redis.set(MARKER_KEY, self._marker, nx=True))
+        await self._run(self.redis.set(MARKER_KEY, secrets.token_hex(8), nx=True))  # a new one only where it is gone
         marker = await self._run(self.redis.get(MARKER_KEY))
         try:
             run_id = (await self.redis.info("server")).get("run_id", "")
