@@ -144,12 +144,11 @@ def cluster(bundle: Bundle, tmp_path: Path) -> Iterator[Callable[..., tuple[Redi
         yield start
 
 
-async def sessions_on(address: str, count: int, steps: int, seed: int = 0) -> tuple[AsyncClient, list[Tracked]]:
-    """`count` sessions made on the replica at `address`, each stepped `steps` times."""
-    client = AsyncClient(address, timeout=10)
+async def sessions_on(client: AsyncClient, count: int, steps: int, seed: int = 0) -> list[Tracked]:
+    """`count` sessions made through `client`, each stepped `steps` times."""
     tracked = [Tracked(await client.session(PROMPT), seed + i) for i in range(count)]
     await asyncio.gather(*(t.step(steps) for t in tracked))
-    return client, tracked
+    return tracked
 
 
 def stored(redis_url: str, tracked: list[Tracked], field: str) -> list[bytes | None]:
@@ -164,13 +163,16 @@ def logged(replica: Replica, words: str) -> bool:
 
 @pytest.mark.parametrize("appendonly", [False, True], ids=["no-persistence", "aof-everysec"])
 def test_redis_killed_and_restarted(cluster, bundle, appendonly):
-    redis_process, (first, second) = cluster(2, flags(**{"hibernate-after-seconds": 2}), appendonly=appendonly)
+    # Sessions stepped a few times a second stay live; the others hibernate within a few seconds.
+    redis_process, (first, second) = cluster(2, flags(**{"hibernate-after-seconds": 3}), appendonly=appendonly)
     assert logged(first, "persists nothing") != appendonly
 
     async def scenario() -> tuple[Counter[str], Counter[str], list[SessionLost]]:
-        client, resting = await sessions_on(first.address, SESSIONS, 5)
-        wait_until(lambda: stored(redis_process.url, resting, "holder") == [b""] * SESSIONS, what="hibernation")
-        client, live = await sessions_on(first.address, SESSIONS, 5, seed=100)
+        client = AsyncClient(first.address, timeout=10)
+        resting = await sessions_on(client, SESSIONS, 5)
+        await asyncio.to_thread(wait_until, lambda: stored(redis_process.url, resting, "holder") == [b""] * SESSIONS,
+                                what="hibernation")
+        live = await sessions_on(client, SESSIONS, 5, seed=100)
         stop = asyncio.Event()
         keep_stepping = asyncio.create_task(keep_active(live, stop))  # active all along: never hibernated
         redis_process.stop()
@@ -217,7 +219,8 @@ def test_a_drain_during_a_redis_outage_hands_every_session_over(cluster, bundle)
     redis_process, (draining, heir) = cluster(2, flags(**{"grace-seconds": 10}))
 
     async def scenario() -> Counter[str]:
-        client, tracked = await sessions_on(draining.address, SESSIONS, 6)
+        client = AsyncClient(draining.address, timeout=10)
+        tracked = await sessions_on(client, SESSIONS, 6)
         redis_process.stop()
         draining.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(1.5)  # the drain finds no store, and tries again
@@ -245,7 +248,8 @@ def test_a_kill_9_right_after_redis_came_back_empty_loses_at_most_n_minus_1_toke
     redis_process, (killed, heir) = cluster(2, flags(**{"redis-lease-seconds": 6}))
 
     async def scenario() -> Outcomes:
-        client, tracked = await sessions_on(killed.address, SESSIONS, 5)  # at 14: stored at 12
+        client = AsyncClient(killed.address, timeout=10)
+        tracked = await sessions_on(client, SESSIONS, 5)  # at 14: stored at 12
         redis_process.stop()
         redis_process.start()  # empty
         await asyncio.to_thread(wait_until, lambda: None not in stored(redis_process.url, tracked, "state"),
