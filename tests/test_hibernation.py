@@ -316,6 +316,7 @@ def test_a_drain_while_the_store_is_down_retries_until_it_is_back(replicas, redi
 
 
 def test_a_store_that_persists_nothing_is_warned_of_at_start(replicas, redis_server, caplog):
+    caplog.set_level(logging.INFO, logger="rnnserve.server.store.hibernation")
     a = replicas(hibernate_after_seconds=0)
     wait_until(lambda: "persists nothing" in caplog.text)
     redis.Redis.from_url(redis_server.url).config_set("appendonly", "yes")
@@ -323,6 +324,7 @@ def test_a_store_that_persists_nothing_is_warned_of_at_start(replicas, redis_ser
     b = replicas(hibernate_after_seconds=0)
     wait_until(lambda: b.running.engine.hibernation.incarnation != "")
     assert "persists nothing" not in caplog.text
+    assert "persists sessions: appendonly yes, appendfsync everysec" in caplog.text
     assert a.held == b.held == 0
 
 

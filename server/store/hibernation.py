@@ -408,7 +408,7 @@ class Hibernation:
                 renewed_before = True
                 incarnation = await self.store.incarnation()
                 if not self.incarnation:
-                    await self._warn_if_nothing_persists()
+                    await self._report_persistence()
                 restarted = bool(self.incarnation) and incarnation != self.incarnation
                 if restarted or self._missed:
                     self._missed = False  # a fault while writing again sets it anew: then this round comes again
@@ -419,7 +419,8 @@ class Hibernation:
                 self._fault(fault)
             await asyncio.sleep(self.store.lease_ms / 3000)
 
-    async def _warn_if_nothing_persists(self) -> None:
+    async def _report_persistence(self) -> None:
+        """Say at start what a restart of the store would cost: a warning when it would lose everything."""
         persistence = await self.store.persistence()
         if persistence is None:
             log.info("the session store refuses CONFIG, so whether it keeps sessions across its own restart is "
@@ -428,6 +429,10 @@ class Hibernation:
             log.warning("the session store persists nothing (appendonly no, save \"\"): a Redis restart loses every "
                         "session at rest there, and live sessions' write-through copies; run it with appendonly yes "
                         "(docs/OPERATIONS.md)")
+        else:
+            log.info("the session store persists sessions: %s (docs/OPERATIONS.md gives the loss bound of each)",
+                     f"appendonly yes, appendfsync {persistence.appendfsync}" if persistence.appendonly
+                     else f"RDB snapshots only (save {persistence.save!r})")
 
     async def _store_returned(self, restarted: bool, incarnation: str) -> None:
         """Write every live session again at once (its state with write-through, else its registration), and, in a
