@@ -269,6 +269,7 @@ def test_a_session_the_store_lost_in_a_restart_answers_session_lost(replicas, re
         assert info.metadata["last_position"] == str(len("resting"))
         assert "restarted without it" in error.details()
     assert_fails(lambda: step(b.stub, "no-such-session", "!", 0), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert a.running.engine.metrics.registry.get_sample_value("rnnserve_sessions_lost_total") == 1
     holder = a.running.engine.hibernation.store.holder
     wait_until(lambda: store.pubsub_numsub(RELEASE_PREFIX + holder)[0][1] == 1)  # a listens for requests again
     assert step(b.stub, live, "!", len("live")).position == len("live!")  # handed over from a, whole

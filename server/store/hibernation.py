@@ -89,6 +89,8 @@ class StoreEvents(Protocol):
 
     def record_hibernated(self, sessions: int) -> None: ...
 
+    def record_sessions_lost(self, sessions: int) -> None: ...
+
 
 class Hibernation:
     def __init__(self, store: SessionStore, table: SessionTable, operations: Operations, *,
@@ -443,6 +445,8 @@ class Hibernation:
                 self._queue(session, bool(self.write_through_every))
             await asyncio.sleep(0)  # a chunk per turn of the loop: steps go on meanwhile
         buried = await self._bury_missing(incarnation) if restarted else 0
+        if self.events is not None:
+            self.events.record_sessions_lost(buried)
         log.warning("the session store is back%s: writing the %d live sessions here again at once%s",
                     " as another life of Redis (restarted)" if restarted else " after a fault", len(held),
                     f"; {buried} sessions put at rest from here were missing from it and are now answered "
