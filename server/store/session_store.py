@@ -12,8 +12,9 @@ One hash per session and one key per live replica:
                                that a Redis come back empty is told apart from one that kept its data
 
 A session hash may be a tombstone: no state, holder "", and a `lost` field (JSON: the replica that
-last stored it and why it is gone), written by a replica that finds its store came back empty without
-sessions it had put there, so that any replica answers their ids SESSION_LOST, never "does not exist".
+put it at rest, and its position then), written by that replica when it finds the store came back
+without it, so that any replica answers its id SESSION_LOST, never "does not exist". A replica that
+still has the session live overwrites a tombstone with its next write.
 
 `holder` names the replica that has the session live, as "<replica id>/<incarnation>" (a random
 incarnation per process, so a replica restarted under the same id holds nothing of its former
