@@ -296,6 +296,9 @@ def test_http_through_the_proxy_keeps_each_session_on_one_replica(cluster, bundl
             before = holders
         exact = sum(matches_reference(bundle, text, last[session_id]) for session_id, text in texts.items())
         completions = [http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}) for _ in range(6)]
+        generated = [http.post(f"/v1/sessions/{session_id}/generate?stream=true", json={"max_tokens": 3})
+                     for session_id in texts]  # SSE, routed by the id in its path as the steps were
+        after_generation = dict(zip(texts, holders_of(redis_process.url, list(texts))))
     spread = Counter(holders.values())
     print(f"\n  sessions by replica: created on {dict(created_on)}, then {dict(spread)}; moves after their first step: "
           f"{moved[True]}, exact: {exact}/{len(texts)}")
@@ -304,6 +307,8 @@ def test_http_through_the_proxy_keeps_each_session_on_one_replica(cluster, bundl
     assert moved == {False: len(texts) * (rounds - 1)}  # after the first step, each stays where its id routes it
     assert exact == len(texts)
     assert [completion.status_code for completion in completions] == [200] * 6
+    assert [(answer.status_code, answer.text.count("data: ")) for answer in generated] == [(200, 3)] * len(texts)
+    assert after_generation == holders  # no session moved for its generation either
 
 
 def holders_of(redis_url: str, session_ids: list[str]) -> list[str]:
