@@ -8,6 +8,7 @@ docker-compose.yml runs it).
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -59,6 +60,13 @@ class RedisProcess:
         """Bytes Redis holds (INFO memory used_memory)."""
         with redis.Redis.from_url(self.url) as client:
             return int(client.info("memory")["used_memory"])
+
+    def pause(self) -> None:
+        """Stop it answering (SIGSTOP), its data kept: a partition or a stall, not a restart."""
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """Kill it outright: its data goes with it, as with a crashed Redis without persistence."""

@@ -363,3 +363,27 @@ def test_a_store_that_refuses_config_and_info_still_tells_its_restart(bundle, tm
             assert info.metadata["last_position"] == str(len("resting"))
         finally:
             replica.stop()
+
+
+def test_after_a_fault_the_store_gets_what_it_missed_at_once(replicas, redis_server):
+    a = replicas(hibernate_after_seconds=0, write_through_every=4)
+    before = create(a.stub, prompt_text="abcd")  # stored at 4
+    create(a.stub, prompt_text="untouched")  # stored, and not stepped: nothing for the store to miss
+    registry = a.running.engine.metrics.registry
+    writes = registry.get_sample_value("rnnserve_session_store_writes_total")
+    redis_server.pause()
+    try:
+        during = create(a.stub, prompt_text="efgh")  # not registered: the store does not answer
+        for position in range(4, 9):
+            step(a.stub, before, "x", position)  # crosses 8 unstored, answered all the same
+    finally:
+        redis_server.resume()
+    store = redis.Redis.from_url(redis_server.url)
+    decode = a.running.engine.operations.decode
+
+    def stored_position(session_id: str) -> int | None:
+        state = store.hget(SESSION_PREFIX + session_id, "state")
+        return None if state is None else decode(state)[1].position
+
+    wait_until(lambda: (stored_position(before), stored_position(during)) == (9, 4))  # at once, not at the next mark
+    assert registry.get_sample_value("rnnserve_session_store_writes_total") == writes + 2  # those two only

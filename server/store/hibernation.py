@@ -114,7 +114,8 @@ class Hibernation:
         # Sessions put at rest from here, oldest first: told SESSION_LOST if the store comes back without them.
         self._at_rest: OrderedDict[str, AtRest] = OrderedDict()
         self.incarnation = ""  # of the store, as last seen; "" until first seen
-        self._missed = False  # the store was at fault since the last time every live session was written
+        # Live sessions whose registration or write-through the store missed while at fault: written once it is back.
+        self._unstored: set[Session] = set()
 
     # Lifecycle ---------------------------------------------------------------------------------
 
@@ -139,7 +140,6 @@ class Hibernation:
         if self.healthy:
             log.warning("the session store cannot be reached (%s): sessions held keep serving, hibernation pauses",
                         fault)
-        self._missed = True
         self._set_health(False)
 
     def _set_health(self, healthy: bool) -> None:
@@ -322,8 +322,10 @@ class Hibernation:
 
     def created(self, session: Session) -> asyncio.Future[None] | None:
         """Register a new session, so that no other replica takes its id while it lives here; with write-through,
-        its state too, and the future settles once stored. Skipped while the store is at fault: serving goes on."""
+        its state too, and the future settles once stored. Skipped while the store is at fault (serving goes on), and
+        written once it is back."""
         if not self.healthy:
+            self._unstored.add(session)
             return None
         if self.write_through_every:
             done = asyncio.get_running_loop().create_future()
@@ -334,8 +336,8 @@ class Hibernation:
 
     def after_step(self, session: Session, tokens: int, answer: asyncio.Future[StepAnswer]) -> asyncio.Future:
         """The step's answer, held back until the store has the session when the step crosses a write-through mark
-        (not while the store is at fault: then the step is answered at once, and the session stored when it next
-        crosses a mark with the store back)."""
+        (not while the store is at fault: then the step is answered at once, and the session stored as soon as the
+        store is back)."""
         if not self.write_through_every:
             return answer
         every = self.write_through_every
@@ -348,9 +350,13 @@ class Hibernation:
                 stored.cancel()
             elif future.exception() is not None:
                 stored.set_exception(future.exception())
-            elif self.healthy and session.removed is None and future.result().position // every != (
+            elif session.removed is None and future.result().position // every != (
                     future.result().position - tokens) // every:
-                self._queue(session, True, (stored, future.result()))
+                if self.healthy:
+                    self._queue(session, True, (stored, future.result()))
+                else:
+                    self._unstored.add(session)
+                    stored.set_result(future.result())
             else:
                 stored.set_result(future.result())
 
@@ -386,6 +392,7 @@ class Hibernation:
             except StoreFault as fault:
                 self._fault(fault)  # answered all the same: serving goes on without the store
                 written = [True] * len(pending)
+                self._unstored.update(session for session, _, _ in pending.values())
             for (session, _, waiters), ok in zip(pending.values(), written):
                 for future, value in waiters:
                     if future.done():
@@ -412,8 +419,7 @@ class Hibernation:
                 if not self.incarnation:
                     await self._report_persistence()
                 restarted = bool(self.incarnation) and incarnation != self.incarnation
-                if restarted or self._missed:
-                    self._missed = False  # a fault while writing again sets it anew: then this round comes again
+                if restarted or self._unstored:
                     await self._store_returned(restarted, incarnation)
                 self.incarnation = incarnation
                 self._set_health(True)
@@ -437,9 +443,11 @@ class Hibernation:
                      else f"RDB snapshots only (save {persistence.save!r})")
 
     async def _store_returned(self, restarted: bool, incarnation: str) -> None:
-        """Write every live session again at once (its state with write-through, else its registration), and, in a
-        store restarted, mark as lost the sessions this replica put at rest that it no longer has."""
-        held = [session for session in self.table.by_recency() if session.removed is None]
+        """Write at once (its state with write-through, else its registration) every live session of a store
+        restarted, or those the store missed while at fault; in a store restarted, also mark as lost the sessions
+        this replica put at rest that it no longer has."""
+        missed, self._unstored = self._unstored, set()  # a fault while writing them puts them back
+        held = [session for session in (self.table.by_recency() if restarted else missed) if session.removed is None]
         for start in range(0, len(held), CHUNK_SESSIONS):
             for session in held[start:start + CHUNK_SESSIONS]:
                 self._queue(session, bool(self.write_through_every))
@@ -447,7 +455,7 @@ class Hibernation:
         buried = await self._bury_missing(incarnation) if restarted else 0
         if self.events is not None:
             self.events.record_sessions_lost(buried)
-        log.warning("the session store is back%s: writing the %d live sessions here again at once%s",
+        log.warning("the session store is back%s: writing %d live sessions here at once%s",
                     " as another life of Redis (restarted)" if restarted else " after a fault", len(held),
                     f"; {buried} sessions put at rest from here were missing from it and are now answered "
                     "SESSION_LOST" if restarted else "")
