@@ -10,7 +10,8 @@ from google.rpc import error_details_pb2
 from rnnserve.server.core import errors
 from rnnserve.server.core.errors import (CapacityExhausted, IncompatibleState, InvalidArgument, ModelNotFound,
                                     PositionMismatch, RewindBeyondDepth, RnnserveError, ServerFault, SessionEvicted,
-                                    SessionExpired, SessionLost, SessionNotFound, SessionUnavailable, ShuttingDown, StateIsShipped, StateNotFound,
+                                    SessionExpired, SessionLost, SessionNotFound, SessionUnavailable, ShuttingDown,
+                                    StateIsShipped, StateNotFound,
                                     to_status)
 from rnnserve.server.faces.guard import Guarded
 from rnnserve.v1 import rnnserve_pb2
