@@ -387,3 +387,20 @@ def test_after_a_fault_the_store_gets_what_it_missed_at_once(replicas, redis_ser
 
     wait_until(lambda: (stored_position(before), stored_position(during)) == (9, 4))  # at once, not at the next mark
     assert registry.get_sample_value("rnnserve_session_store_writes_total") == writes + 2  # those two only
+
+
+def test_another_callers_lost_session_is_unknown_to_them(replicas, redis_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-token-0123456789 alice\nbob-token-0123456789ab bob\n")
+    a = replicas(hibernate_after_seconds=0.2, auth_tokens_file=tokens)
+    alice, bob = [(("authorization", f"Bearer {name}-token-0123456789{tail}"),) for name, tail in
+                  (("alice", ""), ("bob", "ab"))]
+    session_id = a.stub.CreateSession(pb.CreateSessionRequest(prompt_text="abc"), metadata=alice).session.session_id
+    wait_until(lambda: a.held == 0)
+    redis_server.stop()
+    redis_server.start()
+    store = redis.Redis.from_url(redis_server.url)
+    wait_until(lambda: store.hexists(SESSION_PREFIX + session_id, "lost"))
+    request = pb.GetSessionRequest(session_id=session_id)
+    assert_fails(lambda: a.stub.GetSession(request, metadata=bob), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert_fails(lambda: a.stub.GetSession(request, metadata=alice), grpc.StatusCode.NOT_FOUND, "SESSION_LOST")
