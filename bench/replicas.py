@@ -7,7 +7,9 @@ Redis and HAProxy are Debian's binaries, started exactly as the tests start them
   2 cores, more replicas would measure the cores, not the proxy.
 - R2: putting one session at rest in Redis (hold, encode, compare-and-set write, free) and waking
   one (claim, decode, admit), each timed alone on a live engine in this process, one at a time.
-- R3: W2's unary loop and W1's single session with write-through off, every 16 tokens and every token.
+- R3: W2's unary loop and W1's single session with write-through off, every 16 tokens and every token,
+  against a Redis that persists nothing; and "every-16-aof": every 16 tokens against a Redis with
+  `appendonly yes`, `appendfsync everysec`, the compose file's settings (docker-compose.yml).
 - R4: resident memory of a replica holding W5's sessions, all but a hundredth of them idle and
   hibernated, the rest stepping: memory follows the active sessions, Redis holds the rest.
 """
@@ -42,6 +44,7 @@ from redis_process import RedisProcess  # noqa: E402
 from serving import free_port  # noqa: E402
 
 WRITE_THROUGH = (0, 16, 1)
+COMPOSE_WRITE_THROUGH = 16  # docker-compose.yml's replicas, whose Redis keeps an append-only file (everysec)
 ACTIVE_SHARE = 100  # R4: one session in this many keeps stepping
 HIBERNATE_AFTER_SECONDS = 10.0  # R4: an active session steps far more often than this, even on a busy machine
 STORE_FLAGS = ["--hibernate-after-seconds", "0"]  # R1, R3: nothing hibernates under the loops
@@ -96,13 +99,14 @@ async def r2_hibernate_and_wake(bundle: Bundle, redis_url: str, sizes: Sizes, to
 
 
 async def r3_write_through(command: list[str], redis_url: str, sizes: Sizes, tokens: Sequence[int], workdir: Path,
-                           results: Results) -> None:
+                           results: Results, settings: Sequence[int] = WRITE_THROUGH, suffix: str = "") -> None:
+    """Each of `settings` (0: off) on a fresh server; `suffix` names the Redis's persistence in the variant."""
     count = sizes.most_sessions
-    for every in WRITE_THROUGH:
+    for every in settings:
         flags = ["--redis-url", redis_url, *STORE_FLAGS, "--write-through-every", str(every)]
-        with ServerProcess([*command, *flags], workdir / f"server-r3-{every}.log") as process:
+        with ServerProcess([*command, *flags], workdir / f"server-r3-{every}{suffix}.log") as process:
             async with connect(process) as server:
-                variant = f"every-{every}" if every else "off"
+                variant = (f"every-{every}" if every else "off") + suffix
                 results.add_loop("R3", variant, 1, await unary_steps(server, 1, sizes.w1_steps, sizes.warmup_steps,
                                                                      tokens))
                 results.add_loop("R3", variant, count, await unary_steps(server, count, sizes.w2_steps,
@@ -170,5 +174,11 @@ async def scale_out(command: list[str], bundle: Bundle, sizes: Sizes, tokens: Se
         progress(f"R3 write-through off, every {WRITE_THROUGH[1]} and every token (fresh servers)")
         await r3_write_through(command, redis.url, sizes, tokens, workdir, results)
         redis.flush()
+        progress(f"R3 write-through every {COMPOSE_WRITE_THROUGH} with Redis appendonly everysec, as compose runs it")
+        durable_dir = Path(scratch) / "aof"
+        durable_dir.mkdir()
+        with RedisProcess(durable_dir, appendonly=True) as durable:
+            await r3_write_through(command, durable.url, sizes, tokens, workdir, results, (COMPOSE_WRITE_THROUGH,),
+                                   "-aof")
         progress(f"R4 memory of {sizes.w5_sessions:,} sessions, {ACTIVE_SHARE}th of them active (fresh server)")
         await r4_memory(command, redis, sizes, tokens, workdir, results)

@@ -14,8 +14,8 @@ from rnnserve.client.connection import TLS
 from rnnserve.client.errors import (CapacityExhausted, DeadlineExceeded, FieldViolation, IncompatibleState,
                                     InvalidArgument, ModelIsDefault, ModelNotFound, ModelRefused, ModelRetiring,
                                     NotFound, PositionMismatch, RewindBeyondDepth, RnnserveError, SessionEvicted,
-                                    SessionExpired, SessionNotFound, StateIsShipped, StateNotFound, Unauthenticated,
-                                    Unavailable)
+                                    SessionExpired, SessionLost, SessionNotFound, StateIsShipped, StateNotFound,
+                                    Unauthenticated, Unavailable)
 from rnnserve.client.sync import Admin, Client, Session, StepStream
 from rnnserve.client.types import (Candidate, ContinuationScore, GeneratedToken, ModelInfo, NamedState, Prediction,
                                    SessionInfo)
@@ -26,5 +26,6 @@ __all__ = [
     "InvalidArgument", "ModelInfo", "ModelIsDefault", "ModelNotFound", "ModelRefused", "ModelRetiring", "NamedState",
     "NotFound", "PositionMismatch", "Prediction",
     "RewindBeyondDepth", "RnnserveError", "Session", "SessionEvicted", "SessionExpired", "SessionInfo",
-    "SessionNotFound", "StateIsShipped", "StateNotFound", "StepStream", "TLS", "Unauthenticated", "Unavailable",
+    "SessionLost", "SessionNotFound", "StateIsShipped", "StateNotFound", "StepStream", "TLS", "Unauthenticated",
+    "Unavailable",
 ]

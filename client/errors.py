@@ -66,6 +66,19 @@ class SessionEvicted(SessionNotFound):
     """The session was removed to make room under the server's session cap."""
 
 
+class SessionLost(SessionNotFound):
+    """The session existed, but its stored copy is gone (the session store restarted empty, or the replica holding
+    it died before storing it); `last_replica` and `last_position` say what the server knows of it."""
+
+    @property
+    def last_replica(self) -> str | None:
+        return self.metadata.get("last_replica")
+
+    @property
+    def last_position(self) -> int | None:
+        return self._metadata_int("last_position")
+
+
 class ModelNotFound(NotFound):
     """No model of that name is loaded."""
 
@@ -135,6 +148,7 @@ _BY_REASON: dict[str, type[RnnserveError]] = {
     "SESSION_NOT_FOUND": SessionNotFound,
     "SESSION_EXPIRED": SessionExpired,
     "SESSION_EVICTED": SessionEvicted,
+    "SESSION_LOST": SessionLost,
     "MODEL_NOT_FOUND": ModelNotFound,
     "POSITION_MISMATCH": PositionMismatch,
     "INVALID_ARGUMENT": InvalidArgument,

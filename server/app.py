@@ -82,7 +82,7 @@ class Server:
             self._watching.cancel()
         self.engine.drain()
         await self.health.enter_graceful_shutdown()
-        await self.engine.hand_off()
+        await self.engine.hand_off(grace or 0.0)
         await asyncio.gather(self.grpc_server.stop(grace), *([] if self.web is None else [self.web.stop(grace)]))
         await self.engine.stop()
         if self.metrics_endpoint is not None:

@@ -153,6 +153,9 @@ class Metrics:
                                               buckets=SECONDS_BUCKETS, registry=registry)
         self._hibernated = Counter(f"{PREFIX}_sessions_hibernated", "Sessions put at rest in the session store "
                                    "(idle, or handed over by a draining replica).", registry=registry)
+        self._lost = Counter(f"{PREFIX}_sessions_lost", "Sessions this replica put at rest that the session store came "
+                             "back without (restarted, without persistence): answered SESSION_LOST from then on.",
+                             registry=registry)
 
     def record_store_up(self, up: bool) -> None:
         self._store_up.set(1 if up else 0)
@@ -163,6 +166,9 @@ class Metrics:
 
     def record_hibernated(self, sessions: int) -> None:
         self._hibernated.inc(sessions)
+
+    def record_sessions_lost(self, sessions: int) -> None:
+        self._lost.inc(sessions)
 
     def _rpc_child(self, method: str, code: int) -> tuple[Counter, Histogram]:
         children = self._rpc_children.get((method, code))

@@ -22,25 +22,30 @@ BINARY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 STARTUP_SECONDS = 10.0
 
 
-def proxy_config(listen: str, replicas: list[str]) -> str:
-    """deploy/haproxy/haproxy.cfg listening on `listen`, routing to `replicas` (host:port each)."""
+def proxy_config(listen: str, replicas: list[str], http_listen: str, http_replicas: list[str]) -> str:
+    """deploy/haproxy/haproxy.cfg listening on `listen` (gRPC) and `http_listen` (HTTP/JSON), routing to
+    `replicas` and `http_replicas` (host:port each)."""
     config = DEPLOY_CONFIG.read_text()
     config = re.sub(r"\n    bind :50051 ", f"\n    bind {listen} ", config)
+    config = re.sub(r"\n    bind :8080\n", f"\n    bind {http_listen}\n", config)
     config = re.sub(r"\nresolvers compose\n(    .*\n)+", "\n", config)
     config = config.replace(" resolvers compose", "")
-    servers = "".join(f"    server replica{i} {address}\n" for i, address in enumerate(replicas, 1))
-    config, count = re.subn(r"(    server replica\d+ .*\n)+", servers, config)
-    assert count == 1, "the shipped configuration's server lines have moved"
+    for port, addresses in ((50051, replicas), (8080, http_replicas)):
+        servers = "".join(f"    server replica{i} {address}\n" for i, address in enumerate(addresses, 1))
+        config, count = re.subn(rf"(    server replica\d+ replica\d+:{port}\n)+", servers, config)
+        assert count == 1, "the shipped configuration's server lines have moved"
     return config
 
 
 class HAProxyProcess:
-    """`with HAProxyProcess(workdir, replicas) as proxy:` routes `proxy.address` to the replicas until the block ends."""
+    """`with HAProxyProcess(workdir, replicas) as proxy:` routes `proxy.address` to the replicas until the block ends,
+    and `proxy.http_address` to `http_replicas` (to `replicas` when not given: a proxy used for gRPC alone)."""
 
-    def __init__(self, workdir: Path, replicas: list[str]):
+    def __init__(self, workdir: Path, replicas: list[str], http_replicas: list[str] | None = None):
         self.workdir = workdir
         self.address = f"127.0.0.1:{free_port()}"
-        self.config = proxy_config(self.address, replicas)
+        self.http_address = f"127.0.0.1:{free_port()}"
+        self.config = proxy_config(self.address, replicas, self.http_address, http_replicas or replicas)
         self._process: subprocess.Popen | None = None
 
     def __enter__(self) -> HAProxyProcess:

@@ -12,6 +12,7 @@ EXPECTED = {
     "SESSION_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, errors.SessionNotFound),
     "SESSION_EXPIRED": (grpc.StatusCode.NOT_FOUND, errors.SessionExpired),
     "SESSION_EVICTED": (grpc.StatusCode.NOT_FOUND, errors.SessionEvicted),
+    "SESSION_LOST": (grpc.StatusCode.NOT_FOUND, errors.SessionLost),
     "MODEL_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, errors.ModelNotFound),
     "POSITION_MISMATCH": (grpc.StatusCode.FAILED_PRECONDITION, errors.PositionMismatch),
     "INVALID_ARGUMENT": (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),

@@ -82,9 +82,9 @@ def test_the_replicas_profile_puts_three_replicas_behind_the_proxy_it_tests(comp
     config = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
     (mount,) = services["haproxy"]["volumes"]
     assert Path(mount.split(":")[0]) == DEPLOY / "haproxy" / "haproxy.cfg"
-    grpc_port = port_of(dockerfile_env("RNNSERVE_LISTEN"))
-    assert re.findall(r"server (replica\d) (\S+)", config) == [(name, f"{name}:{grpc_port}")
-                                                                 for name in ("replica1", "replica2", "replica3")]
+    for port in (port_of(dockerfile_env("RNNSERVE_LISTEN")), port_of(dockerfile_env("RNNSERVE_HTTP_LISTEN"))):
+        assert re.findall(rf"server (replica\d) (\S+:{port})\n", config) == [
+            (name, f"{name}:{port}") for name in ("replica1", "replica2", "replica3")]
     for name in ("replica1", "replica2", "replica3"):
         environment = services[name]["environment"]
         assert environment["RNNSERVE_REPLICA_ID"] == name
@@ -92,6 +92,15 @@ def test_the_replicas_profile_puts_three_replicas_behind_the_proxy_it_tests(comp
     checked = subprocess.run([tool("haproxy", "haproxy"), "-c", "-f", DEPLOY / "haproxy" / "haproxy.cfg"],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_replicas_redis_keeps_sessions_on_a_volume(compose):
+    """Append-only, fsynced every second or more often, in /data on a named volume: a restart keeps what it had."""
+    redis = compose["services"]["redis"]
+    flags = dict(zip(redis["command"][1::2], redis["command"][2::2]))
+    assert flags["--appendonly"] == "yes" and flags["--appendfsync"] in ("everysec", "always")
+    assert any(volume.split(":")[:2] == ["redis-data", "/data"] for volume in redis["volumes"])
+    assert "redis-data" in compose["volumes"]
 
 
 def test_mounted_files_exist(compose):

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 import redis
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from rnnserve.bundle import Bundle
 from rnnserve.server.app import STORE_HEALTH_NAME
 from rnnserve.server.settings import Settings
-from rnnserve.server.store.session_store import REPLICA_PREFIX, SESSION_PREFIX
+from rnnserve.server.store.session_store import RELEASE_PREFIX, REPLICA_PREFIX, SESSION_PREFIX
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 from redis_process import RedisProcess
@@ -50,11 +54,11 @@ class Replica:
         request = health_pb2.HealthCheckRequest(service=STORE_HEALTH_NAME)
         return health_pb2_grpc.HealthStub(self.channel).Check(request).status
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.0) -> None:
         if not self.stopped:
             self.stopped = True
             self.channel.close()
-            self.running.stop()
+            self.running.stop(grace)
 
 
 @pytest.fixture
@@ -241,3 +245,169 @@ def test_serving_without_redis_loads_no_redis_client():
             "asyncio.run(main()); print(sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'hiredis')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """The RetryInfo delay of a failed call, in seconds; None without one."""
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
+
+
+def test_a_session_the_store_lost_in_a_restart_answers_session_lost(replicas, redis_server):
+    a = replicas(hibernate_after_seconds=0.3, write_through_every=1)
+    b = replicas(hibernate_after_seconds=0)
+    resting = create(a.stub, prompt_text="resting")
+    wait_until(lambda: a.held == 0)
+    live = create(a.stub, prompt_text="live")
+    redis_server.stop()
+    redis_server.start()  # empty: it persists nothing
+    store = redis.Redis.from_url(redis_server.url)
+    wait_until(lambda: store.hexists(SESSION_PREFIX + resting, "lost"))  # a marked what it had put there
+    wait_until(lambda: store.hexists(SESSION_PREFIX + live, "state"))  # and wrote its live session again at once
+    wait_until(lambda: b.store_health() == health_pb2.HealthCheckResponse.SERVING)
+    for replica in (a, b):  # whichever replica is asked, the answer is the same
+        error, info = assert_fails(lambda: step(replica.stub, resting, "!", len("resting")),
+                                   grpc.StatusCode.NOT_FOUND, "SESSION_LOST")
+        assert info.metadata["last_replica"] == a.running.engine.hibernation.store.holder
+        assert info.metadata["last_position"] == str(len("resting"))
+        assert "restarted without it" in error.details()
+    assert_fails(lambda: step(b.stub, "no-such-session", "!", 0), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert a.running.engine.metrics.registry.get_sample_value("rnnserve_sessions_lost_total") == 1
+    holder = a.running.engine.hibernation.store.holder
+    wait_until(lambda: store.pubsub_numsub(RELEASE_PREFIX + holder)[0][1] == 1)  # a listens for requests again
+    assert step(b.stub, live, "!", len("live")).position == len("live!")  # handed over from a, whole
+
+
+def test_a_session_registered_by_a_replica_that_died_before_storing_it_answers_session_lost(replicas):
+    a = replicas(hibernate_after_seconds=0)  # no write-through: sessions are registered, their state kept here
+    session_id = create(a.stub, prompt_text="abc")
+    store = redis.Redis.from_url(a.running.engine.settings.redis_url)
+    wait_until(lambda: store.exists(SESSION_PREFIX + session_id))
+    fields = store.hgetall(SESSION_PREFIX + session_id)
+    orphan = "orphan-" + session_id  # the same registration, by a replica that has no lease any more
+    store.hset(SESSION_PREFIX + orphan, mapping={**fields, b"holder": b"dead/1"})
+    _, info = assert_fails(lambda: step(a.stub, orphan, "d", 3), grpc.StatusCode.NOT_FOUND, "SESSION_LOST")
+    assert info.metadata["last_replica"] == "dead/1" and info.metadata["last_position"] == "3"
+
+
+def test_a_session_of_a_dead_replica_is_retried_after_its_lease(replicas):
+    a = replicas(hibernate_after_seconds=0, write_through_every=1)
+    session_id = create(a.stub, prompt_text="abc")
+    store = redis.Redis.from_url(a.running.engine.settings.redis_url)
+    store.hset(SESSION_PREFIX + session_id, "holder", "dead/1")  # held by a replica killed, its lease not lapsed
+    store.set(REPLICA_PREFIX + "dead/1", b"1", px=6_000)
+    assert_fails(lambda: step(a.stub, session_id, "d", 3), grpc.StatusCode.UNAVAILABLE)  # its write is refused
+    wait_until(lambda: a.held == 0)  # and the stale copy goes
+    error, _ = assert_fails(lambda: step(a.stub, session_id, "d", 3), grpc.StatusCode.UNAVAILABLE)
+    assert "dead/1" in error.details()
+    assert 4.0 < retry_delay(error) <= 6.5  # the lease's time left: a client that waits that long finds it free
+
+
+def test_a_drain_while_the_store_is_down_retries_until_it_is_back(replicas, redis_server, caplog):
+    caplog.set_level(logging.INFO, logger="rnnserve.server.store.hibernation")
+    a = replicas(hibernate_after_seconds=0, write_through_every=1)
+    b = replicas(hibernate_after_seconds=0)
+    sessions = [create(a.stub, prompt_text=f"session {i}") for i in range(6)]
+    blobs = [export(a.stub, session_id) for session_id in sessions]
+    redis_server.stop()
+    draining = threading.Thread(target=a.stop, args=(10.0,))
+    draining.start()
+    time.sleep(1.0)
+    redis_server.start()  # empty: only the drain's retries can save the sessions
+    draining.join(30)
+    assert "handed 6 sessions to the session store" in caplog.text and "0 could not be handed over" in caplog.text
+    assert [export(b.stub, session_id) for session_id in sessions] == blobs
+
+
+def test_a_store_that_persists_nothing_is_warned_of_at_start(replicas, redis_server, caplog):
+    caplog.set_level(logging.INFO, logger="rnnserve.server.store.hibernation")
+    a = replicas(hibernate_after_seconds=0)
+    wait_until(lambda: "persists nothing" in caplog.text)
+    redis.Redis.from_url(redis_server.url).config_set("appendonly", "yes")
+    caplog.clear()
+    b = replicas(hibernate_after_seconds=0)
+    wait_until(lambda: b.running.engine.hibernation.incarnation != "")
+    assert "persists nothing" not in caplog.text
+    assert "persists sessions: appendonly yes, appendfsync everysec" in caplog.text
+    assert a.held == b.held == 0
+
+
+def test_a_session_whose_put_at_rest_the_store_lost_is_not_stuck_with_its_old_holder(replicas):
+    a = replicas(hibernate_after_seconds=0.3, write_through_every=1)
+    b = replicas(hibernate_after_seconds=0)
+    session_id = create(a.stub, prompt_text="abc")
+    before = export(a.stub, session_id)
+    wait_until(lambda: a.held == 0)
+    store = redis.Redis.from_url(a.running.engine.settings.redis_url)
+    # An append-only file that lost the last second kept the write-through copy, which names a its holder.
+    store.hset(SESSION_PREFIX + session_id, "holder", a.running.engine.hibernation.store.holder)
+    assert export(b.stub, session_id) == before  # b asked a, which holds nothing, and put it at rest as stored
+    assert (a.held, b.held) == (0, 1)
+
+
+def test_a_store_that_refuses_config_and_info_still_tells_its_restart(bundle, tmp_path, caplog):
+    """Managed Redis services often rename CONFIG and INFO away: the replica serves, and the marker key alone tells
+    it that the store came back empty."""
+    caplog.set_level(logging.INFO, logger="rnnserve.server.store.hibernation")
+    hidden = ("--rename-command", "CONFIG", "", "--rename-command", "INFO", "")
+    with RedisProcess(tmp_path, flags=hidden) as locked:
+        replica = Replica(bundle, Settings(**{**LOOPBACK, "redis_url": locked.url, "hibernate_after_seconds": 0.3,
+                                              "write_through_every": 1}))
+        try:
+            resting = create(replica.stub, prompt_text="resting")
+            wait_until(lambda: replica.held == 0)
+            assert "refuses CONFIG" in caplog.text and "persists nothing" not in caplog.text
+            locked.stop()
+            locked.start()
+            store = redis.Redis.from_url(locked.url)
+            wait_until(lambda: store.hexists(SESSION_PREFIX + resting, "lost"))
+            _, info = assert_fails(lambda: step(replica.stub, resting, "!", len("resting")), grpc.StatusCode.NOT_FOUND,
+                                   "SESSION_LOST")
+            assert info.metadata["last_position"] == str(len("resting"))
+        finally:
+            replica.stop()
+
+
+def test_after_a_fault_the_store_gets_what_it_missed_at_once(replicas, redis_server):
+    a = replicas(hibernate_after_seconds=0, write_through_every=4)
+    before = create(a.stub, prompt_text="abcd")  # stored at 4
+    create(a.stub, prompt_text="untouched")  # stored, and not stepped: nothing for the store to miss
+    registry = a.running.engine.metrics.registry
+    writes = registry.get_sample_value("rnnserve_session_store_writes_total")
+    redis_server.pause()
+    try:
+        during = create(a.stub, prompt_text="efgh")  # not registered: the store does not answer
+        for position in range(4, 9):
+            step(a.stub, before, "x", position)  # crosses 8 unstored, answered all the same
+    finally:
+        redis_server.resume()
+    store = redis.Redis.from_url(redis_server.url)
+    decode = a.running.engine.operations.decode
+
+    def stored_position(session_id: str) -> int | None:
+        state = store.hget(SESSION_PREFIX + session_id, "state")
+        return None if state is None else decode(state)[1].position
+
+    wait_until(lambda: (stored_position(before), stored_position(during)) == (9, 4))  # at once, not at the next mark
+    assert registry.get_sample_value("rnnserve_session_store_writes_total") == writes + 2  # those two only
+
+
+def test_another_callers_lost_session_is_unknown_to_them(replicas, redis_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-token-0123456789 alice\nbob-token-0123456789ab bob\n")
+    a = replicas(hibernate_after_seconds=0.2, auth_tokens_file=tokens)
+    alice, bob = [(("authorization", f"Bearer {name}-token-0123456789{tail}"),) for name, tail in
+                  (("alice", ""), ("bob", "ab"))]
+    session_id = a.stub.CreateSession(pb.CreateSessionRequest(prompt_text="abc"), metadata=alice).session.session_id
+    wait_until(lambda: a.held == 0)
+    redis_server.stop()
+    redis_server.start()
+    store = redis.Redis.from_url(redis_server.url)
+    wait_until(lambda: store.hexists(SESSION_PREFIX + session_id, "lost"))
+    request = pb.GetSessionRequest(session_id=session_id)
+    assert_fails(lambda: a.stub.GetSession(request, metadata=bob), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert_fails(lambda: a.stub.GetSession(request, metadata=alice), grpc.StatusCode.NOT_FOUND, "SESSION_LOST")

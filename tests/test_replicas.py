@@ -14,65 +14,30 @@ counted. What the test shows, with counts printed:
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from haproxy_process import HAProxyProcess
 from redis_process import RedisProcess
+from replica_process import Replica
 from rnnserve.bundle import Bundle
 from rnnserve.client import AsyncClient
 from rnnserve.client.errors import PositionMismatch
 from rnnserve.client.retry import RetryPolicy
 from rnnserve.server.store.session_store import SESSION_PREFIX
-from serving import TINY_TEXT, free_port
+from serving import TINY_TEXT
 
 SESSIONS = 300
 WRITE_THROUGH_EVERY = 4
 LEASE_SECONDS = 1.5
+FLAGS = ["--write-through-every", str(WRITE_THROUGH_EVERY), "--redis-lease-seconds", str(LEASE_SECONDS),
+         "--hibernate-after-seconds", "0", "--grace-seconds", "2"]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
-
-
-class Replica:
-    """`rnnserve-server` as a process of its own on a loopback port."""
-
-    def __init__(self, bundle: Bundle, redis_url: str, name: str, workdir: Path):
-        self.name = name
-        self.address = f"127.0.0.1:{free_port()}"
-        flags = ["--listen", self.address, "--redis-url", redis_url, "--replica-id", name,
-                 "--write-through-every", str(WRITE_THROUGH_EVERY), "--redis-lease-seconds", str(LEASE_SECONDS),
-                 "--hibernate-after-seconds", "0", "--grace-seconds", "2", "--event-loop", "asyncio"]
-        self.log = workdir / f"{name}.log"
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen([sys.executable, "-m", "rnnserve.server.main", *flags],
-                                            env={**os.environ, "RNNSERVE_BUNDLE": str(bundle.path)},
-                                            stdout=sink, stderr=subprocess.STDOUT)
-
-    def wait_until_serving(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            while True:
-                try:
-                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    return
-                except grpc.RpcError:
-                    assert time.monotonic() < deadline and self.process.poll() is None, self.log.read_text()[-3000:]
-                    time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 class CountingRetries(RetryPolicy):
@@ -135,7 +100,7 @@ async def step_all(driven: list[Driven], rounds: int) -> None:
 @pytest.fixture
 def cluster(bundle: Bundle, tmp_path: Path):
     with RedisProcess(tmp_path) as redis_process:
-        replicas = [Replica(bundle, redis_process.url, f"replica{i}", tmp_path) for i in (1, 2, 3)]
+        replicas = [Replica(bundle, redis_process.url, f"replica{i}", tmp_path, FLAGS) for i in (1, 2, 3)]
         try:
             for replica in replicas:
                 replica.wait_until_serving()

@@ -10,7 +10,8 @@ from google.rpc import error_details_pb2
 from rnnserve.server.core import errors
 from rnnserve.server.core.errors import (CapacityExhausted, IncompatibleState, InvalidArgument, ModelNotFound,
                                     PositionMismatch, RewindBeyondDepth, RnnserveError, ServerFault, SessionEvicted,
-                                    SessionExpired, SessionNotFound, SessionUnavailable, ShuttingDown, StateIsShipped, StateNotFound,
+                                    SessionExpired, SessionLost, SessionNotFound, SessionUnavailable, ShuttingDown,
+                                    StateIsShipped, StateNotFound,
                                     to_status)
 from rnnserve.server.faces.guard import Guarded
 from rnnserve.v1 import rnnserve_pb2
@@ -20,6 +21,8 @@ EXAMPLES = [
     (SessionNotFound("s1"), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND"),
     (SessionExpired("s1"), grpc.StatusCode.NOT_FOUND, "SESSION_EXPIRED"),
     (SessionEvicted("s1"), grpc.StatusCode.NOT_FOUND, "SESSION_EVICTED"),
+    (SessionLost("s1", "the session store restarted without it", "r1/ab", 12), grpc.StatusCode.NOT_FOUND,
+     "SESSION_LOST"),
     (ModelNotFound("big", ["tiny"]), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND"),
     (InvalidArgument("top_k", "must be in [1, 47]"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (PositionMismatch("s1", expected=3, actual=5), grpc.StatusCode.FAILED_PRECONDITION, "POSITION_MISMATCH"),

@@ -131,10 +131,11 @@ class Engine:
         """Refuse new work (UNAVAILABLE); work already accepted goes on."""
         self._draining = True
 
-    async def hand_off(self) -> None:
-        """With a session store, move every session there (call after `drain`): another replica continues each."""
+    async def hand_off(self, grace_seconds: float) -> None:
+        """With a session store, move every session there (call after `drain`): another replica continues each.
+        A store that cannot be reached is tried again for up to `grace_seconds`."""
         if self.hibernation is not None:
-            await self.hibernation.hand_off()
+            await self.hibernation.hand_off(grace_seconds)
 
     async def stop(self) -> None:
         if self.hibernation is not None:

@@ -62,6 +62,22 @@ class SessionEvicted(SessionNotFound):
         super().__init__(session_id, "was evicted to make room under the session cap")
 
 
+class SessionLost(SessionNotFound):
+    """A session that existed but whose stored copy is gone: its store restarted empty, or the replica that held
+    it died before writing its state. Told apart from an unknown id, with what is known of where it was."""
+
+    reason = "SESSION_LOST"
+
+    def __init__(self, session_id: str, why: str, last_replica: str = "", last_position: int | None = None):
+        known = ([f"last held by replica {last_replica}"] if last_replica else []) + (
+            [f"last stored at position {last_position}"] if last_position is not None else [])
+        super().__init__(session_id, f"was lost: {why}" + (f" ({', '.join(known)})" if known else ""))
+        if last_replica:
+            self.metadata["last_replica"] = last_replica
+        if last_position is not None:
+            self.metadata["last_position"] = str(last_position)
+
+
 class ModelNotFound(RnnserveError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "MODEL_NOT_FOUND"

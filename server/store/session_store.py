@@ -8,6 +8,13 @@ One hash per session and one key per live replica:
     rnnserve:replica:<holder>  the lease of a live replica, renewed every lease / 3
     rnnserve:release:<holder>  a channel: ids of sessions that other replicas ask the holder to put at
                                rest, because routing now sends their calls there
+    rnnserve:store             a marker: a random token set by the first replica that finds it missing, so
+                               that a Redis come back empty is told apart from one that kept its data
+
+A session hash may be a tombstone: no state, holder "", and a `lost` field (JSON: the replica that
+put it at rest, and its position then), written by that replica when it finds the store came back
+without it, so that any replica answers its id SESSION_LOST, never "does not exist". A replica that
+still has the session live overwrites a tombstone with its next write.
 
 `holder` names the replica that has the session live, as "<replica id>/<incarnation>" (a random
 incarnation per process, so a replica restarted under the same id holds nothing of its former
@@ -29,11 +36,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 SESSION_PREFIX = "rnnserve:session:"
 REPLICA_PREFIX = "rnnserve:replica:"
 RELEASE_PREFIX = "rnnserve:release:"
+MARKER_KEY = "rnnserve:store"
 LISTEN_SECONDS = 1.0  # how long one wait for a release request lasts before it is renewed
 
 # KEYS[1] the session; ARGV owner, holder, replica prefix. Answers {status, ...}.
@@ -42,18 +50,22 @@ local found = redis.call('HMGET', KEYS[1], 'owner', 'holder', 'record', 'state')
 if not found[1] or found[1] ~= ARGV[1] then return {'missing'} end
 local holder = found[2] or ''
 if holder ~= '' and holder ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. holder) == 1 then
-  return {'elsewhere', holder}
+  return {'elsewhere', holder, redis.call('PTTL', ARGV[3] .. holder)}
 end
-if not found[4] then return {'lost'} end
+if not found[4] then return {'lost', holder, found[3] or '', redis.call('HGET', KEYS[1], 'lost') or ''} end
 redis.call('HSET', KEYS[1], 'holder', ARGV[2])
 return {'claimed', found[3], found[4], redis.call('PTTL', KEYS[1])}
 """
 
 # KEYS[1] the session; ARGV holder, the holder to leave ('' puts it at rest), owner, record, state ('' keeps the
 # stored state), milliseconds to live. 1 when written; 0 when another replica holds it (the writer's copy is stale).
+# A tombstone gives way: the replica writing has the session live, so it was not lost after all.
 _WRITE = """
 local holder = redis.call('HGET', KEYS[1], 'holder')
-if holder ~= ARGV[1] and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if holder ~= ARGV[1] and redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'lost') == 0 then
+  return 0
+end
+redis.call('HDEL', KEYS[1], 'lost')
 redis.call('HSET', KEYS[1], 'holder', ARGV[2], 'owner', ARGV[3], 'record', ARGV[4])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[5]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -63,6 +75,14 @@ return 1
 # KEYS[1] the session; ARGV holder. Deletes it (a close) or puts it back at rest (a claim given up) if still held.
 _FORGET = """
 if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+# KEYS[1] the session; ARGV owner, lost (JSON), milliseconds to live. Only where nothing is stored: a session
+# that survived (or that a live replica wrote again) is no tombstone's.
+_TOMBSTONE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'holder', '', 'owner', ARGV[1], 'lost', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 _RELEASE = """
@@ -95,10 +115,37 @@ class Claimed(NamedTuple):
 
 class HeldElsewhere(NamedTuple):
     holder: str
+    lease_ms: int  # how long the holder's lease has left: the longest a caller waits for it to lapse
 
 
 class Lost(NamedTuple):
-    """Registered by a replica that died before writing its state."""
+    """Registered by a replica that died before writing its state (`lost` empty), or a tombstone (`lost` its JSON)."""
+
+    holder: str
+    record: bytes
+    lost: bytes
+
+
+class Tombstone(NamedTuple):
+    """A session that was at rest in a store come back without it: what is known of it (JSON), for its time left."""
+
+    session_id: str
+    owner: str
+    lost: bytes
+    milliseconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Persistence:
+    """What Redis keeps across its own restart (CONFIG GET appendonly, appendfsync, save)."""
+
+    appendonly: bool
+    appendfsync: str
+    save: str
+
+    @property
+    def keeps_nothing(self) -> bool:
+        return not self.appendonly and not self.save.strip()
 
 
 def replica_holder(replica_id: str) -> str:
@@ -116,6 +163,7 @@ class SessionStore:
         self._write = self.redis.register_script(_WRITE)
         self._forget = self.redis.register_script(_FORGET)
         self._release = self.redis.register_script(_RELEASE)
+        self._tombstone = self.redis.register_script(_TOMBSTONE)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -128,8 +176,8 @@ class SessionStore:
         if status == b"claimed":
             return Claimed(answer[1], answer[2], int(answer[3]))
         if status == b"elsewhere":
-            return HeldElsewhere(answer[1].decode())
-        return Lost() if status == b"lost" else None
+            return HeldElsewhere(answer[1].decode(), max(0, int(answer[2])))
+        return Lost(answer[1].decode(), answer[2], answer[3]) if status == b"lost" else None
 
     async def write(self, writes: list[Write]) -> list[bool]:
         """Store each session in one round trip; False for one that another replica holds now."""
@@ -140,12 +188,44 @@ class SessionStore:
                                    max(1, w.milliseconds)], client=pipe)
             return [bool(written) for written in await self._run(pipe.execute())]
 
+    async def bury(self, tombstones: list[Tombstone]) -> list[bool]:
+        """Write each tombstone where its session is missing, in one round trip; True for each written."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for t in tombstones:
+                await self._tombstone([SESSION_PREFIX + t.session_id], [t.owner, t.lost, max(1, t.milliseconds)],
+                                      client=pipe)
+            return [bool(written) for written in await self._run(pipe.execute())]
+
+    async def incarnation(self) -> str:
+        """Which life of the store this is: Redis's run_id (a restart changes it, whether or not it kept its data;
+        empty where INFO is refused) and the marker (changed when the store lost its keys)."""
+        await self._run(self.redis.set(MARKER_KEY, secrets.token_hex(8), nx=True))  # a new one only where it is gone
+        marker = await self._run(self.redis.get(MARKER_KEY))
+        try:
+            run_id = (await self.redis.info("server")).get("run_id", "")
+        except ResponseError:  # INFO renamed away: the marker alone tells a store that lost its keys
+            run_id = ""
+        except (RedisError, OSError) as error:
+            raise StoreFault(f"{type(error).__name__}: {error}") from error
+        return f"{run_id}/{(marker or b'').decode()}"
+
+    async def persistence(self) -> Persistence | None:
+        """What the store keeps across its own restart; None where CONFIG is refused (renamed or disabled)."""
+        try:
+            config = await self.redis.config_get("appendonly", "appendfsync", "save")
+        except ResponseError:
+            return None
+        except (RedisError, OSError) as error:
+            raise StoreFault(f"{type(error).__name__}: {error}") from error
+        return Persistence(config.get("appendonly") == "yes", config.get("appendfsync", ""), config.get("save", ""))
+
     async def forget(self, session_id: str) -> None:
         """Delete a closed session, if this replica still holds it."""
         await self._run(self._forget([SESSION_PREFIX + session_id], [self.holder]))
 
     async def release(self, session_id: str) -> None:
-        """Give back a claim this replica could not use (no room): the session stays at rest for another."""
+        """Put at rest, as it is stored, a session this replica is named the holder of but does not hold live: a
+        claim it could not use (no room), or an older copy a store that lost the later writes kept."""
         await self._run(self._release([SESSION_PREFIX + session_id], [self.holder]))
 
     async def ask_release(self, holder: str, session_id: str) -> bool:

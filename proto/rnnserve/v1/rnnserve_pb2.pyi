@@ -29,6 +29,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_RETIRING: _ClassVar[ErrorReason]
     MODEL_IS_DEFAULT: _ClassVar[ErrorReason]
     MODEL_REFUSED: _ClassVar[ErrorReason]
+    SESSION_LOST: _ClassVar[ErrorReason]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -51,6 +52,7 @@ STATE_IS_SHIPPED: ErrorReason
 MODEL_RETIRING: ErrorReason
 MODEL_IS_DEFAULT: ErrorReason
 MODEL_REFUSED: ErrorReason
+SESSION_LOST: ErrorReason
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
