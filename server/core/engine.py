@@ -55,6 +55,7 @@ class CreateInput:
     ttl_seconds: int  # 0 for the default
     prompt: StepInput | None = None
     initial_state: str = ""  # a named state to start from; "" for zeros
+    session_id: str = ""  # the id a face derived for it (a Triton sequence's); "" for a new random one
 
 
 class Created(NamedTuple):
@@ -152,6 +153,11 @@ class Engine:
             if expired:
                 log.info("freed %d expired sessions; %d remain", expired, len(self.table))
 
+    @property
+    def ready(self) -> bool:
+        """Whether new work is taken: started and not draining."""
+        return self._started and not self._draining
+
     def _accepting(self) -> None:
         if self._draining:
             raise ShuttingDown()
@@ -193,7 +199,8 @@ class Engine:
         arrived = time.perf_counter()
         self._accepting()
         initial = model.states.get(request.initial_state) if request.initial_state else None
-        session = self.table.create(owner, request.ttl_seconds or self.settings.default_ttl_seconds, model, initial)
+        session = self.table.create(owner, request.ttl_seconds or self.settings.default_ttl_seconds, model, initial,
+                                    request.session_id)
         log.debug("created session %s of model %s", session.id, model.describe())
         if request.prompt is None:
             return Created(session, None, 0)

@@ -1,0 +1,335 @@
+"""The Open Inference Protocol face (KServe v2, Triton's sequences) driven by tritonclient itself, unmodified.
+
+tritonclient runs a sequence over gRPC (unary and ModelStreamInfer) and over HTTP, and its answers are
+compared with the same tokens sent through rnnserve's own API; Triton users' usual mistakes get Triton's
+codes and messages and change no sequence; identities keep their sequences apart.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from google.protobuf import descriptor_pool
+from tritonclient.utils import InferenceServerException
+
+from rnnserve.bundle import Bundle
+from rnnserve.kserve_v2 import inference_pb2 as v2
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc
+from serving import RunningServer
+
+V2_PORTS = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "v2_listen": "127.0.0.1:0",
+            "v2_http_listen": "127.0.0.1:0"}
+STEPS = [[3, 4, 5], [6], [7], [8, 9]]  # a prompt, then steps
+
+
+@pytest.fixture(scope="module")
+def v2_server(bundle: Bundle) -> Iterator[RunningServer]:
+    running = RunningServer(bundle, Settings(**V2_PORTS))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def triton(v2_server: RunningServer) -> Iterator[triton_grpc.InferenceServerClient]:
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{v2_server.server.v2_port}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def triton_over_http(v2_server: RunningServer) -> Iterator[triton_http.InferenceServerClient]:
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{v2_server.server.v2_http_port}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def native(v2_server: RunningServer) -> Iterator[rnnserve_pb2_grpc.InferenceStub]:
+    with grpc.insecure_channel(v2_server.address) as channel:
+        yield rnnserve_pb2_grpc.InferenceStub(channel)
+
+
+def native_predictions(stub, steps: list[list[int]], top_k: int = 5) -> list[pb.Prediction]:
+    """The predictions after each step, through rnnserve's own API: the first step as the prompt."""
+    created = stub.CreateSession(pb.CreateSessionRequest(prompt_token_ids=steps[0], top_k=top_k))
+    predictions = [created.prediction]
+    for tokens in steps[1:]:
+        predictions.append(stub.Step(pb.StepRequest(session_id=created.session.session_id, token_ids=tokens,
+                                                    top_k=top_k)).prediction)
+    stub.CloseSession(pb.CloseSessionRequest(session_id=created.session.session_id))
+    return predictions
+
+
+def token_input(module, tokens: list[int], datatype: str = "INT64", shape: list[int] | None = None):
+    tensor = module.InferInput("TOKEN_IDS", shape or [1, len(tokens)], datatype)
+    tensor.set_data_from_numpy(np.array(tokens, dtype=np.dtype(datatype.lower())).reshape(shape or [1, len(tokens)]))
+    return tensor
+
+
+def flags(index: int, count: int) -> dict:
+    return {"sequence_start": index == 0, "sequence_end": index == count - 1}
+
+
+def assert_same(result, prediction: pb.Prediction) -> None:
+    assert result.as_numpy("TOP_IDS").tolist() == [list(prediction.token_ids)]
+    np.testing.assert_allclose(result.as_numpy("TOP_PROBABILITIES")[0], prediction.probabilities, rtol=1e-6)
+    texts = result.as_numpy("TOP_TEXTS")[0]  # bytes; tritonclient.http gives JSON data as str
+    assert [text.decode() if isinstance(text, bytes) else text for text in texts] == list(prediction.texts)
+
+
+# The wire -------------------------------------------------------------------------------------------
+
+def test_the_proto_is_tritons_wire_field_for_field():
+    """Every message, field and method of inference.proto has the number, type and name of tritonclient's own
+    grpc_service.proto and model_config.proto (which it registers in protobuf's default pool; ours in a pool of its
+    own, so that both load in one process, as here)."""
+    theirs = descriptor_pool.Default()
+    for message in v2.DESCRIPTOR.message_types_by_name.values():
+        _assert_same_message(message, theirs.FindMessageTypeByName(message.full_name))
+    for enum in v2.DESCRIPTOR.enum_types_by_name.values():
+        their_enum = theirs.FindEnumTypeByName(enum.full_name)
+        assert {v.name: v.number for v in enum.values} == {v.name: v.number for v in their_enum.values}
+    their_service = theirs.FindServiceByName("inference.GRPCInferenceService")
+    for method in v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        their_method = their_service.methods_by_name[method.name]
+        assert (method.input_type.full_name, method.output_type.full_name, method.client_streaming,
+                method.server_streaming) == (their_method.input_type.full_name, their_method.output_type.full_name,
+                                             their_method.client_streaming, their_method.server_streaming)
+
+
+def _assert_same_message(ours, theirs) -> None:
+    for field in ours.fields:
+        their_field = theirs.fields_by_number[field.number]
+        assert (field.name, field.type, field.is_repeated) == (their_field.name, their_field.type,
+                                                               their_field.is_repeated), field.full_name
+        if field.message_type is not None:
+            assert field.message_type.full_name == their_field.message_type.full_name
+            if not field.message_type.GetOptions().map_entry:
+                _assert_same_message(field.message_type, their_field.message_type)
+        if field.enum_type is not None:
+            assert field.enum_type.full_name == their_field.enum_type.full_name
+
+
+# Health and metadata --------------------------------------------------------------------------------
+
+def test_health_and_metadata_answer_tritonclients_utility_calls(triton, triton_over_http, bundle):
+    for client in (triton, triton_over_http):
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(bundle.name) and client.is_model_ready(bundle.name, bundle.version)
+        assert not client.is_model_ready("no-such-model")
+    metadata = triton.get_server_metadata()
+    assert metadata.name == "rnnserve" and "sequence" in metadata.extensions
+    assert triton_over_http.get_server_metadata()["name"] == "rnnserve"
+    model = triton_over_http.get_model_metadata(bundle.name)
+    over_grpc = triton.get_model_metadata(bundle.name, as_json=True)  # protobuf's JSON: int64 as strings
+    for tensor in over_grpc["inputs"] + over_grpc["outputs"]:
+        tensor["shape"] = [int(size) for size in tensor["shape"]]
+    assert model == over_grpc
+    assert model["name"] == bundle.name and model["versions"] == [bundle.version]
+    assert {tensor["name"]: (tensor["datatype"], tensor["shape"]) for tensor in model["inputs"]} == {
+        "TOKEN_IDS": ("INT64", [1, -1]), "TEXT": ("BYTES", [1])}
+    vocab = len(bundle.vocab)
+    assert {tensor["name"]: tensor["shape"] for tensor in model["outputs"]} == {
+        "TOP_IDS": [1, -1], "TOP_PROBABILITIES": [1, -1], "TOP_TEXTS": [1, -1],
+        "PROBABILITIES": [1, vocab], "LOGPROBS": [1, vocab]}
+    config = triton.get_model_config(bundle.name, as_json=True)["config"]
+    assert config["name"] == bundle.name and config["sequence_batching"]["max_sequence_idle_microseconds"] == str(
+        Settings().default_ttl_seconds * 1_000_000)
+    assert triton_over_http.get_model_config(bundle.name)["sequence_batching"] == config["sequence_batching"]
+    with pytest.raises(InferenceServerException, match="no-such-model"):
+        triton.get_model_metadata("no-such-model")
+
+
+# Sequences ------------------------------------------------------------------------------------------
+
+def test_a_sequence_over_unary_grpc_predicts_as_rnnserves_own_api(triton, native, bundle):
+    expected = native_predictions(native, STEPS)
+    for index, tokens in enumerate(STEPS):
+        result = triton.infer(bundle.name, [token_input(triton_grpc, tokens)], sequence_id=11, **flags(index, 4))
+        assert_same(result, expected[index])
+        assert result.get_response().model_version == bundle.version
+
+
+def test_a_sequence_over_model_stream_infer_predicts_as_rnnserves_own_api(triton, native, bundle):
+    expected = native_predictions(native, STEPS)
+    answers: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for index, tokens in enumerate(STEPS):  # sent without waiting: the stream keeps them in order
+            triton.async_stream_infer(bundle.name, [token_input(triton_grpc, tokens)], sequence_id="stream-seq",
+                                      **flags(index, 4))
+        for prediction in expected:
+            result, error = answers.get(timeout=30)
+            assert error is None
+            assert_same(result, prediction)
+    finally:
+        triton.stop_stream()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary-data", "json-data"])
+def test_a_sequence_over_http_predicts_as_rnnserves_own_api(triton_over_http, native, bundle, binary):
+    expected = native_predictions(native, STEPS)
+    outputs = [triton_http.InferRequestedOutput(name, binary_data=binary)
+               for name in ("TOP_IDS", "TOP_PROBABILITIES", "TOP_TEXTS")]
+    for index, tokens in enumerate(STEPS):
+        tensor = triton_http.InferInput("TOKEN_IDS", [1, len(tokens)], "INT64")
+        tensor.set_data_from_numpy(np.array([tokens], np.int64), binary_data=binary)
+        result = triton_over_http.infer(bundle.name, [tensor], outputs=outputs, sequence_id=f"http-{binary}",
+                                        **flags(index, 4))
+        assert_same(result, expected[index])
+
+
+def test_two_interleaved_sequences_keep_their_states_apart(triton, native, bundle):
+    first, second = [[1], [2], [3]], [[9], [8], [7]]
+    expected = {21: native_predictions(native, first), 22: native_predictions(native, second)}
+    for index in range(3):
+        for sequence_id, steps in ((21, first), (22, second)):
+            result = triton.infer(bundle.name, [token_input(triton_grpc, steps[index])], sequence_id=sequence_id,
+                                  **flags(index, 3))
+            assert_same(result, expected[sequence_id][index])
+
+
+def test_text_in_and_the_whole_distribution_out(triton, native, bundle):
+    text = triton_grpc.InferInput("TEXT", [1], "BYTES")
+    text.set_data_from_numpy(np.array(["The fox"], dtype=object))
+    outputs = [triton_grpc.InferRequestedOutput(name) for name in ("PROBABILITIES", "LOGPROBS", "TOP_IDS")]
+    result = triton.infer(bundle.name, [text], outputs=outputs, sequence_id=31, sequence_start=True,
+                          sequence_end=True, parameters={"top_k": 3})
+    expected = native.CreateSession(pb.CreateSessionRequest(prompt_text="The fox", top_k=len(bundle.vocab)))
+    native.CloseSession(pb.CloseSessionRequest(session_id=expected.session.session_id))
+    probabilities, logprobs = result.as_numpy("PROBABILITIES")[0], result.as_numpy("LOGPROBS")[0]
+    assert probabilities.shape == (len(bundle.vocab),) and abs(probabilities.sum() - 1) < 1e-5
+    np.testing.assert_allclose(np.exp(logprobs), probabilities, rtol=1e-5)
+    np.testing.assert_allclose(probabilities[list(expected.prediction.token_ids)], expected.prediction.probabilities,
+                               rtol=1e-6)
+    assert result.as_numpy("TOP_IDS").tolist() == [list(expected.prediction.token_ids[:3])]
+
+
+def test_a_sequence_may_start_from_a_named_state(triton, native, bundle):
+    native.RegisterState(pb.RegisterStateRequest(name="v2-greeting", prompt_text="Hello "))
+    expected = native.CreateSession(pb.CreateSessionRequest(initial_state="v2-greeting", prompt_token_ids=[5]))
+    native.CloseSession(pb.CloseSessionRequest(session_id=expected.session.session_id))
+    result = triton.infer(bundle.name, [token_input(triton_grpc, [5])], sequence_id=41, sequence_start=True,
+                          sequence_end=True, parameters={"initial_state": "v2-greeting"})
+    assert_same(result, expected.prediction)
+
+
+# What Triton users send wrongly ---------------------------------------------------------------------
+
+def test_tritons_errors_for_what_its_users_send_wrongly(triton, triton_over_http, native, bundle):
+    expected = native_predictions(native, [[1], [2]])
+    triton.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=51, sequence_start=True)
+    mistakes = [
+        ("must specify the START flag on the first request of the sequence",
+         dict(inputs=[token_input(triton_grpc, [2])], sequence_id=52)),
+        ("has the START flag, but that sequence is in progress",
+         dict(inputs=[token_input(triton_grpc, [2])], sequence_id=51, sequence_start=True)),
+        ("inference input 'TOKEN_IDS' has datatype INT32, but model .* expects INT64",
+         dict(inputs=[token_input(triton_grpc, [2], "INT32")], sequence_id=51)),
+        (r"unexpected shape \[2\] for inference input 'TOKEN_IDS'",
+         dict(inputs=[token_input(triton_grpc, [2, 3], shape=[2])], sequence_id=51)),
+        (r"unexpected shape \[2, 1\] for inference input 'TOKEN_IDS'",
+         dict(inputs=[token_input(triton_grpc, [2, 3], shape=[2, 1])], sequence_id=51)),
+        ("must specify a non-zero or non-empty correlation ID", dict(inputs=[token_input(triton_grpc, [2])])),
+        ("unexpected inference output 'LOGITS'",
+         dict(inputs=[token_input(triton_grpc, [2])], sequence_id=51,
+              outputs=[triton_grpc.InferRequestedOutput("LOGITS")])),
+        (r"TOKEN_IDS: ids must be in \[0, \d+\], the model.s vocabulary", dict(inputs=[token_input(triton_grpc, [10_000])], sequence_id=51)),
+    ]
+    for message, request in mistakes:
+        with pytest.raises(InferenceServerException, match=message) as caught:
+            triton.infer(bundle.name, **request)
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    tensor = triton_http.InferInput("TOKEN_IDS", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[2]], np.int32))
+    with pytest.raises(InferenceServerException, match="expects INT64") as caught:
+        triton_over_http.infer(bundle.name, [tensor], sequence_id=51)
+    assert caught.value.status() == "400"
+    # None of them moved sequence 51: its next step predicts as the same tokens do through rnnserve's own API.
+    result = triton.infer(bundle.name, [token_input(triton_grpc, [2])], sequence_id=51, sequence_end=True)
+    assert_same(result, expected[1])
+
+
+def test_a_failed_request_on_the_stream_is_answered_in_band_and_the_stream_goes_on(triton, bundle):
+    answers: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        triton.async_stream_infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=61)
+        triton.async_stream_infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=61, sequence_start=True,
+                                  sequence_end=True)
+        result, error = answers.get(timeout=30)
+        assert result is None and "must specify the START flag" in str(error)
+        result, error = answers.get(timeout=30)
+        assert error is None and result.as_numpy("TOP_IDS").shape == (1, 5)
+    finally:
+        triton.stop_stream()
+
+
+def test_an_idle_sequence_ends_with_the_session_ttl(bundle):
+    running = RunningServer(bundle, Settings(**V2_PORTS, default_ttl_seconds=1, sweep_seconds=0.05))
+    try:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{running.server.v2_port}")
+        client.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=71, sequence_start=True)
+        deadline = time.monotonic() + 10
+        while len(running.engine.table) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(InferenceServerException, match="START flag.*expired") as caught:
+            client.infer(bundle.name, [token_input(triton_grpc, [2])], sequence_id=71)
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        client.close()
+    finally:
+        running.stop()
+
+
+# Identities ----------------------------------------------------------------------------------------
+
+ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
+
+
+def test_sequences_belong_to_the_caller_and_tokens_open_the_face(tmp_path, bundle):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{ALICE} alice\n{BOB} bob\n")
+    running = RunningServer(bundle, Settings(**V2_PORTS, auth_tokens_file=tokens))
+    address, http_address = f"127.0.0.1:{running.server.v2_port}", f"127.0.0.1:{running.server.v2_http_port}"
+    try:
+        client = triton_grpc.InferenceServerClient(address)
+        over_http = triton_http.InferenceServerClient(http_address)
+        with pytest.raises(InferenceServerException, match="bearer token") as caught:
+            client.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=81, sequence_start=True)
+        assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException, match="bearer token") as caught:
+            over_http.infer(bundle.name, [token_input(triton_http, [1])], sequence_id=81, sequence_start=True)
+        assert caught.value.status() == "401"
+        assert over_http.is_server_live()  # health stays open to probes
+        alice, bob = {"authorization": f"Bearer {ALICE}"}, {"authorization": f"Bearer {BOB}"}
+        # tritonclient.http adds its own headers to the dict it is given: it gets copies.
+        client.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=81, sequence_start=True,
+                     headers=alice)
+        with pytest.raises(InferenceServerException, match="START flag"):  # alice's sequence 81 is not bob's
+            client.infer(bundle.name, [token_input(triton_grpc, [2])], sequence_id=81, headers=bob)
+        with pytest.raises(InferenceServerException, match="START flag"):
+            over_http.infer(bundle.name, [token_input(triton_http, [2])], sequence_id=81, headers=dict(bob))
+        client.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=81, sequence_start=True, headers=bob)
+        client.infer(bundle.name, [token_input(triton_grpc, [2])], sequence_id=81, sequence_end=True, headers=alice)
+        client.infer(bundle.name, [token_input(triton_grpc, [2])], sequence_id=81, sequence_end=True, headers=bob)
+        client.close()
+        over_http.close()
+    finally:
+        running.stop()
+
+
+def test_v2_calls_are_counted_with_the_others(v2_server, triton, bundle):
+    import urllib.request
+
+    triton.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=91, sequence_start=True, sequence_end=True)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{v2_server.server.metrics_port}/metrics").read().decode()
+    assert 'method="ModelInfer"' in text and 'code="OK"' in text
