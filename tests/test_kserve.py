@@ -7,6 +7,7 @@ codes and messages and change no sequence; identities keep their sequences apart
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 from collections.abc import Iterator
@@ -333,3 +334,73 @@ def test_v2_calls_are_counted_with_the_others(v2_server, triton, bundle):
     triton.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=91, sequence_start=True, sequence_end=True)
     text = urllib.request.urlopen(f"http://127.0.0.1:{v2_server.server.metrics_port}/metrics").read().decode()
     assert 'method="ModelInfer"' in text and 'code="OK"' in text
+
+
+# Malformed requests: the caller's mistake, never INTERNAL, never a sequence changed ------------------
+
+def test_malformed_grpc_requests_are_invalid_argument_and_change_no_sequence(v2_server, triton, native, bundle):
+    expected = native_predictions(native, [[1], [2]])
+    triton.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=101, sequence_start=True)
+    sequence = {"sequence_id": v2.InferParameter(int64_param=101)}
+    tensor = v2.ModelInferRequest.InferInputTensor
+    malformed = [
+        b"\xff\xff\xff",  # not protobuf at all
+        v2.ModelInferRequest(model_name=bundle.name, parameters=sequence, raw_input_contents=[b"\0" * 8],
+                             inputs=[tensor(name="TOKEN_IDS", datatype="INT64", shape=[1, 2])]).SerializeToString(),
+        v2.ModelInferRequest(model_name=bundle.name, parameters=sequence, raw_input_contents=[b"\0" * 8, b""],
+                             inputs=[tensor(name="TOKEN_IDS", datatype="INT64", shape=[1, 1])]).SerializeToString(),
+        v2.ModelInferRequest(model_name=bundle.name, parameters=sequence, raw_input_contents=[b"\5\0\0\0ab"],
+                             inputs=[tensor(name="TEXT", datatype="BYTES", shape=[1])]).SerializeToString(),
+        v2.ModelInferRequest(model_name=bundle.name, parameters=sequence,
+                             inputs=[tensor(name="TOKEN_IDS", datatype="COMPLEX", shape=[1, 1])]).SerializeToString(),
+        v2.ModelInferRequest(model_name=bundle.name, parameters=sequence,
+                             inputs=[tensor(name="TOKEN_IDS", datatype="INT64", shape=[1, -1])]).SerializeToString(),
+        v2.ModelInferRequest(model_name=bundle.name, parameters={"sequence_id": v2.InferParameter(int64_param=-4)},
+                             inputs=[tensor(name="TOKEN_IDS", datatype="INT64", shape=[1, 1],
+                                            contents=v2.InferTensorContents(int64_contents=[2]))]).SerializeToString(),
+        v2.ModelInferRequest(model_name=bundle.name,
+                             parameters={**sequence, "sequence_end": v2.InferParameter(string_param="yes")},
+                             inputs=[tensor(name="TOKEN_IDS", datatype="INT64", shape=[1, 1],
+                                            contents=v2.InferTensorContents(int64_contents=[2]))]).SerializeToString(),
+    ]
+    with grpc.insecure_channel(f"127.0.0.1:{v2_server.server.v2_port}") as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for request in malformed:
+            with pytest.raises(grpc.RpcError) as caught:
+                infer(request)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    result = triton.infer(bundle.name, [token_input(triton_grpc, [2])], sequence_id=101, sequence_end=True)
+    assert_same(result, expected[1])
+
+
+def test_malformed_rest_requests_are_400_with_triton_s_error_body(v2_server, bundle):
+    import httpx
+
+    base = f"http://127.0.0.1:{v2_server.server.v2_http_port}/v2/models/{bundle.name}"
+    ids = {"name": "TOKEN_IDS", "datatype": "INT64", "shape": [1, 1]}
+    sequence = {"sequence_id": 111, "sequence_start": True}
+    malformed = [
+        (b"not json", {}),
+        (b'{"inputs": 3}', {}),
+        (b'{"inputs": [{"name": "TOKEN_IDS"}], "parameters": {"sequence_id": 111}}', {}),
+        (json.dumps({"inputs": [{**ids, "data": ["a"]}], "parameters": sequence}).encode(), {}),
+        (json.dumps({"inputs": [{**ids, "parameters": {"binary_data_size": 80}}], "parameters": sequence}).encode()
+         + b"\0" * 8, {"Inference-Header-Content-Length": "86"}),
+        (json.dumps({"inputs": [{**ids, "data": [1]}], "parameters": sequence}).encode(),
+         {"Inference-Header-Content-Length": "99999"}),
+        (json.dumps({"inputs": [{**ids, "data": [1]}], "outputs": [{"name": 7}], "parameters": sequence}).encode(), {}),
+    ]
+    with httpx.Client() as client:
+        for body, headers in malformed:
+            answer = client.post(f"{base}/infer", content=body, headers=headers)
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]
+        assert client.get(f"{base}/nowhere").status_code == 404
+        # None of them started sequence 111: its first step without the START flag is refused as unknown.
+        answer = client.post(f"{base}/infer", json={"inputs": [{**ids, "data": [1]}],
+                                                   "parameters": {"sequence_id": 111}})
+        assert answer.status_code == 400 and "must specify the START flag" in answer.json()["error"]
+        answer = client.post(f"{base}/infer", json={"inputs": [{**ids, "data": [[1]]}],
+                                                   "parameters": {**sequence, "sequence_end": True}})
+        assert answer.status_code == 200 and [o["name"] for o in answer.json()["outputs"]] == [
+            "TOP_IDS", "TOP_PROBABILITIES", "TOP_TEXTS"]

@@ -166,16 +166,18 @@ class Inference:
                                           top_k=self._top_k(sequence, outputs, model), temperature=sequence.temperature,
                                           initial_state=sequence.initial_state)
         create = dataclasses.replace(self._readers.of(model).create(request), session_id=session_id)
-        if self._live(session_id, owner):
+        if await self._in_progress(session_id, owner):
             raise InvalidArgument("parameters.sequence_start", f"inference request for sequence {sequence.id} to "
                                   f"model '{model.bundle.name}' has the START flag, but that sequence is in progress: "
                                   "end it first (sequence_end), or start another sequence_id")
         created = await self._engine.create_session(owner, model, create)
         return model, created.answer
 
-    def _live(self, session_id: str, owner: str) -> bool:
+    async def _in_progress(self, session_id: str, owner: str) -> bool:
+        """Whether the caller's sequence is live: held here, or (with a session store) at rest or on another
+        replica, from where it is taken, as a later request of the sequence would take it."""
         try:
-            self._engine.table.get(session_id, owner)
+            await self._engine.find_session(session_id, owner)
         except SessionNotFound:
             return False
         return True
