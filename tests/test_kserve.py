@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import ssl
 import time
 from collections.abc import Iterator
 
@@ -404,3 +405,103 @@ def test_malformed_rest_requests_are_400_with_triton_s_error_body(v2_server, bun
                                                    "parameters": {**sequence, "sequence_end": True}})
         assert answer.status_code == 200 and [o["name"] for o in answer.json()["outputs"]] == [
             "TOP_IDS", "TOP_PROBABILITIES", "TOP_TEXTS"]
+
+
+def test_a_limit_of_the_other_faces_names_the_input_and_the_limit(triton, bundle):
+    limit = Settings().max_input_tokens
+    with pytest.raises(InferenceServerException, match=f"TOKEN_IDS: .*{limit}") as caught:
+        triton.infer(bundle.name, [token_input(triton_grpc, [1] * (limit + 1))], sequence_id=121,
+                     sequence_start=True)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="must specify the START flag"):  # nothing was started
+        triton.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=121)
+
+
+def test_rest_calls_are_counted_with_the_http_face_s(v2_server, triton_over_http, bundle):
+    import urllib.request
+
+    triton_over_http.infer(bundle.name, [token_input(triton_http, [1])], sequence_id=131, sequence_start=True,
+                           sequence_end=True)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{v2_server.server.metrics_port}/metrics").read().decode()
+    assert 'rnnserve_http_requests_total{code="200",method="ModelInfer"}' in text
+
+
+def test_a_draining_server_is_not_ready_and_refuses_new_sequences(bundle):
+    running = RunningServer(bundle, Settings(**V2_PORTS))
+    try:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{running.server.v2_port}")
+        over_http = triton_http.InferenceServerClient(f"127.0.0.1:{running.server.v2_http_port}")
+        assert client.is_server_ready() and over_http.is_server_ready()
+        running.engine.drain()
+        assert client.is_server_live() and over_http.is_server_live()
+        assert not client.is_server_ready() and not over_http.is_server_ready()
+        assert not client.is_model_ready(bundle.name)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=141, sequence_start=True)
+        assert caught.value.status() == "StatusCode.UNAVAILABLE"
+        client.close()
+        over_http.close()
+    finally:
+        running.stop()
+
+
+def test_versions_come_from_the_repository_and_a_sequence_keeps_the_one_it_started_on(tmp_path, versions):
+    from serving import repository
+
+    running = RunningServer(None, Settings(**V2_PORTS, model_repository=repository(tmp_path, versions, "tiny/1",
+                                                                                   "tiny/2", "other/1")))
+    try:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{running.server.v2_port}")
+        assert client.get_model_metadata("tiny", as_json=True)["versions"] == ["1", "2"]
+        assert client.is_model_ready("tiny", "1") and client.is_model_ready("tiny", "2")
+        assert not client.is_model_ready("tiny", "3")
+        started = client.infer("tiny", [token_input(triton_grpc, [1])], model_version="1", sequence_id=151,
+                               sequence_start=True)
+        assert started.get_response().model_version == "1"
+        latest = client.infer("tiny", [token_input(triton_grpc, [1])], sequence_id=152, sequence_start=True)
+        assert latest.get_response().model_version == "2"  # the model's default version
+        step = client.infer("tiny", [token_input(triton_grpc, [2])], sequence_id=151, sequence_end=True)
+        assert step.get_response().model_version == "1"
+        client.close()
+    finally:
+        running.stop()
+
+
+def test_client_certificates_own_sequences_on_both_v2_faces(tmp_path, bundle):
+    import httpx
+
+    from certificates import Authority
+
+    authority = Authority(tmp_path, "v2-test-ca")
+    server, alice, bob = authority.issue("server", server=True), authority.issue("alice"), authority.issue("bob")
+    stranger = Authority(tmp_path, "another-ca").issue("stranger")
+    running = RunningServer(bundle, Settings(**V2_PORTS, tls_cert=server.cert, tls_key=server.key,
+                                             tls_client_ca=authority.cert))
+
+    def over_grpc(who):
+        return triton_grpc.InferenceServerClient(f"127.0.0.1:{running.server.v2_port}", ssl=True,
+                                                 root_certificates=str(authority.cert), private_key=str(who.key),
+                                                 certificate_chain=str(who.cert))
+
+    def over_rest(who, tokens, **parameters):
+        context = ssl.create_default_context(cafile=authority.cert)
+        context.load_cert_chain(who.cert, who.key)
+        with httpx.Client(verify=context) as client:
+            return client.post(f"https://127.0.0.1:{running.server.v2_http_port}/v2/models/{bundle.name}/infer",
+                               json={"inputs": [{"name": "TOKEN_IDS", "datatype": "INT64", "shape": [1, len(tokens)],
+                                                 "data": tokens}], "parameters": {"sequence_id": 161, **parameters}})
+
+    try:
+        with pytest.raises(InferenceServerException):
+            over_grpc(stranger).infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=161,
+                                      sequence_start=True)
+        over_grpc(alice).infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=161, sequence_start=True)
+        with pytest.raises(InferenceServerException, match="START flag"):  # alice's sequence is not bob's
+            over_grpc(bob).infer(bundle.name, [token_input(triton_grpc, [2])], sequence_id=161)
+        refused = over_rest(bob, [2])
+        assert refused.status_code == 400 and "START flag" in refused.json()["error"]
+        # Alice's sequence, started over gRPC, goes on over REST: one identity, one sequence, on both faces.
+        answer = over_rest(alice, [2], sequence_end=True)
+        assert answer.status_code == 200 and answer.json()["parameters"]["sequence_position"] == 2
+    finally:
+        running.stop()
