@@ -161,7 +161,8 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     if settings.v2_listen:
         server.v2_port = tls.add_port(grpc_server, settings, settings.v2_listen)
     if settings.v2_http_listen:
-        tokens = auth.ServiceTokens.from_files(settings.auth_tokens_file, ADMIN_SERVICE_NAME, settings.admin_tokens_file)
+        tokens = auth.ServiceTokens.from_files(settings.auth_tokens_file, ADMIN_SERVICE_NAME,
+                                               settings.admin_tokens_file)
         server.v2_web = WebFace(v2_rest.create_app(engine, inference, tokens, http_metrics, settings.max_message_bytes,
                                                    settings.default_ttl_seconds), settings, settings.v2_http_listen)
     return server, port

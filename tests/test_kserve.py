@@ -245,7 +245,10 @@ def test_tritons_errors_for_what_its_users_send_wrongly(triton, triton_over_http
         ("unexpected inference output 'LOGITS'",
          dict(inputs=[token_input(triton_grpc, [2])], sequence_id=51,
               outputs=[triton_grpc.InferRequestedOutput("LOGITS")])),
-        (r"TOKEN_IDS: ids must be in \[0, \d+\], the model.s vocabulary", dict(inputs=[token_input(triton_grpc, [10_000])], sequence_id=51)),
+        (r"TOKEN_IDS: ids must be in \[0, \d+\], the model.s vocabulary",
+         dict(inputs=[token_input(triton_grpc, [10_000])], sequence_id=51)),
+        ("parameters.top_k: at least 1", dict(inputs=[token_input(triton_grpc, [2])], sequence_id=51,
+                                              parameters={"top_k": 0})),
     ]
     for message, request in mistakes:
         with pytest.raises(InferenceServerException, match=message) as caught:

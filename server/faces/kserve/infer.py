@@ -82,9 +82,12 @@ class Sequence:
             raise InvalidArgument("parameters.sequence_id", "a uint64 (or a string)")
         if isinstance(sequence_id, str) and len(sequence_id) > 128:
             raise InvalidArgument("parameters.sequence_id", "a string of at most 128 characters (or a uint64)")
+        top_k = _parameter(parameters, "top_k", int, DEFAULT_TOP_K)
+        if top_k < 1:
+            raise InvalidArgument("parameters.top_k", f"at least 1 (and at most the vocabulary size), got {top_k}")
         return cls(sequence_id, _parameter(parameters, "sequence_start", bool, False),
                    _parameter(parameters, "sequence_end", bool, False),
-                   _parameter(parameters, "initial_state", str, ""), _parameter(parameters, "top_k", int, DEFAULT_TOP_K),
+                   _parameter(parameters, "initial_state", str, ""), top_k,
                    float(_parameter(parameters, "temperature", (float, int), 0.0)))
 
     def session_id(self, owner: str, model_name: str) -> str:
@@ -97,7 +100,7 @@ class Sequence:
 
 def _parameter(parameters: Mapping[str, object], name: str, kind: type | tuple[type, ...], default: object):
     value = parameters.get(name, default)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise InvalidArgument(f"parameters.{name}", f"a {names} parameter, got {value!r}")
     return value
@@ -140,6 +143,8 @@ class Inference:
     async def infer(self, call: InferCall, owner: str, deadline: float | None) -> InferAnswer:
         """Run one request of a sequence: open it (sequence_start), step it, close it after the answer
         (sequence_end)."""
+        if not call.model_name:
+            raise InvalidArgument("model_name", "the model's name, as ModelMetadata has it: a sequence is of one model")
         sequence = Sequence.read(call.parameters, call.model_name)
         ids, text = self._tokens(call)
         outputs = self._outputs(call)

@@ -42,8 +42,8 @@ def error_response(error: BaseException) -> JSONResponse:
     return JSONResponse({"error": status.message}, http_code(status))
 
 
-def _read_call(body: bytes, header_length: str | None, name: str, version: str) -> tuple[InferCall, bool]:
-    """The request's call, and whether it asks for every output as binary data."""
+def _read_call(body: bytes, header_length: str | None, name: str, version: str) -> tuple[InferCall, bool | set[str]]:
+    """The request's call, and which outputs it asks for as binary data: True for all, else a set of names."""
     json_length = len(body)
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
@@ -135,12 +135,13 @@ def create_app(engine: Engine, inference: Inference, tokens: ServiceTokens, metr
     """The /v2 routes; health is open to callers without a token (probes have none), the rest take the callers'."""
     gate = Gate(tokens)
 
-    def endpoint(method: str, answer: Callable[[Request], Awaitable[Response]], open_route: bool = False):
+    def endpoint(method: str, answer: Callable[[Request, list[bytes] | None], Awaitable[Response]],
+                 open_route: bool = False):
+        """The route's endpoint: the caller checked (tokens, client certificate) before `answer` runs."""
         async def run(request: Request) -> Response:
             request.scope[METHOD] = method
             try:
-                gate.identities(request, SERVICE, open_route)
-                return await answer(request)
+                return await answer(request, gate.identities(request, SERVICE, open_route))
             except Exception as error:  # noqa: BLE001  (every failure is answered: errors.to_status maps it)
                 return error_response(error)
 
@@ -149,30 +150,29 @@ def create_app(engine: Engine, inference: Inference, tokens: ServiceTokens, metr
     def named(request: Request) -> tuple[str, str]:
         return request.path_params["name"], request.path_params.get("version", "")
 
-    async def live(request: Request) -> Response:
+    async def live(request: Request, _identities: list[bytes] | None) -> Response:
         return Response(status_code=200)
 
-    async def ready(request: Request) -> Response:
+    async def ready(request: Request, _identities: list[bytes] | None) -> Response:
         return Response(status_code=200 if engine.ready else 503)
 
-    async def model_ready(request: Request) -> Response:
+    async def model_ready(request: Request, _identities: list[bytes] | None) -> Response:
         try:
             model = inference.model(*named(request))
         except RnnserveError:
             return Response(status_code=404)
         return Response(status_code=200 if engine.ready and not model.retiring else 503)
 
-    async def server_metadata(request: Request) -> Response:
+    async def server_metadata(request: Request, _identities: list[bytes] | None) -> Response:
         return JSONResponse(describe.server_metadata())
 
-    async def model_metadata(request: Request) -> Response:
+    async def model_metadata(request: Request, _identities: list[bytes] | None) -> Response:
         return JSONResponse(describe.model_metadata(inference, *named(request)))
 
-    async def model_config(request: Request) -> Response:
+    async def model_config(request: Request, _identities: list[bytes] | None) -> Response:
         return JSONResponse(describe.model_config(inference, *named(request), idle_seconds))
 
-    async def infer(request: Request) -> Response:
-        identities = gate.identities(request, SERVICE)
+    async def infer(request: Request, identities: list[bytes] | None) -> Response:
         body = await raw_body(request, max_body_bytes)
         call, binary = _read_call(body, request.headers.get(HEADER_LENGTH), *named(request))
         answer = await inference.infer(call, caller(HttpContext(identities)), deadline_of(request))

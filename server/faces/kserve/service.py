@@ -45,7 +45,8 @@ def call_of(request: v2.ModelInferRequest) -> InferCall:
     inputs = []
     for index, tensor in enumerate(request.inputs):
         if tensor.datatype not in tensors.DATATYPES:
-            raise InvalidArgument(tensor.name, f"datatype {tensor.datatype!r} is none of the protocol's")
+            raise InvalidArgument(tensor.name, f"datatype {tensor.datatype!r} is not one rnnserve reads: its inputs "
+                                               "are INT64 (TOKEN_IDS) and BYTES (TEXT)")
         shape = list(tensor.shape)
         if raw:
             data = tensors.from_raw(tensor.name, tensor.datatype, shape, raw[index])
@@ -56,12 +57,18 @@ def call_of(request: v2.ModelInferRequest) -> InferCall:
                      inputs, [output.name for output in request.outputs])
 
 
+# The field of InferTensorContents that holds each datatype's elements (FP16 has none: raw contents only).
+CONTENTS_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                   "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                   "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                   "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
 def _contents(tensor: v2.ModelInferRequest.InferInputTensor) -> list:
     """The typed list of the tensor's datatype."""
-    field = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
-             "FP64": "fp64_contents", "BYTES": "bytes_contents"}.get(tensor.datatype, "fp32_contents")
+    field = CONTENTS_FIELDS.get(tensor.datatype)
+    if field is None:
+        raise InvalidArgument(tensor.name, f"{tensor.datatype} elements travel in raw_input_contents only")
     return list(getattr(tensor.contents, field))
 
 
