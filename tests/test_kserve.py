@@ -247,6 +247,8 @@ def test_tritons_errors_for_what_its_users_send_wrongly(triton, triton_over_http
               outputs=[triton_grpc.InferRequestedOutput("LOGITS")])),
         (r"TOKEN_IDS: ids must be in \[0, \d+\], the model.s vocabulary",
          dict(inputs=[token_input(triton_grpc, [10_000])], sequence_id=51)),
+        (r"TOKEN_IDS: ids must be in \[0, \d+\]", dict(inputs=[token_input(triton_grpc, [2 ** 40])], sequence_id=51)),
+        (r"TOKEN_IDS: ids must be in \[0, \d+\]", dict(inputs=[token_input(triton_grpc, [-1])], sequence_id=51)),
         ("parameters.top_k: at least 1", dict(inputs=[token_input(triton_grpc, [2])], sequence_id=51,
                                               parameters={"top_k": 0})),
     ]

@@ -228,7 +228,10 @@ class Inference:
                 raise InvalidArgument(TOKEN_IDS, f"unexpected shape {shape} for inference input '{TOKEN_IDS}' of "
                                                  f"model '{call.model_name}': expected [1, -1] (one sequence, "
                                                  "T >= 1 tokens)")
-            return tensor.data.reshape(-1).tolist(), ""
+            ids = tensor.data.reshape(-1)
+            # rnnserve's own requests carry ids as int32: an INT64 id beyond that is outside any vocabulary, and is
+            # given as -1 so that the reader refuses it as it refuses every id outside the model's vocabulary.
+            return np.where((ids < 0) | (ids > np.iinfo(np.int32).max), -1, ids).tolist(), ""
         if shape not in ([1], [1, 1]):
             raise InvalidArgument(TEXT, f"unexpected shape {shape} for inference input '{TEXT}' of model "
                                         f"'{call.model_name}': expected [1] (one string)")
