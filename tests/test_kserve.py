@@ -510,3 +510,30 @@ def test_client_certificates_own_sequences_on_both_v2_faces(tmp_path, bundle):
         assert answer.status_code == 200 and answer.json()["parameters"]["sequence_position"] == 2
     finally:
         running.stop()
+
+
+def test_a_sequence_continues_on_another_replica_through_the_session_store(tmp_path, native, bundle):
+    """Its session's id is derived, not remembered by one replica: another replica sharing Redis takes the live
+    sequence from its holder at its next request, and a START there for it is refused as in progress."""
+    from redis_process import RedisProcess
+
+    expected = native_predictions(native, [[1], [2], [3]])
+    with RedisProcess(tmp_path) as redis_server:
+        store = {"redis_url": redis_server.url, "sweep_seconds": 0.05, "redis_lease_seconds": 1.0,
+                 "redis_timeout_seconds": 0.5}
+        first, second = (RunningServer(bundle, Settings(**V2_PORTS, **store)) for _ in range(2))
+        try:
+            clients = [triton_grpc.InferenceServerClient(f"127.0.0.1:{replica.server.v2_port}")
+                       for replica in (first, second)]
+            assert_same(clients[0].infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=171,
+                                         sequence_start=True), expected[0])
+            with pytest.raises(InferenceServerException, match="in progress"):
+                clients[1].infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id=171, sequence_start=True)
+            assert_same(clients[1].infer(bundle.name, [token_input(triton_grpc, [2])], sequence_id=171), expected[1])
+            assert_same(clients[0].infer(bundle.name, [token_input(triton_grpc, [3])], sequence_id=171,
+                                         sequence_end=True), expected[2])
+            for client in clients:
+                client.close()
+        finally:
+            first.stop()
+            second.stop()
