@@ -8,6 +8,7 @@ codes and messages and change no sequence; identities keep their sequences apart
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import ssl
 import time
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from google.protobuf import descriptor_pool
@@ -537,3 +540,41 @@ def test_a_sequence_continues_on_another_replica_through_the_session_store(tmp_p
         finally:
             first.stop()
             second.stop()
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(bundle: Bundle) -> Iterator[RunningServer]:
+    """A server of its own: sequences the fuzzing happens to start stay out of the other tests' way."""
+    running = RunningServer(bundle, Settings(**V2_PORTS))
+    yield running
+    running.stop()
+
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | st.text(max_size=8)
+TENSORS = st.fixed_dictionaries(
+    {"name": st.sampled_from(["TOKEN_IDS", "TEXT", "OTHER"]),
+     "datatype": st.sampled_from(["INT64", "INT32", "BYTES", "FP32", "FP16", "BF16", "NOPE"]),
+     "shape": st.lists(st.integers(-2, 3), max_size=3) | JSON_SCALARS},
+    optional={"data": st.lists(JSON_SCALARS | st.lists(JSON_SCALARS, max_size=3), max_size=4) | JSON_SCALARS,
+              "parameters": st.dictionaries(st.sampled_from(["binary_data_size"]), JSON_SCALARS)})
+BODIES = st.fixed_dictionaries(
+    {"inputs": st.lists(TENSORS, max_size=2) | JSON_SCALARS},
+    optional={"parameters": st.dictionaries(st.sampled_from(["sequence_id", "sequence_start", "sequence_end", "top_k",
+                                                             "temperature", "initial_state"]), JSON_SCALARS),
+              "outputs": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["TOP_IDS", "LOGPROBS", "X"])}),
+                                  max_size=2) | JSON_SCALARS,
+              "id": JSON_SCALARS})
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(body=BODIES)
+def test_no_rest_body_is_a_server_fault(fuzzed_server, bundle, body, caplog):
+    """Whatever JSON a caller posts is answered (200, or the 4xx of its mistake), never 500, and logs no fault."""
+    import httpx
+
+    url = f"http://127.0.0.1:{fuzzed_server.server.v2_http_port}/v2/models/{bundle.name}/infer"
+    with caplog.at_level(logging.ERROR):
+        answer = httpx.post(url, content=json.dumps(body, allow_nan=True))
+    assert answer.status_code in (200, 400, 404), answer.text
+    assert "error" in answer.json() or answer.status_code == 200
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]

@@ -75,11 +75,15 @@ def _read_call(body: bytes, header_length: str | None, name: str, version: str) 
         else:
             data = tensors.from_list(name_of, datatype, shape, _elements(tensor.get("data"), datatype, name_of))
         inputs.append(tensors.Tensor(name_of, datatype, data))
-    outputs = [_object(output, "outputs[]") for output in request.get("outputs", [])]
+    outputs = request.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise InvalidArgument("outputs", "a JSON array of the outputs asked for")
+    outputs = [_object(output, "outputs[]") for output in outputs]
     names = [output.get("name") for output in outputs]
     if not all(isinstance(output_name, str) for output_name in names):
         raise InvalidArgument("outputs", "each output asked for has a name")
-    binary_outputs = {output["name"] for output in outputs if output.get("parameters", {}).get("binary_data")}
+    binary_outputs = {output["name"] for output in outputs
+                      if _object(output.get("parameters", {}), f"{output['name']}.parameters").get("binary_data")}
     call = InferCall(name, version, str(request.get("id", "")), parameters, inputs, names)
     return call, bool(parameters.get("binary_data_output")) or binary_outputs
 
