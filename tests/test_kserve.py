@@ -578,3 +578,42 @@ def test_no_rest_body_is_a_server_fault(fuzzed_server, bundle, body, caplog):
     assert answer.status_code in (200, 400, 404), answer.text
     assert "error" in answer.json() or answer.status_code == 200
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+PARAMETERS = st.one_of(st.builds(lambda v: v2.InferParameter(bool_param=v), st.booleans()),
+                       st.builds(lambda v: v2.InferParameter(int64_param=v), st.integers(-2 ** 63, 2 ** 63 - 1)),
+                       st.builds(lambda v: v2.InferParameter(uint64_param=v), st.integers(0, 2 ** 64 - 1)),
+                       st.builds(lambda v: v2.InferParameter(string_param=v), st.text(max_size=8)),
+                       st.builds(lambda v: v2.InferParameter(double_param=v), st.floats()),
+                       st.just(v2.InferParameter()))
+GRPC_TENSORS = st.builds(
+    v2.ModelInferRequest.InferInputTensor, name=st.sampled_from(["TOKEN_IDS", "TEXT", "OTHER"]),
+    datatype=st.sampled_from(["INT64", "INT32", "BYTES", "FP16", "BF16", "UINT64", ""]),
+    shape=st.lists(st.integers(-2, 2 ** 40), max_size=3),
+    contents=st.builds(v2.InferTensorContents, int64_contents=st.lists(st.integers(-2 ** 63, 2 ** 63 - 1), max_size=3),
+                       int_contents=st.lists(st.integers(-2 ** 31, 2 ** 31 - 1), max_size=3),
+                       bytes_contents=st.lists(st.binary(max_size=4), max_size=2)))
+GRPC_REQUESTS = st.builds(
+    lambda tensors, raw, parameters, outputs: v2.ModelInferRequest(
+        model_name="tiny-lstm", inputs=tensors, raw_input_contents=raw, parameters=parameters,
+        outputs=[v2.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in outputs]),
+    st.lists(GRPC_TENSORS, max_size=2), st.lists(st.binary(max_size=16), max_size=2),
+    st.dictionaries(st.sampled_from(["sequence_id", "sequence_start", "sequence_end", "top_k", "temperature",
+                                     "initial_state"]), PARAMETERS),
+    st.lists(st.sampled_from(["TOP_IDS", "PROBABILITIES", "X"]), max_size=2))
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(request=GRPC_REQUESTS)
+def test_no_grpc_request_is_a_server_fault(fuzzed_server, bundle, request, caplog):
+    """Whatever ModelInferRequest a caller sends is answered OK or with the code of its mistake, never INTERNAL or
+    UNKNOWN, and logs no fault."""
+    assert bundle.name == "tiny-lstm"
+    with caplog.at_level(logging.ERROR), grpc.insecure_channel(
+            f"127.0.0.1:{fuzzed_server.server.v2_port}") as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        try:
+            infer(request.SerializeToString())
+        except grpc.RpcError as error:
+            assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), error.details()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
