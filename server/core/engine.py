@@ -218,7 +218,10 @@ class Engine:
             self.table.remove(session, Removal.CLOSED)
             raise
         self._record_first_prediction(model, arrived)
-        if self.hibernation is not None and (stored := self.hibernation.created(session)) is not None:
+        # A derived id (a Triton sequence's) is registered before the answer: a START for the same sequence on
+        # another replica meanwhile would otherwise make a second session of it.
+        stored = None if self.hibernation is None else self.hibernation.created(session, wait=bool(request.session_id))
+        if stored is not None:
             await stored
         return Created(session, answer, cached)
 
