@@ -617,3 +617,22 @@ def test_no_grpc_request_is_a_server_fault(fuzzed_server, bundle, request, caplo
         except grpc.RpcError as error:
             assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), error.details()
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_a_sequence_survives_a_restart_with_a_snapshot(tmp_path, native, bundle):
+    expected = native_predictions(native, [[1], [2]])
+    settings = Settings(**V2_PORTS, snapshot_path=str(tmp_path / "snapshot"))
+    running = RunningServer(bundle, settings)
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{running.server.v2_port}")
+    assert_same(client.infer(bundle.name, [token_input(triton_grpc, [1])], sequence_id="kept", sequence_start=True),
+                expected[0])
+    client.close()
+    running.stop()
+    running = RunningServer(bundle, settings)
+    try:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{running.server.v2_port}")
+        assert_same(client.infer(bundle.name, [token_input(triton_grpc, [2])], sequence_id="kept", sequence_end=True),
+                    expected[1])
+        client.close()
+    finally:
+        running.stop()
