@@ -9,6 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The serving lock first, in a layer of its own (rebuilt only when the lock changes): the exact versions and
+# hashes the tests ran with, the build backend among them.
+COPY requirements/serving.txt requirements/serving.txt
+RUN pip install --require-hashes --no-deps -r requirements/serving.txt
 COPY rnnserve rnnserve
 COPY proto proto
 COPY server server
@@ -16,8 +20,8 @@ COPY client client
 COPY export export
 # A plain install (not editable), so the shipped model repository in rnnserve/models (the default
 # model's float version 1 and its int8 version 2) is inside the installed package and the sources can go.
-# The `redis` extra lets replicas share sessions through Redis (--redis-url); unused without it.
-RUN pip install '.[redis]' && rm -rf /src
+# The lock carries the `redis` extra, which lets replicas share sessions through Redis (--redis-url).
+RUN pip install --no-deps --no-build-isolation . && rm -rf /src
 
 RUN useradd --system --no-create-home rnnserve
 USER rnnserve

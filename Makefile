@@ -2,6 +2,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+# The locks (requirements/*.txt, made by `make lock`): every package at the exact version and hashes the tests
+# ran with, so a new machine installs what CI tested, not whatever is newest that day. rnnserve itself goes
+# in after them with no dependencies of its own and the locked setuptools (no build isolation).
+INSTALL_LOCKED := $(PIP) --require-hashes --no-deps -r
+# setuptools says on every editable install that a folder named like the package could shadow it: here that
+# folder is the package, so the note is silenced and any other warning still shows.
+INSTALL_SELF := PYTHONWARNINGS="ignore:Editable installation" $(PIP) --no-deps --no-build-isolation -e .
+LOCK := $(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	--no-emit-find-links
 # Debian packages the tests use as real peers: Prometheus (and promtool), docker-compose (config check),
 # chromium (the playground's browser test, driven by Playwright), Redis and HAProxy (replicas sharing sessions
 # behind a proxy).
@@ -11,17 +20,22 @@ SYSTEM_PACKAGES := prometheus docker-compose chromium redis-server haproxy
 # package carries its own npm, and Debian's npm would conflict with it).
 SYSTEM_COMMANDS := node:nodejs npm:npm
 
-.PHONY: serve test bench train train-quick export quantize proto system-packages
+.PHONY: serve test bench train train-quick export quantize proto system-packages lock
 
-$(VENV)/.serving: pyproject.toml
+$(VENV)/.serving: pyproject.toml requirements/serving.txt
 	python3 -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) -e .
+	$(INSTALL_LOCKED) requirements/serving.txt
+	$(INSTALL_SELF)
 	touch $@
 
-$(VENV)/.dev: pyproject.toml $(VENV)/.serving
-	$(PIP) -e '.[train,dev,redis]'
+$(VENV)/.dev: pyproject.toml requirements/dev.txt $(VENV)/.serving
+	$(INSTALL_LOCKED) requirements/dev.txt
+	$(INSTALL_SELF)
 	touch $@
+
+lock: $(VENV)/.dev  ## re-resolve every dependency at today's newest allowed versions into requirements/*.txt (see docs/INSTALL.md)
+	$(LOCK) --extra train --extra dev --extra redis -o requirements/dev.txt pyproject.toml requirements/build.in
+	$(LOCK) --extra redis -o requirements/serving.txt pyproject.toml requirements/build.in requirements/serving.in
 
 serve: $(VENV)/.serving  ## serve the committed default model: gRPC on 127.0.0.1:50051, HTTP and the playground on 127.0.0.1:8080
 	$(VENV)/bin/rnnserve-server --http-listen 127.0.0.1:8080

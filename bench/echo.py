@@ -1,10 +1,10 @@
-"""F2's bare server: the rnnserve Stream method answered by an echo, with zero model work.
+"""F2's and F2u's bare server: the rnnserve Stream and Step methods answered by an echo, with zero model work.
 
 It speaks the project's own StepRequest and StepResponse through a generic handler, so the
 messages on the wire are the size the real server's are (a session id and a token in; 5 ids and
 5 probabilities out) and the load generator drives it with the very stub it points at the server.
 What it sustains is what a Python grpc.aio server can do on this machine at best, on the event
-loop the server under test runs on (`--event-loop`).
+loop the server under test runs on (`--event-loop`): over streams (F2), and a call per step (F2u).
 
 Run as its own process: `python bench/echo.py --listen 127.0.0.1:0` prints the port it bound.
 """
@@ -32,11 +32,18 @@ async def echo_stream(requests: AsyncIterator[rnnserve_pb2.StepRequest],
                                         request_id=request.request_id)
 
 
+async def echo_step(request: rnnserve_pb2.StepRequest, context: grpc.aio.ServicerContext) -> rnnserve_pb2.StepResponse:
+    """The same answer to a unary Step: what any Python grpc.aio server pays per call."""
+    return rnnserve_pb2.StepResponse(session_id=request.session_id, position=len(request.token_ids),
+                                     prediction=PREDICTION, request_id=request.request_id)
+
+
 def echo_handler() -> grpc.GenericRpcHandler:
-    stream = grpc.stream_stream_rpc_method_handler(
-        echo_stream, request_deserializer=rnnserve_pb2.StepRequest.FromString,
-        response_serializer=rnnserve_pb2.StepResponse.SerializeToString)
-    return grpc.method_handlers_generic_handler("rnnserve.v1.Inference", {"Stream": stream})
+    messages = {"request_deserializer": rnnserve_pb2.StepRequest.FromString,
+                "response_serializer": rnnserve_pb2.StepResponse.SerializeToString}
+    return grpc.method_handlers_generic_handler("rnnserve.v1.Inference", {
+        "Stream": grpc.stream_stream_rpc_method_handler(echo_stream, **messages),
+        "Step": grpc.unary_unary_rpc_method_handler(echo_step, **messages)})
 
 
 async def serve(listen: str) -> None:

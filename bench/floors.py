@@ -18,7 +18,7 @@ import numpy as np
 from rnnserve.bundle import Bundle
 from rnnserve.server.model.runtime import Runtime
 
-from bench.load import closed_loop, connect, one_token_at_a_time, open_streams, stream_round_trip
+from bench.load import closed_loop, connect, one_token_at_a_time, open_streams, stream_round_trip, unary_round_trip
 from bench.processes import ServerProcess
 from bench.sizes import Sizes
 from bench.stats import Results, Rounds, p50
@@ -72,16 +72,21 @@ class F1:
         return self._sizes.f1_rounds - len(self._rounds)
 
     def measure_round(self) -> None:
-        """One p50 of every figure."""
-        found = {("ort", batch): self._calls_p50(batch) for batch in self._sizes.batches}
+        """One p50 of every figure, and the CPU time per token this process spent at each batch size."""
+        found = {}
+        for batch in self._sizes.batches:
+            found["ort", batch], found["ort-cpu", batch] = self._calls(batch)
         # back-to-back calls keep the weights in cache; a server's calls have gaps between them
-        found["ort-paced", 1] = self._calls_p50(1, PACED_GAP_SECONDS)
+        found["ort-paced", 1], _ = self._calls(1, PACED_GAP_SECONDS)
         found["prefill", 1] = self._prefill_p50()
         self._rounds.append(found)
 
     def report(self, results: Results) -> None:
         for variant, batch in self._rounds[0]:
             median = statistics.median(found[variant, batch] for found in self._rounds)
+            if variant == "ort-cpu":  # onnxruntime's CPU per token, its threads included: the model's floor
+                results.add(self._workload, "ort", batch, "cpu_us_per_token", median, "us")
+                continue
             results.add(self._workload, variant, batch, "p50_us", median, "us")
             tokens_per_call = self._sizes.prefill_tokens if variant == "prefill" else batch
             results.add(self._workload, variant, batch, "tokens_per_s", tokens_per_call / median * 1e6, "tokens/s")
@@ -90,10 +95,14 @@ class F1:
         tokens = np.array(self._tokens[:size * length], np.int64).reshape(size, length)
         return tokens, zero_states(self._bundle, size)
 
-    def _calls_p50(self, size: int, gap_seconds: float = 0.0) -> float:
+    def _calls(self, size: int, gap_seconds: float = 0.0) -> tuple[float, float]:
+        """The median call in microseconds, and this process's CPU time per token over the calls (with the
+        untimed first; a pause uses none)."""
         step, states = self._batch_of(size)
-        return p50(call_times_us(lambda: self._runtime.run(step, states), self._sizes.f1_seconds,
-                                 self._sizes.f1_min_calls, gap_seconds))
+        cpu = time.process_time()
+        times = call_times_us(lambda: self._runtime.run(step, states), self._sizes.f1_seconds,
+                              self._sizes.f1_min_calls, gap_seconds)
+        return p50(times), (time.process_time() - cpu) / ((len(times) + 1) * size) * 1e6
 
     def _prefill_p50(self) -> float:
         prompt, states = self._batch_of(1, self._sizes.prefill_tokens)
@@ -103,7 +112,8 @@ class F1:
 async def f2(sizes: Sizes, tokens: list[int], loop: str, log: Path, results: Results, rounds: Rounds,
              stream_counts: tuple[int, ...]) -> None:
     """The echo server, on the server's event loop `loop`, at each of `stream_counts`, closed loop, as
-    W2 drives the real one. The counts the targets read (one stream and the most) go to `rounds`:
+    W2 drives the real one; then F2u, a Step call per step, at one caller and the most (one call in
+    flight each), as W2 unary drives it. The counts the targets read (one and the most) go to `rounds`:
     the run measures them again before each later round of W1 and W2, against which they are read
     (one full run found the echo at 256 streams at 14,969 messages/s, others at 17,000-18,400)."""
     headline = {1, sizes.most_sessions}
@@ -116,3 +126,8 @@ async def f2(sizes: Sizes, tokens: list[int], loop: str, log: Path, results: Res
                     timed = await closed_loop(trips, sizes.w2_steps, sizes.warmup_steps, endpoint.pid)
                 record = rounds.add if streams in headline else results.add_loop
                 record("F2", "echo", streams, timed, "messages_per_s", "messages/s")
+            for callers in sorted(headline):
+                trips = [unary_round_trip(endpoint.stub, f"echo-{i}", one_token_at_a_time(tokens))
+                         for i in range(callers)]
+                timed = await closed_loop(trips, sizes.w2_steps, sizes.warmup_steps, endpoint.pid)
+                rounds.add("F2u", "echo", callers, timed, "calls_per_s", "calls/s")

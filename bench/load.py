@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
+from rnnserve.client import AsyncSession
 from rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
 
 from bench.processes import ServerProcess, cpu_seconds
@@ -33,13 +34,14 @@ class Endpoint:
 
     stub: rnnserve_pb2_grpc.InferenceStub
     pid: int
+    address: str  # for a client of its own (rnnserve.client's, measured beside the raw stubs)
 
 
 @asynccontextmanager
 async def connect(server: ServerProcess) -> AsyncIterator[Endpoint]:
     """One channel to `server` for everything the load generator sends it."""
     async with grpc.aio.insecure_channel(server.address) as channel:
-        yield Endpoint(rnnserve_pb2_grpc.InferenceStub(channel), server.pid)
+        yield Endpoint(rnnserve_pb2_grpc.InferenceStub(channel), server.pid, server.address)
 
 
 class StepFailed(RuntimeError):
@@ -78,6 +80,15 @@ def unary_round_trip(stub: rnnserve_pb2_grpc.InferenceStub, session_id: str, fee
 
     async def round_trip() -> None:
         check(await stub.Step(step_request(session_id, next(feed))))
+
+    return round_trip
+
+
+def client_round_trip(session: AsyncSession, feed: Feed) -> RoundTrip:
+    """One step through rnnserve.client, as a service makes it: `session.step()`, its answer a Prediction."""
+
+    async def round_trip() -> None:
+        await session.step(next(feed))
 
     return round_trip
 

@@ -51,7 +51,7 @@ STORE_FLAGS = ["--hibernate-after-seconds", "0"]  # R1, R3: nothing hibernates u
 async def through(address: str, pid: int):
     """An Endpoint reaching the server at `pid` through `address` (the proxy)."""
     async with grpc.aio.insecure_channel(address) as channel:
-        yield Endpoint(rnnserve_pb2_grpc.InferenceStub(channel), pid)
+        yield Endpoint(rnnserve_pb2_grpc.InferenceStub(channel), pid, address)
 
 
 async def r1_proxy(command: list[str], redis_url: str, sizes: Sizes, tokens: Sequence[int], workdir: Path,

@@ -28,6 +28,7 @@ import numpy as np
 from rnnserve.server.settings import parse_settings
 
 from bench import plots
+from bench.baseline import Baseline
 from bench.batching import batching
 from bench.floors import F1, f2
 from bench.int8 import int8
@@ -81,8 +82,9 @@ def server_command(bundle_path: Path, flags: list[str], serves: str = "--bundle"
 
 
 async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: Progress,
-                  only: str | None) -> tuple[Results, str]:
-    """Every floor and workload in turn, or the `only` stage; returns the results and the server command used."""
+                  only: str | None, baseline_ref: str | None = None) -> tuple[Results, str]:
+    """Every floor and workload in turn, or the `only` stage; returns the results and the server command used.
+    With `baseline_ref`, that ref's server too, W2 at every session count after each round of the headline."""
     results = Results()
     logs = cache / "logs"
     progress("reference bundle")
@@ -128,6 +130,14 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
             progress(f"F1 onnxruntime in-process, round {sizes.f1_rounds - f1.rounds_left + 1} of {sizes.f1_rounds}")
             f1.measure_round()
 
+    baseline = None if baseline_ref is None else Baseline(baseline_ref, cache, command[1:])
+
+    async def baseline_round(number: int) -> None:
+        if baseline is not None:
+            progress(f"W2 on {baseline_ref} ({baseline.commit[:12]}), stream and unary at every session count, "
+                     f"round {number} (fresh server)")
+            await baseline.measure_round(number, sizes, tokens, rounds)
+
     f1_round()
     progress("F2 grpc.aio echo server")
     rounds, later_rounds = Rounds(), iter(range(2, sizes.headline_rounds + 1))
@@ -142,7 +152,9 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
             await f2(sizes, tokens, settings.event_loop, logs / f"echo-round{number}.log", results, rounds, (1, most))
             with ServerProcess(command, logs / f"server-round{number}.log") as server:
                 await headline_round(server, sizes, tokens, rounds)
+            await baseline_round(number)
 
+    await baseline_round(1)  # each round of the baseline next to one of this tree's: the machine's spells are long
     with ServerProcess([*command, *W1_TO_W4_FLAGS], logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, rounds, progress)
     await operations()
@@ -193,6 +205,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "run, bench/.cache/<preset> otherwise, so that a smoke run never replaces "
                              "committed figures)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="reference bundles and server logs")
+    parser.add_argument("--baseline", metavar="REF", default=None,
+                        help="also serve this git ref (e.g. main), from a worktree of it in the cache, and run W2 "
+                             "stream and unary at every session count on it after each headline round, for the "
+                             "targets read against it (tokens/s >= 1.2x the ref's); adds about a fifth to a run")
     parser.add_argument("--server-args", default="",
                         help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows "
                              "--ort-threads and --ort-spinning, the F2 echo server --event-loop)")
@@ -208,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     progress = Progress()
     load_before = os.getloadavg()
     progress(f"{args.preset} run on {os.cpu_count()} cores, load average {load_before[0]:.2f}")
-    results, server = asyncio.run(measure(sizes, server_flags, args.cache, progress, args.only))
+    results, server = asyncio.run(measure(sizes, server_flags, args.cache, progress, args.only, args.baseline))
     run = Run(label, shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]),
               server, sizes, progress.seconds, machine(load_before, os.getloadavg()), results.rows,
               verdicts(results.rows, sizes))

@@ -1,5 +1,6 @@
-"""The targets of issue 4 (W6's of issue 11; W2 multi-2's and unary's of issue 15), each a figure read
-against its floor from the same run, and issue 14's two busy models against one, reported with no target yet.
+"""The targets of issue 4 (W6's of issue 11; W2 multi-2's and unary's of issue 15; issue 26's CPU per token
+beyond the floors, rnnserve.client against raw streams, and this tree against a baseline ref), each a figure
+read against its floor from the same run, and issue 14's two busy models against one, reported with no target yet.
 
 They mirror ../shared/tools/targets.py (which reads the committed latest.json) so that a run
 says at once where it stands, and latest.md shows every figure beside its floor and ratio.
@@ -38,6 +39,7 @@ class Verdict:
 
 
 Lookup = Callable[[str, str, int, str], float]
+Check = Callable[[Lookup, Sizes], Verdict]
 
 
 def _w2_stream(get: Lookup, sizes: Sizes) -> Verdict:
@@ -135,8 +137,86 @@ def _two_models(get: Lookup, sizes: Sizes) -> Verdict:
                    f"{ratio:.0%}", "none yet (reported)", None, judged=False)
 
 
+def _cpu(get: Lookup, workload: str, variant: str, n: int) -> float:
+    return get(workload, variant, n, "server_cpu_us_per_token")
+
+
+def _cpu_beyond(name: str, figure: float, floors: dict[str, float], allowance: float) -> Verdict:
+    """A server's CPU per token against the sum of its floors' plus `allowance` microseconds."""
+    floor = sum(floors.values())
+    shown = " + ".join(f"{label} {value:,.0f}" for label, value in floors.items())
+    return Verdict(name, f"{figure:,.0f} us CPU/token", f"{shown} = {floor:,.0f} us", f"+{figure - floor:,.0f} us",
+                   f"<= floor + {allowance:.0f} us = {floor + allowance:,.0f} us", figure <= floor + allowance)
+
+
+def _unary_cpu(get: Lookup, sizes: Sizes) -> Verdict:
+    """Issue 26: a Step call costs the server what grpc.aio's unary floor and the model need, and 60 us."""
+    n = sizes.most_sessions
+    return _cpu_beyond(f"W2 unary server CPU, {n} sessions", _cpu(get, "W2", "unary", n),
+                       {f"F2u({n})": _cpu(get, "F2u", "echo", n), f"F1({n})": get("F1", "ort", n, "cpu_us_per_token")},
+                       60)
+
+
+def _stream_cpu(get: Lookup, sizes: Sizes) -> Verdict:
+    n = sizes.most_sessions
+    return _cpu_beyond(f"W2 stream server CPU, {n} sessions", _cpu(get, "W2", "stream", n),
+                       {f"F2({n})": _cpu(get, "F2", "echo", n), f"F1({n})": get("F1", "ort", n, "cpu_us_per_token")},
+                       30)
+
+
+def _batch_cpu(get: Lookup, sizes: Sizes) -> Verdict:
+    n = sizes.most_sessions
+    return _cpu_beyond(f"W2 multi (StepBatch) server CPU, {n} sessions", _cpu(get, "W2", "multi", n),
+                       {f"F1({n})": get("F1", "ort", n, "cpu_us_per_token")}, 15)
+
+
+def _w1_cpu(get: Lookup, sizes: Sizes) -> Verdict:
+    return _cpu_beyond("W1 server CPU, one session", _cpu(get, "W1", "stream", 1),
+                       {"F2(1)": _cpu(get, "F2", "echo", 1), "F1(1)": get("F1", "ort", 1, "cpu_us_per_token")}, 100)
+
+
+def _at_every_count(name: str, sizes: Sizes, ratio_at: Callable[[int], float], share: float, against: str,
+                    extra: str = "") -> Verdict:
+    ratios = {n: ratio_at(n) for n in sizes.batches}
+    shown = " / ".join(f"{ratios[n]:.2f}" for n in sizes.batches)
+    return Verdict(name, f"{shown} at {' / '.join(map(str, sizes.batches))} sessions{extra}", against,
+                   f"{min(ratios.values()):.2f} (lowest)", f">= {share:.2f}x at every count",
+                   min(ratios.values()) >= share)
+
+
+def _client(get: Lookup, sizes: Sizes) -> Verdict:
+    """Issue 26: services step through rnnserve.client's `session.step()`; it should cost about what raw streams do.
+    Shown beside: the client library's own CPU per step, and the raw stubs' the load generator uses."""
+    n = sizes.most_sessions
+    client_cpu, raw_cpu = (get("W2", variant, n, "client_cpu_us_per_token") for variant in ("client", "stream"))
+    unary_cpu = get("W2", "client-unary", n, "client_cpu_us_per_token")
+    return _at_every_count(
+        "W2 through rnnserve.client, tokens/s against raw streams", sizes,
+        lambda count: get("W2", "client", count, "tokens_per_s") / get("W2", "stream", count, "tokens_per_s"), 0.9,
+        f"W2 stream (raw stubs); client CPU/token at {n}: library {client_cpu:,.0f} us (unary=True "
+        f"{unary_cpu:,.0f}), raw stream stubs {raw_cpu:,.0f} us")
+
+
+def _baseline(variant: str) -> Check:
+    def check(get: Lookup, sizes: Sizes) -> Verdict:
+        name = f"W2 {variant} tokens/s against the baseline ref"
+        try:
+            get("W2-baseline", variant, sizes.most_sessions, "tokens_per_s")
+        except KeyError:
+            return Verdict(name, "not measured", "run with --baseline main", "", ">= 1.20x at every count", None,
+                           judged=False)
+        return _at_every_count(
+            name, sizes, lambda n: get("W2", variant, n, "tokens_per_s") / get("W2-baseline", variant, n,
+                                                                              "tokens_per_s"),
+            1.2, f"the baseline ref's W2 {variant}, same run")
+
+    return check
+
+
 CHECKS = {"W2 stream": _w2_stream, "W2 multi": _w2_multi, "W2 multi-2": _w2_multi_2, "W2 unary": _w2_unary,
-          "W1": _w1, "W3": _w3, "W4": _w4, "W5": _w5, "W6": _w6, "M1": _m1, "W2 two models": _two_models}
+          "W1": _w1, "W3": _w3, "W4": _w4, "W5": _w5, "W6": _w6, "M1": _m1, "W2 two models": _two_models,
+          "W2 unary CPU": _unary_cpu, "W2 stream CPU": _stream_cpu, "W2 multi CPU": _batch_cpu, "W1 CPU": _w1_cpu,
+          "W2 client": _client, "W2 unary baseline": _baseline("unary"), "W2 stream baseline": _baseline("stream")}
 
 
 def verdicts(rows: list[Row], sizes: Sizes) -> list[Verdict]:

@@ -12,10 +12,11 @@ import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 
+from rnnserve.client import AsyncClient
 from rnnserve.v1 import rnnserve_pb2, rnnserve_pb2_grpc
 
-from bench.load import (Endpoint, RoundTrip, batch_round_trip, closed_loop, connect, one_token_at_a_time,
-                        open_streams, stream_round_trip, unary_round_trip)
+from bench.load import (Endpoint, RoundTrip, batch_round_trip, client_round_trip, closed_loop, connect,
+                        one_token_at_a_time, open_streams, stream_round_trip, unary_round_trip)
 from bench.processes import ServerProcess
 from bench.sizes import Sizes
 from bench.stats import Results, Rounds, Timed, p50
@@ -69,6 +70,20 @@ async def unary_steps(server: Endpoint, count: int, steps: int, warmup: int, tok
         return await closed_loop(trips, steps, warmup, server.pid)
 
 
+async def client_steps(server: Endpoint, count: int, steps: int, warmup: int, tokens: Sequence[int],
+                       unary: bool = False) -> Timed:
+    """`count` sessions of rnnserve.client, each stepping with `session.step()`, closed loop: over the Stream
+    calls the client shares among its sessions, or with `unary` a Step call each. Its client CPU per token is
+    what the client library costs a service, read beside the raw stubs' of the stream and unary loops."""
+    async with AsyncClient(server.address, unary=unary) as client:
+        opened = [await client.session() for _ in range(count)]
+        try:
+            trips = [client_round_trip(session, one_token_at_a_time(tokens)) for session in opened]
+            return await closed_loop(trips, steps, warmup, server.pid)
+        finally:
+            await asyncio.gather(*(session.close() for session in opened))
+
+
 async def batch_steps(server: Endpoint, count: int, steps: int, warmup: int, tokens: Sequence[int],
                       in_flight: int = 1) -> Timed:
     """`count` sessions stepped in StepBatch messages, closed loop: split into `in_flight` equal groups,
@@ -82,25 +97,19 @@ async def batch_steps(server: Endpoint, count: int, steps: int, warmup: int, tok
 
 
 async def headline(server: Endpoint, sizes: Sizes, tokens: Sequence[int], rounds: Rounds) -> None:
-    """The loops the targets read: W1 (one session, a step at a time over its stream), and W2 at the
-    most sessions: a stream each, a Step call each (read against the streams), all in one StepBatch,
-    and in two StepBatch messages in flight. Measured in rounds spread over the run."""
+    """The loops the targets read, measured in rounds spread over the run: W1 (one session, a step at a
+    time over its stream); W2 at every session count a stream each, a Step call each, and rnnserve.client's
+    `session.step()` (shared streams); and at the most sessions rnnserve.client with a Step call each, all
+    in one StepBatch, and in two StepBatch messages in flight."""
     rounds.add("W1", "stream", 1, await stream_steps(server, 1, sizes.w1_steps, sizes.warmup_steps, tokens))
     count, steps, warmup = sizes.most_sessions, sizes.w2_steps, sizes.warmup_steps
-    rounds.add("W2", "stream", count, await stream_steps(server, count, steps, warmup, tokens))
-    rounds.add("W2", "unary", count, await unary_steps(server, count, steps, warmup, tokens))
+    for sessions_count in sizes.batches:
+        rounds.add("W2", "stream", sessions_count, await stream_steps(server, sessions_count, steps, warmup, tokens))
+        rounds.add("W2", "unary", sessions_count, await unary_steps(server, sessions_count, steps, warmup, tokens))
+        rounds.add("W2", "client", sessions_count, await client_steps(server, sessions_count, steps, warmup, tokens))
+    rounds.add("W2", "client-unary", count, await client_steps(server, count, steps, warmup, tokens, unary=True))
     rounds.add("W2", "multi", count, await batch_steps(server, count, steps, warmup, tokens))
     rounds.add("W2", "multi-2", count, await batch_steps(server, count, steps, warmup, tokens, in_flight=2))
-
-
-async def w2(server: Endpoint, sizes: Sizes, tokens: Sequence[int], results: Results) -> None:
-    """Throughput at each session count, a stream per session and a Step call per step (the most
-    sessions' are in `headline`)."""
-    fewer = [count for count in sizes.batches if count != sizes.most_sessions]
-    for variant, steps in (("stream", stream_steps), ("unary", unary_steps)):
-        for count in fewer:
-            timed = await steps(server, count, sizes.w2_steps, sizes.warmup_steps, tokens)
-            results.add_loop("W2", variant, count, timed)
 
 
 def create_round_trip(stub: rnnserve_pb2_grpc.InferenceStub, prompts: Iterator[Sequence[int]], cached: int,
@@ -160,7 +169,7 @@ async def w1_to_w4(process: ServerProcess, sizes: Sizes, tokens: Sequence[int], 
     async with connect(process) as server:
         progress(f"W1 latency and W2 at {sizes.most_sessions} sessions, round 1 of {sizes.headline_rounds}")
         await headline(server, sizes, tokens, rounds)
-        for name, workload in (("W2 throughput", w2), ("W3 long sessions", w3), ("W4 prefill", w4)):
+        for name, workload in (("W3 long sessions", w3), ("W4 prefill", w4)):
             progress(name)
             await workload(server, sizes, tokens, results)
 

@@ -26,6 +26,7 @@ from rnnserve.client.calls import Call
 from rnnserve.client.connection import INFERENCE, ClientBase
 from rnnserve.client.errors import RnnserveError, SessionNotFound, error_from_rpc, raising_rnnserve_errors
 from rnnserve.client.messages import DEFAULT_TOP_K, Tokens
+from rnnserve.client.shared_streams import AsyncStepStreams
 from rnnserve.client.session import SessionHandle, Target, answer, batch_request, batch_results, is_retry_safe, \
     step_request
 from rnnserve.client.types import ContinuationScore, GeneratedToken, ModelInfo, NamedState, Prediction, SessionInfo
@@ -38,6 +39,7 @@ class AsyncClient(ClientBase):
     """A connection to an rnnserve server; use `async with` to close the channel."""
 
     _aio = True
+    _step_streams = AsyncStepStreams
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -46,6 +48,8 @@ class AsyncClient(ClientBase):
         await self.close()
 
     async def close(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
         await self._channel.close()
 
     @property
@@ -61,6 +65,12 @@ class AsyncClient(ClientBase):
                 return await method(request, **self._connection.call_options(timeout, request, service))
             except grpc.RpcError as error:
                 await asyncio.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
+
+    async def _step(self, request: pb.StepRequest, timeout: float | None) -> pb.StepResponse:
+        """As `Client._step`."""
+        if self._steps is None:
+            return await self._unary(self._inference.Step, request, timeout, retry_safe=is_retry_safe(request))
+        return await self._steps.step(request, timeout, is_retry_safe(request))
 
     async def _call(self, call: Call[T], timeout: float | None) -> T:
         response = await self._unary(getattr(self._stubs[call.service], call.rpc), call.request, timeout,
@@ -150,6 +160,17 @@ class AsyncAdmin:
         """As `Admin.set_default_model`."""
         return await self._client._call(calls.set_default_model(name, version, server_default), timeout)
 
+    async def register_shared_state(self, name: str, prompt: Tokens, *, model: str | None = None,
+                                    model_version: str | int | None = None,
+                                    timeout: float | None = None) -> NamedState:
+        """As `Admin.register_shared_state`: not retried."""
+        return await self._client._call(calls.register_shared_state(name, prompt, model, model_version), timeout)
+
+    async def delete_shared_state(self, name: str, *, model: str | None = None,
+                                  model_version: str | int | None = None, timeout: float | None = None) -> None:
+        """As `Admin.delete_shared_state`."""
+        await self._client._call(calls.delete_shared_state(name, model, model_version), timeout)
+
 
 class AsyncSession(SessionHandle):
     """As `Session`, awaited; closed on leaving `async with`."""
@@ -164,9 +185,7 @@ class AsyncSession(SessionHandle):
 
     async def step(self, tokens: Tokens, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
                    timeout: float | None = None) -> Prediction:
-        request = self._step_request(tokens, top_k, temperature)
-        return self._advance(await self._client._unary(self._client._inference.Step, request, timeout,
-                                                       retry_safe=is_retry_safe(request)))
+        return self._advance(await self._client._step(self._step_request(tokens, top_k, temperature), timeout))
 
     async def generate(self, max_tokens: int, *, tokens: Tokens | None = None, temperature: float = 0.0,
                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -212,6 +231,8 @@ class AsyncSession(SessionHandle):
 
     async def close(self, *, timeout: float | None = None) -> None:
         """As `Session.close`: a session that is already gone counts as closed."""
+        if self._client._steps is not None:
+            self._client._steps.forget(self.id)
         with contextlib.suppress(SessionNotFound):
             await self._client._unary(self._client._inference.CloseSession,
                                       pb.CloseSessionRequest(session_id=self.id), timeout, retry_safe=True)

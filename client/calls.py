@@ -46,10 +46,11 @@ def list_states(model: str | None, model_version: str | int | None) -> Call[list
     return Call("ListStates", request, True, lambda response: [NamedState.from_pb(state) for state in response.states])
 
 
-def delete_state(name: str, model: str | None, model_version: str | int | None) -> Call[None]:
+def delete_state(name: str, model: str | None, model_version: str | int | None, rpc: str = "DeleteState",
+                 service: str = INFERENCE) -> Call[None]:
     """Retried: deleting twice deletes once (a retry whose first try landed answers StateNotFound)."""
     request = pb.DeleteStateRequest(name=name, model=model, model_version=messages.version(model_version))
-    return Call("DeleteState", request, True, lambda response: None)
+    return Call(rpc, request, True, lambda response: None, service)
 
 
 def list_models() -> Call[list[ModelInfo]]:
@@ -83,3 +84,15 @@ def set_default_model(name: str, version: str | int, server_default: bool) -> Ca
     """Retried: setting the same default twice leaves it as once."""
     request = pb.SetDefaultModelRequest(name=name, version=messages.version(version), server_default=server_default)
     return Call("SetDefaultModel", request, True, ModelInfo.from_pb, ADMIN)
+
+
+def register_shared_state(name: str, prompt: Tokens, model: str | None,
+                          model_version: str | int | None) -> Call[NamedState]:
+    """Not retried, as `register_state` is not: a resent registration could undo a newer one."""
+    return Call("RegisterSharedState", messages.register_state(name, prompt, model, model_version), False,
+                NamedState.from_pb, ADMIN)
+
+
+def delete_shared_state(name: str, model: str | None, model_version: str | int | None) -> Call[None]:
+    """Retried, as `delete_state` is."""
+    return delete_state(name, model, model_version, "DeleteSharedState", ADMIN)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rnnserve.client import interactive, render
+from rnnserve.client import cli_text, interactive, render
 from rnnserve.client.connection import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, TLS
 from rnnserve.client.errors import RnnserveError, Unauthenticated, Unavailable
 from rnnserve.client.messages import DEFAULT_TOP_K
@@ -32,6 +32,8 @@ EXAMPLES = """\
 examples:
   rnnserve-client health
   rnnserve-client predict "To be, or not to b"
+  rnnserve-client generate --prompt-file scene.txt --max-tokens 200
+  cat scene.txt | rnnserve-client predict -
   rnnserve-client generate "Now is the winter of " --max-tokens 200 --temperature 0.8 --seed 1
   rnnserve-client interactive
   SID=$(rnnserve-client sessions create --prompt "Once upon")
@@ -47,6 +49,7 @@ examples:
   rnnserve-client predict "To be" --model shakespeare-lstm --model-version 2
   rnnserve-client admin load shakespeare-lstm 2 --default --admin-token $ADMIN_TOKEN
   rnnserve-client admin unload shakespeare-lstm 1
+  rnnserve-client admin share house-style "Answer briefly." --admin-token $ADMIN_TOKEN
 
 Connection options may come before or after the command."""
 
@@ -108,14 +111,15 @@ def _file_bytes(path: str) -> bytes:
 
 
 def _add_step_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--top-k", type=_positive, default=DEFAULT_TOP_K, metavar="K",
+    # Ranges are the server's: it knows the vocabulary, and states the range whatever the value (wire_numbers).
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
                         help="how many candidates to show (default 5)")
     parser.add_argument("--temperature", type=float, default=None, metavar="T",
                         help="softmax temperature for the shown probabilities (default 1)")
 
 
 def _add_ttl(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--ttl", type=_positive, metavar="SECONDS",
+    parser.add_argument("--ttl", type=int, metavar="SECONDS",
                         help=f"idle seconds before expiry (default: {default})")
 
 
@@ -138,14 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     command = _adder(commands, common)
 
     predict = command("predict", _predict, "show the most likely next tokens after TEXT")
-    predict.add_argument("text", metavar="TEXT", help="text to feed (a new session starts from nothing)")
+    cli_text.add_text(predict, "text", "TEXT", "text to feed (a new session starts from nothing)")
     _add_step_options(predict)
     _add_session_options(predict)
 
     generate = command("generate", _generate, "continue PROMPT, printing the text as the server generates it "
                                                "(with --json: one object per token)")
-    generate.add_argument("prompt", metavar="PROMPT", nargs="?",
-                          help="text to feed first (optional with --session)")
+    cli_text.add_text(generate, "prompt", "PROMPT", "text to feed first (optional with --session)", required=False)
     generate.add_argument("--max-tokens", type=int, default=100, metavar="N",
                           help="stop after N tokens (default 100)")
     generate.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -167,11 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = command("score", _score, "how likely each TEXT is to follow session ID (which does not advance)")
     score.add_argument("session", metavar="ID")
-    score.add_argument("texts", metavar="TEXT", nargs="+", help="a candidate continuation")
+    score.add_argument("texts", metavar="TEXT", nargs="+", type=cli_text.text_argument,
+                       help=f"a candidate continuation ({cli_text.STDIN} reads standard input)")
 
     peek = command("peek", _peek, "the prediction after TEXT, without feeding it to session ID")
     peek.add_argument("session", metavar="ID")
-    peek.add_argument("text", metavar="TEXT")
+    cli_text.add_text(peek, "text", "TEXT", "text to look ahead with")
     _add_step_options(peek)
 
     _add_sessions(commands, common)
@@ -212,7 +216,7 @@ def _group(commands: argparse._SubParsersAction, common: argparse.ArgumentParser
 def _add_sessions(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     action = _group(commands, common, "sessions", "create, inspect, fork, rewind, move and close sessions by id")
     create = action("create", _session_create, "open a session and print its id (left open)")
-    create.add_argument("--prompt", help="text to feed the new session")
+    cli_text.add_text(create, "--prompt", "PROMPT", "text to feed the new session", required=False)
     _add_ttl(create, "the server's")
     _add_model_options(create, "model to run")
     create.add_argument("--initial-state", metavar="NAME", help="start from this named state instead of zeros")
@@ -237,11 +241,11 @@ def _add_sessions(commands: argparse._SubParsersAction, common: argparse.Argumen
 
 def _add_states(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     action = _group(commands, common, "states", "list, register and delete named states sessions can start from")
-    listed = action("list", _states_list, "list the named states, shipped and registered")
+    listed = action("list", _states_list, "list the named states you may use: shipped, shared and your own")
     register = action("register", _states_register, "name the state after TEXT (replacing one of that name)")
     register.add_argument("name", metavar="NAME")
-    register.add_argument("text", metavar="TEXT")
-    delete = action("delete", _states_delete, "forget a registered state")
+    cli_text.add_text(register, "text", "TEXT", "the prompt whose state is named")
+    delete = action("delete", _states_delete, "forget one of your registered states")
     delete.add_argument("name", metavar="NAME")
     for sub in (listed, register, delete):
         _add_model_options(sub, "model whose named states these are, each version having its own")
@@ -251,8 +255,8 @@ def _add_admin(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     options = argparse.ArgumentParser(add_help=False, parents=[common])
     options.add_argument("--admin-token", default=argparse.SUPPRESS, metavar="TOKEN",
                          help="bearer token of the Admin service (env RNNSERVE_ADMIN_TOKEN; default: --token)")
-    action = _group(commands, options, "admin", "load and unload model versions and choose the defaults "
-                                                "(the Admin service)")
+    action = _group(commands, options, "admin", "load and unload model versions, choose the defaults and share "
+                                                "named states with every caller (the Admin service)")
     load = action("load", _admin_load, "load VERSION of NAME from the server's model repository, checked first")
     load.add_argument("--default", action="store_true", help="then make it NAME's default for new sessions")
     unload = action("unload", _admin_unload, "stop serving VERSION of NAME: at once, or once its sessions end")
@@ -262,6 +266,13 @@ def _add_admin(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     for sub in (load, unload, default):
         sub.add_argument("name", metavar="NAME")
         sub.add_argument("version", metavar="VERSION")
+    share = action("share", _admin_share, "name the state after TEXT for every caller (read-only to them)")
+    share.add_argument("name", metavar="NAME")
+    share.add_argument("text", metavar="TEXT")
+    unshare = action("unshare", _admin_unshare, "forget a state shared with every caller")
+    unshare.add_argument("name", metavar="NAME")
+    for sub in (share, unshare):
+        _add_model_options(sub, "model whose named states these are, each version having its own")
 
 
 def _show(args: argparse.Namespace, value: Any, as_text: Callable[[Any], str]) -> None:
@@ -284,17 +295,28 @@ def _session(client: Client, args: argparse.Namespace) -> Iterator[Session]:
             yield session
 
 
+def _note_unknown(count: int, what: str = "the text") -> None:
+    """Say on stderr that characters were read as the unknown token: the answer is about other text than typed."""
+    if count:
+        print(f"note: {count} character{'s' if count > 1 else ''} of {what} {'are' if count > 1 else 'is'} not in "
+              f"the model's vocabulary and {'were' if count > 1 else 'was'} read as the unknown token",
+              file=sys.stderr)
+
+
 def _predict(client: Client, args: argparse.Namespace) -> int:
     with _session(client, args) as session:
-        _show(args, session.step(args.text, top_k=args.top_k, temperature=args.temperature), render.prediction_table)
+        prediction = session.step(args.text, top_k=args.top_k, temperature=args.temperature)
+        _note_unknown(prediction.unknown_characters)
+        _show(args, prediction, render.prediction_table)
     return 0
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     with _session(client, args) as session:
-        tokens = iter(session.generate(args.max_tokens, tokens=args.prompt or None, temperature=args.temperature,
+        tokens = iter(session.generate(args.max_tokens, tokens=args.prompt, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop))
         first = next(tokens, None)  # the request is checked and answered here: a refusal leaves no half-printed line
+        _note_unknown(0 if first is None else first.unknown_characters, "the prompt")
         if args.prompt and not args.json:
             print(args.prompt, end="", flush=True)  # people read the continuation as part of the text
         for token in itertools.chain([] if first is None else [first], tokens):
@@ -316,6 +338,7 @@ def _interactive(client: Client, args: argparse.Namespace) -> int:
 def _session_create(client: Client, args: argparse.Namespace) -> int:
     session = client.session(args.prompt, ttl=args.ttl, model=args.model, model_version=args.model_version,
                              initial_state=args.initial_state)
+    _note_unknown(0 if session.prediction is None else session.prediction.unknown_characters, "the prompt")
     _show(args, session.info(), lambda info: info.id)  # the bare id, for SID=$(rnnserve-client sessions create)
     return 0
 
@@ -370,12 +393,16 @@ def _session_import(client: Client, args: argparse.Namespace) -> int:
 
 
 def _score(client: Client, args: argparse.Namespace) -> int:
-    _show_each(args, client.resume(args.session).score(*args.texts), render.score_row, render.SCORE_HEADER)
+    scores = client.resume(args.session).score(*args.texts)
+    for index, score in enumerate(scores, 1):
+        _note_unknown(score.unknown_characters, f"candidate {index}")
+    _show_each(args, scores, render.score_row, render.SCORE_HEADER)
     return 0
 
 
 def _peek(client: Client, args: argparse.Namespace) -> int:
     prediction = client.resume(args.session).peek(args.text, top_k=args.top_k, temperature=args.temperature)
+    _note_unknown(prediction.unknown_characters)
     _show(args, prediction, render.prediction_table)
     return 0
 
@@ -388,6 +415,7 @@ def _states_list(client: Client, args: argparse.Namespace) -> int:
 
 def _states_register(client: Client, args: argparse.Namespace) -> int:
     state = client.register_state(args.name, args.text, model=args.model, model_version=args.model_version)
+    _note_unknown(state.unknown_characters, "the prompt")
     _show(args, state, lambda s: f"registered {s.name} ({s.prompt_tokens} tokens)")
     return 0
 
@@ -432,6 +460,18 @@ def _admin_default(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_share(client: Client, args: argparse.Namespace) -> int:
+    state = client.admin.register_shared_state(args.name, args.text, model=args.model, model_version=args.model_version)
+    _show(args, state, lambda s: f"shared {s.name} ({s.prompt_tokens} tokens) with every caller")
+    return 0
+
+
+def _admin_unshare(client: Client, args: argparse.Namespace) -> int:
+    client.admin.delete_shared_state(args.name, model=args.model, model_version=args.model_version)
+    _show(args, {"name": args.name, "deleted": True}, lambda deleted: f"deleted the shared state {deleted['name']}")
+    return 0
+
+
 def _health(client: Client, args: argparse.Namespace) -> int:
     status = client.health(args.service)
     _show(args, {"status": status}, lambda health: health["status"])
@@ -451,7 +491,8 @@ def _explain(error: RnnserveError, args: argparse.Namespace) -> str:
     if isinstance(error, Unavailable) and error.reason is None:
         return (f"error: {error}\n"
                 f"  is a server running at {args.address}? Start one with `rnnserve-server`, or pass --address.")
-    if isinstance(error, Unauthenticated) and args.run in (_admin_load, _admin_unload, _admin_default):
+    if isinstance(error, Unauthenticated) and args.run in (_admin_load, _admin_unload, _admin_default, _admin_share,
+                                                           _admin_unshare):
         return (f"error: {error}\n"
                 f"  Admin calls take a token of the server's --admin-tokens-file: pass --admin-token or set "
                 f"RNNSERVE_ADMIN_TOKEN.")
@@ -459,12 +500,14 @@ def _explain(error: RnnserveError, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _with_defaults(build_parser().parse_args(argv))
+    args = cli_text.resolve(_with_defaults(build_parser().parse_args(argv)))
     try:
         with _client(args) as client:
             status = args.run(client, args)
     except RnnserveError as error:
         sys.exit(_explain(error, args))
+    except UnicodeDecodeError as error:  # `interactive` reading standard input as it comes, line by line
+        sys.exit(f"error: {cli_text.not_utf8('standard input', error)}")
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

@@ -20,6 +20,9 @@ DEFAULT_TIMEOUT = 30.0
 # Metadata naming the session a call is about, for a proxy in front of replicas to route by
 # (deploy/haproxy): every step of a session then reaches the replica that holds it.
 SESSION_HEADER = "x-session-id"
+# Initial metadata of a Stream from a server whose sessions move between replicas routed by SESSION_HEADER:
+# the client then carries each session's steps on a stream of its own that names it (see shared_streams).
+ROUTING_HEADER, ROUTING_BY_SESSION = "x-rnnserve-routing", "by-session"
 # The services a call may go to: callers' Inference, and operators' Admin, which takes tokens of its own.
 INFERENCE, ADMIN = "Inference", "Admin"
 
@@ -98,17 +101,20 @@ class ClientBase:
     """
 
     _aio = False
+    _step_streams: type  # StepStreams or AsyncStepStreams: how this kind of client carries `session.step()`
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = DEFAULT_TIMEOUT,
                  retries: int = RetryPolicy.retries, tls: TLS | bool = False, token: str | None = None,
-                 admin_token: str | None = None):
+                 admin_token: str | None = None, unary: bool = False):
         """Connect lazily to `address` (host:port); nothing is sent until the first call.
 
         `timeout` is the default deadline of each call in seconds (every method takes its own
         `timeout=` too); `retries` bounds how often a call that is safe to repeat is retried on
         UNAVAILABLE; `tls=True` uses the system's root certificates, a `TLS` value custom or
         mutual TLS; `token` is sent as a bearer token on every call, except that `admin_token`,
-        when given, is sent instead on the calls of `client.admin`.
+        when given, is sent instead on the calls of `client.admin`. `session.step()` goes over Stream
+        calls the client shares among its sessions, a stream's price for a unary call's behaviour (see
+        `shared_streams`); `unary=True` sends each step as a Step call of its own instead.
         """
         self._connection = Connection(address, timeout, RetryPolicy(retries=retries),
                                       TLS() if tls is True else tls or None, token, admin_token)
@@ -116,3 +122,4 @@ class ClientBase:
         self._inference = rnnserve_pb2_grpc.InferenceStub(self._channel)
         self._stubs = {INFERENCE: self._inference, ADMIN: rnnserve_pb2_grpc.AdminStub(self._channel)}
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._steps = None if unary else self._step_streams(self._connection, self._inference)

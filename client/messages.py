@@ -6,6 +6,7 @@ so a default is decided in one place only, on the server.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TypeVar, Union
 
@@ -13,14 +14,11 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from rnnserve import wire_numbers
 from rnnserve.client.errors import FieldViolation, InvalidArgument
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 M = TypeVar("M", bound=Message)
-# What each integer wire type holds: a Python int outside it makes protobuf raise a bare ValueError that names
-# no field, so it is refused here first, as the server refuses a field out of its range.
-_WIRE_RANGES = {FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1), FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
-                FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1), FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1)}
 
 # Tokens to feed: text (encoded by the server with the model's vocabulary) or token ids.
 Tokens = Union[str, Sequence[int]]
@@ -29,16 +27,51 @@ DEFAULT_TOP_K = 5
 
 
 def _message(message_class: type[M], **fields: object) -> M:
-    """`message_class(**fields)`, with every integer checked against its wire type: InvalidArgument naming the
-    field and its range, not a traceback from inside protobuf, for what a caller (or a CLI flag) can type."""
+    """`message_class(**fields)`, each integer as the wire can carry it (`wire_numbers.carried`): a number outside
+    its field's wire type is sent as a stand-in the server refuses naming the field's real range, or refused here
+    naming the wire's (InvalidArgument), rather than a traceback from inside protobuf."""
+    integers = _integer_fields(message_class)
     for name, value in fields.items():
-        limits = _WIRE_RANGES.get(message_class.DESCRIPTOR.fields_by_name[name].type)
-        values = value if isinstance(value, (list, tuple)) else () if value is None else (value,)
-        if limits and any(not limits[0] <= v <= limits[1] for v in values):
-            description = f"must be in [{limits[0]}, {limits[1]}], got {value}"
-            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {description}",
-                                  reason="INVALID_ARGUMENT", field_violations=(FieldViolation(name, description),))
-    return message_class(**fields)
+        field = integers.get(name)
+        if field is None or value is None:
+            continue
+        try:
+            fields[name] = [wire_numbers.carried(field, v) for v in value] if isinstance(value, (list, tuple)) \
+                else wire_numbers.carried(field, value)
+        except ValueError as error:
+            raise _invalid(name, str(error)) from None
+    try:
+        return message_class(**fields)
+    except UnicodeEncodeError as error:  # a str holding lone surrogates: bytes that were not UTF-8 (PEP 383)
+        name = next(name for name, value in fields.items() if _unencodable(value))
+        raise _invalid(name, f"not UTF-8 text: character {error.start} is a lone surrogate "
+                             f"({error.object[error.start]!r}), which is what Python makes of bytes that are not "
+                             f"UTF-8") from None
+
+
+def _unencodable(value: object) -> bool:
+    texts = value if isinstance(value, (list, tuple)) else (value,)
+    return any(isinstance(text, str) and not text.isascii() and _has_surrogate(text) for text in texts)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _invalid(name: str, description: str) -> InvalidArgument:
+    return InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {description}", reason="INVALID_ARGUMENT",
+                           field_violations=(FieldViolation(name, description),))
+
+
+@functools.cache
+def _integer_fields(message_class: type[Message]) -> dict[str, FieldDescriptor]:
+    """The integer fields of a message, looked up once per message type (a step builds one request per token:
+    its descriptors are not read again each time)."""
+    return {field.name: field for field in message_class.DESCRIPTOR.fields if field.type in wire_numbers.RANGES}
 
 
 def version(value: str | int | None) -> str | None:

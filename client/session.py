@@ -39,7 +39,8 @@ def _prediction_of(response: _Moved) -> Prediction | None:
     """The prediction a response holds; None when nothing predicts yet (no prompt, or back at 0 of zeros)."""
     if not response.HasField("prediction"):
         return None
-    return Prediction.from_pb(response.prediction, response.session.position)
+    unknown = response.unknown_characters if isinstance(response, pb.CreateSessionResponse) else 0
+    return Prediction.from_pb(response.prediction, response.session.position, unknown)
 
 
 class SessionHandle:
@@ -80,7 +81,7 @@ class SessionHandle:
 
     def _advance(self, response: pb.StepResponse) -> Prediction:
         self.position = response.position
-        return Prediction.from_pb(response.prediction, response.position)
+        return Prediction.of_step(response)
 
     def _generate_request(self, tokens: Tokens | None, max_tokens: int, temperature: float, top_k: int | None,
                           top_p: float | None, seed: int | None, stop: Sequence[str]) -> pb.GenerateRequest:
@@ -126,7 +127,7 @@ class SessionHandle:
     def _peek(self, tokens: Tokens, top_k: int, temperature: float | None) -> Call[Prediction]:
         """As a step, but the session stays where it is: the answer's position is where the step would take it."""
         return Call("Peek", self._step_request(tokens, top_k, temperature), True,
-                    lambda response: Prediction.from_pb(response.prediction, response.position))
+                    Prediction.of_step)
 
     def _export(self) -> Call[bytes]:
         def exported(response: pb.ExportSessionResponse) -> bytes:
@@ -170,7 +171,7 @@ def answer(target: Target, response: pb.StepResponse) -> Prediction:
         raise error_from_status(response.error)
     if isinstance(target, SessionHandle):
         return target._advance(response)
-    return Prediction.from_pb(response.prediction, response.position)
+    return Prediction.of_step(response)
 
 
 def batch_request(steps: Sequence[tuple[Target, Tokens]], top_k: int,

@@ -23,6 +23,7 @@ from rnnserve.client.calls import Call
 from rnnserve.client.connection import INFERENCE, ClientBase
 from rnnserve.client.errors import RnnserveError, SessionNotFound, error_from_rpc, raising_rnnserve_errors
 from rnnserve.client.messages import DEFAULT_TOP_K, Tokens
+from rnnserve.client.shared_streams import StepStreams
 from rnnserve.client.session import SessionHandle, Target, answer, batch_request, batch_results, is_retry_safe, \
     step_request
 from rnnserve.client.types import ContinuationScore, GeneratedToken, ModelInfo, NamedState, Prediction, SessionInfo
@@ -34,6 +35,8 @@ T = TypeVar("T")
 class Client(ClientBase):
     """A connection to an rnnserve server; use it as a context manager to close the channel."""
 
+    _step_streams = StepStreams
+
     def __enter__(self) -> Client:
         return self
 
@@ -41,6 +44,8 @@ class Client(ClientBase):
         self.close()
 
     def close(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
         self._channel.close()
 
     @property
@@ -56,6 +61,12 @@ class Client(ClientBase):
                 return method(request, **self._connection.call_options(timeout, request, service))
             except grpc.RpcError as error:
                 time.sleep(self._connection.retry.backoff(attempt, error_from_rpc(error), retry_safe))
+
+    def _step(self, request: pb.StepRequest, timeout: float | None) -> pb.StepResponse:
+        """A session's step, over the shared streams unless the client was made `unary`."""
+        if self._steps is None:
+            return self._unary(self._inference.Step, request, timeout, retry_safe=is_retry_safe(request))
+        return self._steps.step(request, timeout, is_retry_safe(request))
 
     def _call(self, call: Call[T], timeout: float | None) -> T:
         response = self._unary(getattr(self._stubs[call.service], call.rpc), call.request, timeout,
@@ -93,7 +104,9 @@ class Client(ClientBase):
                        model_version: str | int | None = None, timeout: float | None = None) -> NamedState:
         """Name the state after `prompt`: sessions can start from it, and prompts starting with it skip reading it.
 
-        Each model version has its own named states (a state means something only to its graph):
+        The state is this client's identity's alone: no other identity lists, uses or deletes it
+        (`admin.register_shared_state` registers one for everyone). A name shared with everyone
+        raises StateIsShipped. Each model version has its own named states (a state means something only to its graph):
         `model` and `model_version` choose whose, None for the defaults, as in `session`. Not
         retried: registering a name again replaces it, so a resent registration could undo a newer one.
         """
@@ -101,12 +114,14 @@ class Client(ClientBase):
 
     def states(self, *, model: str | None = None, model_version: str | int | None = None,
                timeout: float | None = None) -> list[NamedState]:
-        """Every named state of a model version (None: the defaults), shipped or registered, sorted by name."""
+        """The named states of a model version (None: the defaults) this client may use, sorted by name: shipped
+        ones, those shared through Admin, and its own identity's registered ones."""
         return self._call(calls.list_states(model, model_version), timeout)
 
     def delete_state(self, name: str, *, model: str | None = None, model_version: str | int | None = None,
                      timeout: float | None = None) -> None:
-        """Forget a registered state; sessions started from it keep their copy. Shipped ones raise StateIsShipped."""
+        """Forget one of this identity's registered states; sessions started from it keep their copy. Shipped and
+        shared ones raise StateIsShipped."""
         self._call(calls.delete_state(name, model, model_version), timeout)
 
     def resume(self, session_id: str, *, timeout: float | None = None) -> Session:
@@ -178,6 +193,17 @@ class Admin:
         `name`); running sessions stay where they are. A retiring version raises ModelRetiring."""
         return self._client._call(calls.set_default_model(name, version, server_default), timeout)
 
+    def register_shared_state(self, name: str, prompt: Tokens, *, model: str | None = None,
+                              model_version: str | int | None = None, timeout: float | None = None) -> NamedState:
+        """Name the state after `prompt` for every caller (source "shared"): each may list it and start from it,
+        none may replace or delete it. A shipped state's name raises StateIsShipped. Not retried."""
+        return self._client._call(calls.register_shared_state(name, prompt, model, model_version), timeout)
+
+    def delete_shared_state(self, name: str, *, model: str | None = None, model_version: str | int | None = None,
+                            timeout: float | None = None) -> None:
+        """Forget a shared state; sessions started from it keep their copy. A shipped one raises StateIsShipped."""
+        self._client._call(calls.delete_shared_state(name, model, model_version), timeout)
+
 
 class Session(SessionHandle):
     """A session on the server, holding its hidden state between steps; closed on leaving `with`.
@@ -197,9 +223,7 @@ class Session(SessionHandle):
     def step(self, tokens: Tokens, *, top_k: int = DEFAULT_TOP_K, temperature: float | None = None,
              timeout: float | None = None) -> Prediction:
         """Feed text or token ids (several are one prefill) and predict the next token."""
-        request = self._step_request(tokens, top_k, temperature)
-        return self._advance(self._client._unary(self._client._inference.Step, request, timeout,
-                                                 retry_safe=is_retry_safe(request)))
+        return self._advance(self._client._step(self._step_request(tokens, top_k, temperature), timeout))
 
     def generate(self, max_tokens: int, *, tokens: Tokens | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -272,6 +296,8 @@ class Session(SessionHandle):
 
     def close(self, *, timeout: float | None = None) -> None:
         """Free the session's state; one that is already gone (closed, expired, evicted) counts as closed."""
+        if self._client._steps is not None:
+            self._client._steps.forget(self.id)
         with contextlib.suppress(SessionNotFound):
             self._client._unary(self._client._inference.CloseSession, pb.CloseSessionRequest(session_id=self.id),
                                 timeout, retry_safe=True)

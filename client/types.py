@@ -29,19 +29,29 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The most likely next tokens, most likely first, after the session reached `position`."""
+    """The most likely next tokens, most likely first, after the session reached `position`.
+
+    `unknown_characters`: how many characters of the text just read are outside the model's
+    vocabulary, each read as the unknown token ("<unk>"); 0 for ids, and where nothing was read.
+    """
 
     position: int
     candidates: list[Candidate]
+    unknown_characters: int = 0
 
     @property
     def best(self) -> Candidate:
         return self.candidates[0]
 
     @classmethod
-    def from_pb(cls, prediction: pb.Prediction, position: int) -> Prediction:
+    def from_pb(cls, prediction: pb.Prediction, position: int, unknown_characters: int = 0) -> Prediction:
         columns = zip(prediction.token_ids, prediction.texts, prediction.probabilities, prediction.logprobs)
-        return cls(position, [Candidate(*column) for column in columns])
+        return cls(position, [Candidate(*column) for column in columns], unknown_characters)
+
+    @classmethod
+    def of_step(cls, response: pb.StepResponse) -> Prediction:
+        """The prediction a Step, Peek, Stream or StepBatch answer holds."""
+        return cls.from_pb(response.prediction, response.position, response.unknown_characters)
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class ContinuationScore:
     Log-probabilities are natural logs at temperature 1; `ranks[i]` is 1 when token i was the
     most likely at its place. `total_logprob` compares candidates of different lengths unfairly
     (each token costs), so divide by `len(token_ids)` to compare them per token.
+    `unknown_characters` counts the candidate's characters outside the vocabulary, scored as "<unk>".
     """
 
     token_ids: list[int]
@@ -58,6 +69,7 @@ class ContinuationScore:
     logprobs: list[float]
     ranks: list[int]
     total_logprob: float
+    unknown_characters: int = 0
 
     @property
     def text(self) -> str:
@@ -66,24 +78,26 @@ class ContinuationScore:
     @classmethod
     def from_pb(cls, score: pb.ContinuationScore) -> ContinuationScore:
         return cls(list(score.token_ids), list(score.texts), list(score.logprobs),
-                   list(score.ranks), score.total_logprob)
+                   list(score.ranks), score.total_logprob, score.unknown_characters)
 
 
 @dataclass(frozen=True)
 class GeneratedToken:
-    """One token of a continuation; `finish_reason` ("length" or "stop") is set on the last."""
+    """One token of a continuation; `finish_reason` ("length" or "stop") is set on the last, and on the first,
+    `unknown_characters` counts the characters of the text read first that are outside the vocabulary."""
 
     id: int
     text: str
     probability: float
     position: int
     finish_reason: str | None
+    unknown_characters: int = 0
 
     @classmethod
     def from_pb(cls, response: pb.GenerateResponse) -> GeneratedToken:
         finish = pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
         return cls(response.token_id, response.text, response.probability, response.position,
-                   None if finish == "unspecified" else finish)
+                   None if finish == "unspecified" else finish, response.unknown_characters)
 
 
 def _datetime(timestamp: Timestamp) -> datetime:
@@ -120,19 +134,22 @@ class SessionInfo:
 class NamedState:
     """A state sessions can start from (`initial_state=`): the state after reading `prompt_text` from zeros.
 
-    `source` is "bundle" for states shipped with the model, which cannot be deleted, and
-    "registered" for those made with `register_state`. The prompt is unknown (0 tokens, "") for
-    shipped states that did not record it.
+    `source` is "bundle" for states shipped with the model and "shared" for those registered for
+    everyone through Admin (neither can be replaced or deleted by callers), and "registered" for
+    the caller's own, made with `register_state`. The prompt is unknown (0 tokens, "") for
+    shipped states that did not record it. `unknown_characters`, in `register_state`'s answer,
+    counts the prompt's characters outside the vocabulary, read as "<unk>".
     """
 
     name: str
     source: str
     prompt_tokens: int
     prompt_text: str
+    unknown_characters: int = 0
 
     @classmethod
     def from_pb(cls, state: pb.NamedState) -> NamedState:
-        return cls(state.name, state.source, state.prompt_tokens, state.prompt_text)
+        return cls(state.name, state.source, state.prompt_tokens, state.prompt_text, state.unknown_characters)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class TrainConfig:
     dropout: float = 0.15       # validation plays are unseen text; 0.25+ underfits in this budget
     batch_size: int = 64        # parallel streams
     seq_len: int = 128          # backpropagation window
-    lr: float = 4e-3            # 2e-3 and 3e-3 ended worse, 5e-3 no better (sweep in README)
+    lr: float = 4e-3            # 2e-3 and 3e-3 ended worse, 5e-3 no better (sweep in docs/TRAINING.md)
     min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 200
     weight_decay: float = 0.2   # decoupled (AdamW) decay on matrices only
@@ -56,7 +56,7 @@ class TrainConfig:
         return ModelConfig(self.cell, vocab_size, self.embed_size, self.hidden_size, self.layers, self.dropout)
 
 
-# The default is sized to train in under two hours on 2 CPU cores (see README, "Model").
+# The default is sized to train in under two hours on 2 CPU cores (see docs/TRAINING.md).
 PRESETS = {
     "default": TrainConfig(),
     "quick": TrainConfig(cell="gru", hidden_size=384, embed_size=64, dropout=0.1, weight_decay=0.1,

@@ -4,8 +4,9 @@
 `Server.stop` drains in order: health goes NOT_SERVING, new work is refused UNAVAILABLE, with a
 session store every session is handed to it (after the work already queued on it), calls in
 flight get the grace period, then the engine's background tasks stop. Unless metrics are
-off, the server's metrics live in a registry of its own, served on their own port. With a model
-repository, the server polls it for versions dropped in while it serves (`model_loading`).
+off, the server's metrics live in a registry of its own, served on their own port. Unless it serves
+one bundle alone, the server polls its model repository (the shipped one by default) for versions
+dropped in while it serves (`model_loading`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from rnnserve.bundle import Bundle
 from rnnserve.server import logs
 from rnnserve.server.core.engine import Engine
-from rnnserve.server.core.model_loading import ModelLoader, startup_bundles
+from rnnserve.server.core.model_loading import ModelLoader, served_repository, startup_bundles
 from rnnserve.server.faces import auth, tls, wire
 from rnnserve.server.faces.admin import AdminServicer
 from rnnserve.server.faces.convert import Readers, ResponseWriter
@@ -112,7 +113,8 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
 
     Call it inside the event loop that will run the server.
     """
-    bundles = [(bundle, True)] if bundle is not None else startup_bundles(settings.model_repository, settings.bundle,
+    repository = None if bundle is not None else served_repository(settings.model_repository, settings.bundle)
+    bundles = [(bundle, True)] if bundle is not None else startup_bundles(repository, settings.bundle,
                                                                           settings.default_model)
     logs.lower_caller_gone_records()
     services = (wire.SERVICE, wire.ADMIN_SERVICE, *((v2_service.SERVICE,) if settings.v2_listen else ()))
@@ -123,7 +125,7 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     if metrics is not None:
         for name, version in ((b.name, b.version) for b, _ in bundles):
             metrics.record_model_load(name, version, loaded=True)
-    loader = ModelLoader(engine, settings.model_repository, settings.model_poll_seconds)
+    loader = ModelLoader(engine, repository, settings.model_poll_seconds)
     # Health and reflection stay open to callers without a token: probes have none, and reflection
     # describes only the schema, which ships with the client anyway.
     open_services = (health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -134,11 +136,13 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", settings.max_message_bytes)])
     on_rpc = None if metrics is None else metrics.record_rpc
-    readers = Readers(settings)  # shared by rnnserve's face and the v2 face: one reading of every request
-    servicer = InferenceServicer(engine, readers, ResponseWriter(),
-                                 on_in_band_error=None if metrics is None else metrics.record_in_band_error)
+    # One reading of every request, shared by rnnserve's faces, Admin and the v2 face.
+    readers, writer = Readers(settings), ResponseWriter()
+    servicer = InferenceServicer(engine, readers, writer,
+                                 on_in_band_error=None if metrics is None else metrics.record_in_band_error,
+                                 routed_by_session=bool(settings.redis_url))
     wire.add_to_server(Guarded(wire.Parsed(servicer), on_rpc=on_rpc), grpc_server)
-    admin = AdminServicer(engine, loader, ResponseWriter())
+    admin = AdminServicer(engine, loader, readers, writer)
     wire.add_to_server(Guarded(wire.Parsed(admin, wire.ADMIN_SERVICE), on_rpc=on_rpc), grpc_server, wire.ADMIN_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

@@ -15,31 +15,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rnnserve.server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
+from rnnserve.server.core.prefix_cache import IDENTITY, SCOPES
 from rnnserve.server.logs import LOG_FORMATS
+from rnnserve.wire_numbers import MAX_UINT32_LIMIT
 
 ENV_PREFIX = "RNNSERVE_"
 FULL_POLICIES = ("refuse", "evict-oldest")
 
 
 def _setting(default: object, help: str, **rules: object):
-    """A field with its `--help` text and the rules `Settings` checks (minimum, choices)."""
+    """A field with its `--help` text and the rules `Settings` checks (minimum, maximum, choices); a limit of a
+    uint32 request field has MAX_UINT32_LIMIT as its maximum (see rnnserve/wire_numbers.py)."""
     return field(default=default, metadata={"help": help, **rules})
 
 
 @dataclass(frozen=True)
 class Settings:
     bundle: Path | None = _setting(
-        None, "One model bundle directory (manifest.json + model.onnx) to serve alone, instead of a repository. "
-        "Default: the model shipped with rnnserve.")
+        None, "One model bundle directory (manifest.json + model.onnx) to serve alone, instead of a repository: "
+        "Admin then loads nothing and nothing is polled. Default: the repository shipped with rnnserve.")
     model_repository: Path | None = _setting(
         None, "Model repository to serve: <dir>/<model>/<version>/ holds a bundle, versions are positive integers "
         "(Triton's layout), and an optional <dir>/<model>/model.json {\"default_version\": \"N\"} picks the version "
         "new sessions get (else the highest). Every version is loaded and checked (bundle checks and a parity "
-        "self-test); a version that fails is refused and logged. Not with --bundle.")
+        "self-test); a version that fails is refused and logged. Not with --bundle. Default: the repository shipped "
+        "with rnnserve (its models are served, loaded and polled the same way).")
     default_model: str = _setting(
-        "", "With --model-repository: the model requests get when they name none. Empty: the first by name.")
+        "", "The repository's model that requests get when they name none. Empty: the first by name.")
     model_poll_seconds: float = _setting(
-        5.0, "With --model-repository: how often to look for versions dropped in (or removed). A new version newer "
+        5.0, "How often to look in the model repository for versions dropped in (or removed). A new version newer "
         "than its model's default is loaded, checked and made the default for new sessions; the version it replaces "
         "serves its running sessions and unloads after the last one ends. Copy a version in under a name starting "
         "with '.' and rename it into place, so that it appears whole. 0: never look (Admin calls still load).",
@@ -93,15 +97,16 @@ class Settings:
         "--max-sessions keeps the table from filling, so that no identity's sessions are evicted for another's. "
         "0: no cap.", minimum=0)
     default_ttl_seconds: int = _setting(
-        3600, "Idle time-to-live of a session that asks for none; an idle session is freed after it.", minimum=1)
+        3600, "Idle time-to-live of a session that asks for none; an idle session is freed after it.", minimum=1,
+        maximum=MAX_UINT32_LIMIT)
     max_ttl_seconds: int = _setting(
-        86_400, "Longest idle time-to-live a session may ask for.", minimum=1)
+        86_400, "Longest idle time-to-live a session may ask for.", minimum=1, maximum=MAX_UINT32_LIMIT)
     max_input_tokens: int = _setting(
         16_384, "Most token ids in one step or prompt.", minimum=1)
     max_input_chars: int = _setting(
         16_384, "Most characters of text in one step or prompt.", minimum=1)
     max_generate_tokens: int = _setting(
-        4096, "Most tokens one Generate call may ask for.", minimum=1)
+        4096, "Most tokens one Generate call may ask for.", minimum=1, maximum=MAX_UINT32_LIMIT)
     max_batch_size: int = _setting(
         256, "Most sessions whose steps run in one model call.", minimum=1)
     max_batch_tokens: int = _setting(
@@ -178,13 +183,30 @@ class Settings:
     rewind_checkpoint_every: int = _setting(
         32, "Tokens between a session's checkpoints: a rewind replays at most this plus the depth in one model call; "
         "fewer checkpoints cost less memory and a longer replay.", minimum=1)
+    prefix_cache_scope: str = _setting(
+        IDENTITY, "Whose cached prompts a new session may start from. 'identity': only its own identity's (and the "
+        "named states shared with everyone), so that neither an answer's cached_prompt_tokens nor its speed tells "
+        "one caller what another has sent. 'global': anyone's, for a deployment whose callers are one trusted "
+        "tenant; any caller can then confirm any prompt another has sent (docs/SECURITY.md).", choices=SCOPES)
     prefix_cache_entries: int = _setting(
-        1024, "Most prompts whose state the prefix-state cache keeps (least recently used go first), so that a new "
-        "session whose prompt starts with one skips reading that part. 0 turns the cache off; named states are "
-        "kept regardless.", minimum=0)
+        1024, "Most prompts whose state the prefix-state cache keeps for one identity (its least recently used go "
+        "first; no identity's prompts evict another's), so that a new session whose prompt starts with one skips "
+        "reading that part. With --prefix-cache-scope global, the most for everyone together. 0 turns the cache "
+        "off; named states are kept regardless.", minimum=0)
     prefix_cache_bytes: int = _setting(
-        64 * 1024 * 1024, "Most bytes the prefix-state cache holds: a state row and the prompt's tokens per entry.",
-        minimum=0)
+        64 * 1024 * 1024, "Most bytes the prefix-state cache holds for one identity (a state row and the prompt's "
+        "tokens per entry); with --prefix-cache-scope global, for everyone together.", minimum=0)
+    prefix_cache_identities: int = _setting(
+        16, "Most identities whose prompts the prefix-state cache keeps: the prompts of any further identity are "
+        "not cached (they are read as usual). Its evictable entries hold at most this times --prefix-cache-bytes.",
+        minimum=1)
+    prefix_cache_idle_seconds: float = _setting(
+        3600.0, "How long a cached prompt nobody starts from stays in the prefix-state cache; an identity whose "
+        "prompts have all gone leaves room for another (--prefix-cache-identities). 0: until evicted.", minimum=0)
+    max_states_per_identity: int = _setting(
+        64, "Most named states one identity may register (RegisterState) on one model version: each is a state row "
+        "and its prompt, pinned in memory until deleted. Beyond it, RESOURCE_EXHAUSTED (QuotaFailure subject "
+        "'identity'); replacing one of its own names is always allowed. 0: no bound.", minimum=0)
     prefix_cache_min_tokens: int = _setting(
         16, "Shortest prompt whose state is cached: shorter ones are read in about as long as a copy takes.",
         minimum=1)
@@ -207,6 +229,8 @@ class Settings:
             value, rules = getattr(self, settings_field.name), settings_field.metadata
             if "minimum" in rules and value < rules["minimum"]:
                 raise ValueError(f"{settings_field.name} must be at least {rules['minimum']}, got {value}")
+            if "maximum" in rules and value > rules["maximum"]:
+                raise ValueError(f"{settings_field.name} must be at most {rules['maximum']}, got {value}")
             if "choices" in rules and value not in rules["choices"]:
                 raise ValueError(f"{settings_field.name} must be one of {', '.join(rules['choices'])}, got {value!r}")
         if self.snapshot_interval_seconds and not self.snapshot_path:
@@ -220,8 +244,8 @@ class Settings:
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.bundle is not None and self.model_repository is not None:
             raise ValueError("bundle and model_repository exclude each other: serve one bundle or a repository")
-        if self.default_model and self.model_repository is None:
-            raise ValueError("default_model needs a model_repository to choose from")
+        if self.default_model and self.bundle is not None:
+            raise ValueError("default_model chooses among a repository's models: not with a bundle served alone")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 

@@ -68,6 +68,26 @@ def shared_server(bundle: Bundle) -> Iterator[RunningServer]:
     running.stop()
 
 
+@pytest.fixture(scope="module")
+def faces_server(bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server with both faces, gRPC and HTTP, taking the tokens of `faces.ALICE` and `faces.BOB`."""
+    from faces import serve_both_faces  # imported here: faces imports this module's LOOPBACK
+
+    running = serve_both_faces(bundle, tmp_path_factory.mktemp("tokens"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def alice(faces_server: RunningServer) -> Iterator:
+    """The Python client of `faces_server`, as ALICE."""
+    from faces import ALICE
+    from rnnserve.client import Client
+
+    with Client(faces_server.address, token=ALICE) as opened:
+        yield opened
+
+
 @pytest.fixture(scope="session")
 def channel(shared_server: RunningServer) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(shared_server.address) as opened:

@@ -19,25 +19,25 @@ from grpc_status import rpc_status
 
 from conftest import LOOPBACK
 from rnnserve.server.faces.web.calls import to_json
-from rnnserve.server.faces.web.routes import INFERENCE, ROUTES
+from rnnserve.server.faces.web.routes import ADMIN, INFERENCE, ROUTES
 from rnnserve.server.faces.web.status import CODES
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2
 from serving import RunningServer
 
-SERVICE = rnnserve_pb2.DESCRIPTOR.services_by_name["Inference"]
 # Each RPC's first route: GetModel's names the model alone (its second, /v1/models/{name}/{version}, a version too).
-ROUTE_OF = {route.name: route for route in reversed(ROUTES) if route.service == INFERENCE}
+# No two of rnnserve's services have a method of the same name.
+ROUTE_OF = {route.name: route for route in reversed(ROUTES) if route.service in (INFERENCE, ADMIN)}
 
 
 ALICE, BOB = "token-of-alice-0123456789", "token-of-bob-0123456789"
 
 
-def serve_both_faces(bundle, folder) -> RunningServer:
-    """A server with both faces on loopback ports, checking the tokens of ALICE and BOB."""
+def serve_both_faces(bundle, folder, **settings) -> RunningServer:
+    """A server with both faces on loopback ports, checking the tokens of ALICE and BOB (and `settings`)."""
     tokens = folder / "tokens"
     tokens.write_text(f"{ALICE} alice\n{BOB} bob\n")
-    return RunningServer(bundle, Settings(**LOOPBACK, http_listen="127.0.0.1:0", auth_tokens_file=tokens))
+    return RunningServer(bundle, Settings(**LOOPBACK, http_listen="127.0.0.1:0", auth_tokens_file=tokens, **settings))
 
 
 @dataclass
@@ -51,15 +51,16 @@ class Failed(Exception):
 class GrpcFace:
     name = "grpc"
 
-    def __init__(self, address: str, token: str | None = None):
+    def __init__(self, address: str, token: str | None = None, service: str = "Inference"):
         self._channel = grpc.insecure_channel(address)
         self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+        self._service = rnnserve_pb2.DESCRIPTOR.services_by_name[service]
 
     def call(self, rpc: str, request: dict | list, timeout: float | None = None):
-        method = SERVICE.methods_by_name[rpc]
+        method = self._service.methods_by_name[rpc]
         in_class, out_class = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
         kind = ("stream" if method.client_streaming else "unary") + ("_stream" if method.server_streaming else "_unary")
-        callable_ = getattr(self._channel, kind)(f"/{SERVICE.full_name}/{rpc}",
+        callable_ = getattr(self._channel, kind)(f"/{self._service.full_name}/{rpc}",
                                                  request_serializer=in_class.SerializeToString,
                                                  response_deserializer=out_class.FromString)
         message = ([json_format.ParseDict(item, in_class()) for item in request] if method.client_streaming

@@ -212,7 +212,7 @@ def test_states_register_list_start_and_delete(cli):
 
 
 @pytest.mark.parametrize("args", [("sessions", "fork", "x", "--count", "0"), ("sessions", "rewind", "x", "-1"),
-                                  ("sessions", "import", "/no/such/file"), ("peek", "x", "a", "--top-k", "-1")])
+                                  ("sessions", "import", "/no/such/file"), ("peek", "x", "a", "--top-k", "many")])
 def test_bad_values_get_one_line_not_a_traceback(cli, args):
     refused = cli(*args, check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
@@ -244,3 +244,83 @@ def test_values_no_wire_field_can_hold_are_refused_naming_the_field(cli, args, f
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith(f"error: {field}: ") and "INVALID_ARGUMENT" in refused.stderr
     assert refused.stdout == ""
+
+
+def test_range_errors_agree_whatever_the_value(cli, bundle):
+    """One message per field, the field's real range, for a value one past it or one no wire field holds."""
+    vocab = len(bundle.vocab)
+    top_k = {cli("predict", "To be", "--top-k", value, check=False).stderr for value in (str(vocab + 1), "-1",
+                                                                                          "99999999999")}
+    assert top_k == {f"error: top_k: must be in [1, {vocab}], the vocabulary size (0 means 5) "
+                     f"(INVALID_ARGUMENT)\n"}
+    max_tokens = {cli("generate", "To", "--max-tokens", value, check=False).stderr for value in ("0", "-5", "4097",
+                                                                                                 "99999999999")}
+    assert len(max_tokens) == 1 and "max_tokens: must be in [1, 4096]" in max_tokens.pop()
+
+
+def test_an_empty_prompt_is_named_as_the_text_given(cli):
+    for args in (("predict", ""), ("generate", "")):
+        refused = cli(*args, check=False)
+        assert refused.returncode == 1 and refused.stderr.startswith("error: text: "), refused.stderr
+
+
+def run_bytes(address: str, *args: bytes, stdin: bytes = b"", **environment: str) -> subprocess.CompletedProcess:
+    """The command with arguments as raw bytes, as a shell passes $'...' to it."""
+    return subprocess.run([COMMAND.encode(), *args], input=stdin, capture_output=True, timeout=60,
+                          env={**os.environ, "RNNSERVE_ADDRESS": address, **environment})
+
+
+@pytest.mark.parametrize("args", [(b"predict", b"To be\xff\xfe"), (b"generate", b"To be\xff\xfe"),
+                                  (b"sessions", b"create", b"--prompt", b"To be\xff\xfe"),
+                                  (b"score", b"SID", b"me", b"To be\xff\xfe"), (b"peek", b"SID", b"To be\xff\xfe"),
+                                  (b"states", b"register", b"name", b"To be\xff\xfe")])
+def test_a_prompt_that_is_not_utf8_gets_one_line_naming_the_byte(address, args):
+    refused = run_bytes(address, *args)
+    stderr = refused.stderr.decode()
+    assert refused.returncode == 2 and "Traceback" not in stderr and refused.stdout == b""
+    assert stderr.splitlines()[-1].endswith("the text is not UTF-8: byte 0xff at offset 5 (invalid start byte); "
+                                            "convert it first, e.g. with `iconv -f latin1 -t utf-8`")
+
+
+def test_a_prompt_from_a_file_or_standard_input(cli, address, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the king\nthe quick brown fox ", encoding="utf-8")
+    length = len(prompt.read_text())
+    assert json.loads(cli("predict", "--prompt-file", str(prompt), "--json").stdout)["position"] == length
+    assert json.loads(cli("predict", "-", "--json", stdin=prompt.read_text()).stdout)["position"] == length
+    assert json.loads(cli("predict", "--prompt-file", "-", "--json", stdin="the").stdout)["position"] == 3
+    generated = cli("generate", "--prompt-file", str(prompt), "--max-tokens", "4").stdout
+    assert generated.startswith(prompt.read_text()) and len(generated) == length + 4 + 1
+    session = cli("sessions", "create", "--prompt", "-", stdin="the king").stdout.strip()
+    assert json.loads(cli("sessions", "get", session, "--json").stdout)["position"] == 8
+    assert json.loads(cli("peek", session, "--prompt-file", str(prompt), "--json").stdout)["position"] == 8 + length
+    both = cli("predict", "the", "--prompt-file", str(prompt), check=False)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    missing = cli("predict", "--prompt-file", str(tmp_path / "none"), check=False)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr and "No such file" in missing.stderr
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("the café".encode("latin-1"))
+    refused = cli("predict", "--prompt-file", str(latin1), check=False)
+    assert refused.returncode == 2 and f"{str(latin1)!r} is not UTF-8: byte 0xe9 at offset 7" in refused.stderr
+    refused = run_bytes(address, b"predict", b"-", stdin=b"the caf\xe9")
+    assert refused.returncode == 2 and b"standard input is not UTF-8: byte 0xe9 at offset 7" in refused.stderr
+
+
+def test_unknown_characters_are_counted_and_noted(cli):
+    answer = cli("--json", "predict", "Zoë the fox")
+    assert json.loads(answer.stdout)["unknown_characters"] == 2
+    assert answer.stderr == ("note: 2 characters of the text are not in the model's vocabulary and were read as the "
+                             "unknown token\n")
+    assert cli("predict", "the fox").stderr == ""
+    generated = cli("generate", "Zebra", "--max-tokens", "2")
+    assert "1 character of the prompt is not in the model's vocabulary and was read" in generated.stderr
+
+
+@pytest.mark.parametrize(("errors", "said"), [
+    ("strict", "error: standard input is not UTF-8: byte 0xe9 (invalid continuation byte)"),
+    ("surrogateescape", "error: text: not UTF-8 text: character 8 is a lone surrogate ('\\udce9')")])
+def test_interactive_input_that_is_not_utf8_ends_in_one_line(address, errors, said):
+    """Python reads standard input with either error handler, by locale: each ends in one line."""
+    refused = run_bytes(address, b"interactive", stdin=b"the king\nthe caf\xe9\n", PYTHONIOENCODING=f"utf-8:{errors}")
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+    assert refused.stderr.decode().startswith(said)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rnnserve.client import (AsyncClient, Client, ModelIsDefault, ModelNotFound, ModelRetiring, StateNotFound,
-                             Unauthenticated)
+from rnnserve.client import (AsyncClient, Client, ModelIsDefault, ModelNotFound, ModelRetiring, StateIsShipped,
+                             StateNotFound, Unauthenticated)
 from rnnserve.server.settings import Settings
 from serving import RunningServer, free_port, repository
 
@@ -167,6 +167,31 @@ def test_the_async_client_loads_and_switches_versions_where_only_admin_takes_tok
     asyncio.run(scenario())
 
 
+def test_a_shared_state_from_either_client_serves_every_caller_and_only_admin_changes_it(with_admin_tokens):
+    running = with_admin_tokens()
+    with Client(running.address, token=USER_TOKEN, admin_token=ADMIN_TOKEN) as client:
+        shared = client.admin.register_shared_state("house", "The quick")
+        assert (shared.name, shared.source, shared.prompt_tokens) == ("house", "shared", 9)
+        assert [(state.name, state.source) for state in client.states()] == [("house", "shared")]
+        with client.session(" brown", initial_state="house") as session:
+            assert session.info().initial_state == "house"
+        with pytest.raises(StateIsShipped):
+            client.delete_state("house")  # read-only to callers
+        client.register_state("mine", "The lazy")
+        assert [(state.name, state.source) for state in client.states()] == [("house", "shared"),
+                                                                             ("mine", "registered")]
+        with pytest.raises(StateNotFound):
+            client.admin.delete_shared_state("mine")  # a caller's own state is no shared one
+
+    async def scenario() -> None:
+        async with AsyncClient(running.address, token=USER_TOKEN, admin_token=ADMIN_TOKEN) as client:
+            assert (await client.admin.register_shared_state("house", "The dog")).prompt_tokens == 7  # replaced
+            await client.admin.delete_shared_state("house")
+            assert [state.name for state in await client.states()] == ["mine"]
+
+    asyncio.run(scenario())
+
+
 def test_admin_calls_wait_out_a_server_that_is_still_starting(bundle):
     """They are retried on UNAVAILABLE (each is safe to resend), unlike opening a session."""
     address = f"127.0.0.1:{free_port()}"
@@ -256,6 +281,14 @@ def test_cli_admin_takes_its_token_from_the_flag_or_its_environment_twin(with_ad
     session = cli(address, "sessions", "create", "--token", USER_TOKEN).stdout.strip()
     assert json.loads(cli(address, "sessions", "get", session, "--json", "--token", USER_TOKEN).stdout)[
         "model_version"] == "1"
+    shared = cli(address, "admin", "share", "house", "The quick", "--admin-token", ADMIN_TOKEN)
+    assert shared.stdout.strip() == "shared house (9 tokens) with every caller"
+    listed = cli(address, "states", "list", "--token", USER_TOKEN).stdout
+    assert "house" in listed and "shared" in listed
+    refused = cli(address, "admin", "unshare", "house", "--admin-token", USER_TOKEN, check=False)
+    assert refused.returncode == 1 and "--admin-token" in refused.stderr
+    assert cli(address, "admin", "unshare", "house", RNNSERVE_ADMIN_TOKEN=ADMIN_TOKEN).stdout.strip() == \
+        "deleted the shared state house"
 
 
 @pytest.mark.parametrize(("args", "says"), [

@@ -18,8 +18,13 @@ from rnnserve.repository import ModelRepository
 
 INT8_OPS = {"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul"}  # what dynamic quantization writes
 # A shipped state against the same prompt read again, as export parity measures: max |a - b| / max(1, |b|).
-# Here the same graph reads it on the same machine, exactly; elsewhere int8 kernels round differently.
-STATE_TOLERANCE = 1e-3
+# The same graph on the CPU that made the state reads it exactly (0.0 on the Intel Xeon with AVX512-VNNI and AMX
+# that made version 2), but onnxruntime picks its int8 kernels by instruction set, and they round and saturate
+# differently (AVX2's u8s8 pairs saturate at int16, VNNI's do not): 0.0027 on an AMD EPYC (issue 21). One
+# activation quantization step is 1/255 of a tensor's range, about 0.004 of a state's; over the 64 characters
+# of a shipped prompt the recurrence keeps such steps from adding up (0.0027 is below one step), so the bound
+# is a few steps, not a figure from one CPU. Copying the float graph's state instead is off by 0.07 (h).
+INT8_STATE_TOLERANCE = 0.02
 
 
 def model_version(version: str):
@@ -97,11 +102,11 @@ def test_version_2_ships_the_states_its_own_graph_reads(bundle, int8):
     assert [(s.name, s.prompt) for s in int8_states] == [(s.name, s.prompt) for s in float_states]
     for shipped, float_state in zip(int8_states, float_states):
         rows, next_logits = state_after(int8, shipped.prompt)
-        assert relative_error(shipped.next_logits, next_logits) <= STATE_TOLERANCE
-        for name, row in rows.items():
-            assert relative_error(shipped.states[name], row) <= STATE_TOLERANCE, name
-        # and not the float graph's state copied over: that one is farther off than any rounding
-        assert max(relative_error(float_state.states[name], row) for name, row in rows.items()) > 10 * STATE_TOLERANCE
+        assert relative_error(shipped.next_logits, next_logits) <= INT8_STATE_TOLERANCE
+        own = max(relative_error(shipped.states[name], row) for name, row in rows.items())
+        assert own <= INT8_STATE_TOLERANCE
+        # and the bound tells the float graph's state, copied over, from another CPU's rounding
+        assert max(relative_error(float_state.states[name], row) for name, row in rows.items()) > INT8_STATE_TOLERANCE
 
 
 def test_the_float_version_keeps_its_export_parity(bundle):

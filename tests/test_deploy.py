@@ -66,12 +66,13 @@ def test_every_service_has_a_health_check(compose):
         assert service["healthcheck"]["test"][0] == "CMD", name
 
 
-def test_rnnserve_is_built_from_the_dockerfile_without_the_train_extra(compose):
+def test_rnnserve_is_built_from_the_dockerfile_with_the_serving_lock_alone(compose):
     assert Path(compose["services"]["rnnserve"]["build"]["context"]) == ROOT
     installs = re.findall(r"pip install (.+)", (ROOT / "Dockerfile").read_text())
-    # The redis extra (the session store's client) only: no torch in the serving image.
-    assert installs and all("train" not in line and set(re.findall(r"\[(.*?)\]", line)) <= {"redis"}
-                            for line in installs)
+    # The serving lock with its hashes (no torch in it: tests/test_lock.py), then rnnserve with nothing more.
+    assert installs == ["--require-hashes --no-deps -r requirements/serving.txt",
+                        "--no-deps --no-build-isolation . && rm -rf /src"]
+    assert "!requirements/serving.txt" in (ROOT / ".dockerignore").read_text().splitlines()
 
 
 def test_the_replicas_profile_puts_three_replicas_behind_the_proxy_it_tests(compose):

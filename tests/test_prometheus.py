@@ -36,7 +36,8 @@ def value(prometheus: PrometheusProcess, expr: str, **params: object) -> float:
 
 
 def drive(client: Client) -> None:
-    """Four sessions (the cap), one refused, one closed and looked up, steps over Step, Stream and Generate."""
+    """Four sessions (the cap), one refused, one closed and looked up, steps over Step (a `unary` client), Stream
+    and Generate."""
     prompted = client.session(PROMPT)
     unary, streamed, closed = client.session(), client.session(), client.session()
     with pytest.raises(CapacityExhausted):
@@ -57,7 +58,7 @@ def drive(client: Client) -> None:
 def test_prometheus_reads_tokens_sessions_and_errors_from_a_live_server(start_server, tmp_path):
     server = start_server(max_sessions=4, when_full="refuse")
     target = f"127.0.0.1:{server.server.metrics_port}"
-    with PrometheusProcess(tmp_path, target) as prometheus, Client(server.address, timeout=10) as client:
+    with PrometheusProcess(tmp_path, target) as prometheus, Client(server.address, timeout=10, unary=True) as client:
         assert prometheus.wait_for('rnnserve_tokens_total{kind="step"}'), "no scrape before the traffic"
         drive(client)
         steps = len(UNARY_STEPS) + len(STREAM_STEPS) + GENERATED

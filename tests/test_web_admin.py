@@ -1,6 +1,7 @@
-"""Several model versions over HTTP. The Admin routes load, unload and switch versions as the gRPC calls do,
-and open to exactly the tokens that open Admin over gRPC, in every way a server can be configured; the named
-states of a version other than the default are registered, listed and deleted by naming it."""
+"""Several model versions over HTTP. The Admin routes load, unload and switch versions and share named states
+as the gRPC calls do, and open to exactly the tokens that open Admin over gRPC, in every way a server can be
+configured; the named states of a version other than the default are registered, listed and deleted by naming
+it."""
 
 from __future__ import annotations
 
@@ -95,26 +96,45 @@ CONFIGURATIONS = {
 
 
 def grpc_allows(channel: grpc.Channel, token: str | None, admin: bool) -> bool:
+    """Whether `token` opens Admin's methods (each of them alike) or an Inference method."""
     metadata = () if token is None else (("authorization", f"Bearer {token}"),)
-    try:
-        if admin:
-            rnnserve_pb2_grpc.AdminStub(channel).SetDefaultModel(pb.SetDefaultModelRequest(name="tiny", version="1"),
-                                                                 metadata=metadata, timeout=30)
-        else:
-            rnnserve_pb2_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
-    except grpc.RpcError as error:
-        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
-        return False
-    return True
+    admin_stub, inference_stub = rnnserve_pb2_grpc.AdminStub(channel), rnnserve_pb2_grpc.InferenceStub(channel)
+    calls = [
+        lambda: admin_stub.SetDefaultModel(pb.SetDefaultModelRequest(name="tiny", version="1"), metadata=metadata,
+                                           timeout=30),
+        lambda: admin_stub.RegisterSharedState(pb.RegisterStateRequest(name="house-style", prompt_text="The"),
+                                               metadata=metadata, timeout=30),
+        lambda: admin_stub.DeleteSharedState(pb.DeleteStateRequest(name="house-style"), metadata=metadata, timeout=30),
+    ] if admin else [lambda: inference_stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)]
+    allowed = set()
+    for call in calls:
+        try:
+            call()
+            allowed.add(True)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+            allowed.add(False)
+    assert len(allowed) == 1, allowed  # every Admin method takes the same tokens
+    return allowed.pop()
 
 
 def http_allows(running: RunningServer, token: str | None, admin: bool) -> bool:
+    """Whether `token` opens Admin's routes (each of them alike) or an Inference route."""
     with http(running, token) as client:
-        answer = client.post("/v1/admin/models/tiny/1/default") if admin else client.get("/v1/models")
-    assert answer.status_code in (200, 401), answer.text
-    if answer.status_code == 401:
-        assert answer.json()["error"]["status"] == "UNAUTHENTICATED" and answer.headers["www-authenticate"] == "Bearer"
-    return answer.status_code == 200
+        if admin:
+            answers = [client.post("/v1/admin/models/tiny/1/default"),
+                       client.post("/v1/admin/states", json={"name": "house-style", "prompt_text": "The"}),
+                       client.delete("/v1/admin/states/house-style")]
+        else:
+            answers = [client.get("/v1/models")]
+    for answer in answers:
+        assert answer.status_code in (200, 401), answer.text
+        if answer.status_code == 401:
+            assert answer.json()["error"]["status"] == "UNAUTHENTICATED"
+            assert answer.headers["www-authenticate"] == "Bearer"
+    codes = {answer.status_code for answer in answers}
+    assert len(codes) == 1, codes  # every Admin route takes the same tokens
+    return codes == {200}
 
 
 @pytest.mark.parametrize("configuration", CONFIGURATIONS)

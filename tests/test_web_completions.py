@@ -10,16 +10,14 @@ import httpx
 import openai
 import pytest
 
-from faces import ALICE as TOKEN, GrpcFace, serve_both_faces
+from faces import ALICE as TOKEN, GrpcFace
 from rnnserve.server.faces.web.completions import StopsLeftOut
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 
 @pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
-    running = serve_both_faces(bundle, tmp_path_factory.mktemp("tokens"))
-    yield running
-    running.stop()
+def server(faces_server):
+    return faces_server
 
 
 @pytest.fixture

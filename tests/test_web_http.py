@@ -63,10 +63,11 @@ def test_http_codes_and_headers(start_server):
         assert mismatch.status_code == 400 and mismatch.json()["error"]["status"] == "FAILED_PRECONDITION"
         conflict = http.post(f"/v1/sessions/{first}/step", json={"session_id": "other", "text": "a"})
         assert conflict.status_code == 400 and "session_id" in conflict.json()["error"]["message"]
-        for body in (b"[1, 2]", b"not json", b'{"text": 5}', b'{"unknown_field": 1}'):
+        for body, field in ((b"[1, 2]", "request"), (b"not json", "request"), (b'{"text": 5}', "request"),
+                            (b'{"unknown_field": 1}', "unknown_field")):
             answer = http.post(f"/v1/sessions/{first}/step", content=body)
             assert answer.status_code == 400, body
-            assert answer.json()["error"]["details"][1]["field_violations"][0]["field"] == "request"
+            assert answer.json()["error"]["details"][1]["field_violations"][0]["field"] == field
         too_large = http.post(f"/v1/sessions/{first}/step", json={"text": "a" * 1000})
         assert too_large.status_code == 400 and "--max-message-bytes" in too_large.json()["error"]["message"]
         wrong_verb, no_route = http.get("/v1/sessions"), http.get("/v2/nothing")
@@ -150,9 +151,9 @@ def test_a_session_closed_over_http_is_closed_to_grpc(start_server):
     grpc_face.close(), http_face.close()
 
 
-def test_the_readme_lists_every_route():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    missing = [f"{route.verb} {route.path}" for route in ROUTES if f"`{route.verb} {route.path}`" not in readme]
+def test_the_api_page_lists_every_route():
+    api_page = (Path(__file__).resolve().parents[1] / "docs" / "API.md").read_text()
+    missing = [f"{route.verb} {route.path}" for route in ROUTES if f"`{route.verb} {route.path}`" not in api_page]
     assert missing == []
 
 

@@ -46,6 +46,7 @@ class StepAnswer(NamedTuple):
 
     position: int  # the session's position after the step
     prediction: Prediction
+    unknown_characters: int = 0  # characters of the step's text read as the unknown token (engine sets it)
 
 
 @dataclass(eq=False, slots=True)

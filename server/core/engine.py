@@ -48,6 +48,7 @@ class StepInput:
     top_k: int
     temperature: float
     expected_position: int | None = None
+    unknown_characters: int = 0  # characters of the request's text read as the unknown token
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class GenerateInput:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     expected_position: int | None = None
+    tokens_field: str = "token_ids"  # the request field that gave the tokens (or that an error about none names)
+    unknown_characters: int = 0  # characters of the request's text read as the unknown token
 
 
 class Engine:
@@ -147,7 +150,10 @@ class Engine:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_seconds)
-            expired = self.table.expire(time.monotonic())
+            now = time.monotonic()
+            expired = self.table.expire(now)
+            for model in self.models.all():
+                model.cache.expire(now)
             if any([model.pool.shrink() for model in self.models.all()]):
                 release_free_memory()
             if expired:
@@ -193,12 +199,13 @@ class Engine:
     async def create_session(self, owner: str, model: ServedModel, request: CreateInput) -> Created:
         """A new session of `model`, having read the prompt if there is one; no session is left behind on failure.
 
-        A session from zeros starts from the longest prefix of its prompt in the prefix-state cache and
-        reads only the rest; a prompt read (even partly) by the model is cached for the next session.
+        A session from zeros starts from the longest prefix of its prompt in the prefix-state cache that
+        `owner` may hit and reads only the rest; a prompt read (even partly) by the model is cached for
+        `owner`'s next session (for anyone's under the scope "global").
         """
         arrived = time.perf_counter()
         self._accepting()
-        initial = model.states.get(request.initial_state) if request.initial_state else None
+        initial = model.states.get(owner, request.initial_state) if request.initial_state else None
         session = self.table.create(owner, request.ttl_seconds or self.settings.default_ttl_seconds, model, initial,
                                     request.session_id)
         log.debug("created session %s of model %s", session.id, model.describe())
@@ -211,7 +218,7 @@ class Engine:
             if len(rest):
                 answer = await model.batcher.submit(session, rest, prompt.top_k, prompt.temperature)
                 if initial is None:
-                    model.cache.put(prompt.tokens, model.pool.rows(session.slot))
+                    model.cache.put(owner, prompt.tokens, model.pool.rows(session.slot))
             else:
                 answer = StepAnswer(cached, self.operations.prediction(session, prompt.top_k, prompt.temperature))
         except BaseException:
@@ -227,9 +234,10 @@ class Engine:
 
     @staticmethod
     def _start_from_cache(session: Session, prompt: np.ndarray) -> int:
-        """Put the session where the longest cached prefix of `prompt` leaves it; how many tokens that is."""
+        """Put the session where the longest prefix of `prompt` cached for its owner leaves it; how many tokens
+        that is."""
         pool = session.model.pool
-        hit = session.model.cache.longest_prefix(prompt)
+        hit = session.model.cache.longest_prefix(session.owner, prompt)
         if hit is None:
             return 0
         pool.set_rows(session.slot, hit.rows)
@@ -307,7 +315,11 @@ class Engine:
     def _submit(self, session: Session, step: StepInput, deadline: float | None) -> asyncio.Future[StepAnswer]:
         answer = session.model.batcher.submit(session, step.tokens, step.top_k, step.temperature,
                                               step.expected_position, deadline)
-        return answer if self.hibernation is None else self.hibernation.after_step(session, len(step.tokens), answer)
+        if self.hibernation is not None:
+            answer = self.hibernation.after_step(session, len(step.tokens), answer)
+        if step.unknown_characters:  # rare (text outside the vocabulary): the common step pays nothing for it
+            answer = asyncio.ensure_future(_counting_unknown(answer, step.unknown_characters))
+        return answer
 
     async def _woken_step(self, session_id: str, owner: str, read: Callable[[ServedModel], StepInput],
                           deadline: float | None) -> StepAnswer:
@@ -331,8 +343,8 @@ class Engine:
                 await hold.submit(request.tokens)
                 self._record_first_prediction(model, arrived)
             elif not session.has_prediction:
-                raise InvalidArgument("token_ids", "the session has read nothing yet: give token_ids or text to "
-                                                   "continue from")
+                raise InvalidArgument(request.tokens_field, "the session has read nothing yet: give token_ids or "
+                                                            "text to continue from")
             await continue_session(hold, model.pool, model.bundle.vocab, Sampler(request.sampling),
                                    request.max_tokens, StopStrings(request.stop), send)
         finally:
@@ -343,6 +355,12 @@ class Engine:
         """A prompt that arrived at `arrived` (time.perf_counter()) now has its prediction."""
         if model.events is not None:
             model.events.record_first_prediction(time.perf_counter() - arrived)
+
+
+async def _counting_unknown(answer: asyncio.Future[StepAnswer], unknown_characters: int) -> StepAnswer:
+    """`answer` saying how many of the step's characters were read as the unknown token. Awaited, so cancelling
+    this withdraws the step as cancelling `answer` would; an identical retry counts them again."""
+    return (await answer)._replace(unknown_characters=unknown_characters)
 
 
 def default_replica_id(settings: Settings) -> str:

@@ -146,18 +146,22 @@ class CapacityExhausted(RnnserveError):
 
 
 class IdentityQuotaExhausted(RnnserveError):
-    """The caller's identity holds as many sessions as one identity may. Same reason as a full table, told
-    apart by QuotaFailure's subject; no RetryInfo: only the caller's own closing or expiry makes room."""
+    """The caller's identity holds as many sessions (or named states) as one identity may. Same reason as a full
+    table, told apart by QuotaFailure's subject; no RetryInfo: only the caller's own closing, expiry or
+    deleting makes room."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "CAPACITY_EXHAUSTED"
 
-    def __init__(self, max_sessions_per_identity: int):
-        super().__init__(f"this caller's identity already holds {max_sessions_per_identity} sessions, the most one "
-                         "identity may: close one first", max_sessions_per_identity=max_sessions_per_identity)
+    def __init__(self, limit: int, what: str = "sessions", remedy: str = "close one first",
+                 setting: str = "max_sessions_per_identity"):
+        """`setting`: the server setting that is the limit, the ErrorInfo metadata key that holds it."""
+        super().__init__(f"this caller's identity already holds {limit} {what}, the most one identity may: {remedy}",
+                         **{setting: limit})
+        self.description = f"at most {limit} {what}"
 
     def extra_details(self) -> list[Message]:
-        return [_quota_failure("identity", f"at most {self.metadata['max_sessions_per_identity']} sessions")]
+        return [_quota_failure("identity", self.description)]
 
 
 class RewindBeyondDepth(RnnserveError):
@@ -188,11 +192,13 @@ class StateNotFound(RnnserveError):
 
 
 class StateIsShipped(RnnserveError):
+    """A state for everyone (shipped in the bundle, or shared through Admin), which callers may use but not change."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "STATE_IS_SHIPPED"
 
-    def __init__(self, name: str):
-        super().__init__(f"the named state {name!r} ships with the model's bundle and cannot be deleted", name=name)
+    def __init__(self, name: str, how: str = "ships with the model's bundle"):
+        super().__init__(f"the named state {name!r} {how} and cannot be replaced or deleted", name=name)
 
 
 class ServerFault(RnnserveError):

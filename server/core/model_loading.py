@@ -67,12 +67,25 @@ def repository_bundles(path: Path, default_model: str = "") -> list[tuple[Bundle
     return bundles
 
 
+def served_repository(model_repository: Path | None, bundle: Path | None) -> Path | None:
+    """The repository a server serves, loads from (Admin) and polls: --model-repository, else the shipped one;
+    None when --bundle serves one bundle alone.
+
+    The shipped repository is served as any other, so that Admin can load its versions back and a version
+    copied into it (`make quantize`) is picked up: the poll only lists its directories, and loads nothing it
+    has served already.
+    """
+    if bundle is not None:
+        return None
+    return model_repository or default_repository_path()
+
+
 def startup_bundles(repository: Path | None, bundle: Path | None, default_model: str) -> list[tuple[Bundle, bool]]:
-    """What a server serves at start: one bundle (--bundle), a repository (--model-repository), or the shipped
-    repository; each with whether it is its model's default version."""
+    """What a server serves at start: one bundle (--bundle), else the repository (`served_repository`); each with
+    whether it is its model's default version."""
     if bundle is not None:
         return [(checked_bundle(bundle), True)]
-    return repository_bundles(repository or default_repository_path(), default_model)
+    return repository_bundles(repository, default_model)
 
 
 def _signature(directory: Path) -> tuple:
@@ -101,8 +114,8 @@ class ModelLoader:
         """Load `version` of `name` from the repository and serve it (LoadModel); one already loaded is kept as it
         is (made the default if asked)."""
         if self.repository is None:
-            raise ModelRefused(f"{name} version {version}", "this server has no model repository "
-                                                            "(--model-repository) to load from")
+            raise ModelRefused(f"{name} version {version}", "this server serves one bundle alone (--bundle): it has "
+                                                            "no model repository to load from")
         async with self._loading:
             loaded = self._loaded(name, version)
             if loaded is not None:

@@ -216,9 +216,16 @@ class Operations:
 
     # Named states ------------------------------------------------------------------------------
 
-    async def register_state(self, model: ServedModel, name: str, tokens: np.ndarray) -> NamedState:
-        """Read `tokens` from zeros with `model`, in a call that commits nothing, and name the state after them."""
+    async def register_state(self, model: ServedModel, owner: str, name: str, tokens: np.ndarray) -> NamedState:
+        """Name the state after `tokens` for `owner` alone."""
+        return model.states.register(owner, name, tokens, await self._state_after(model, tokens))
+
+    async def register_shared_state(self, model: ServedModel, name: str, tokens: np.ndarray) -> NamedState:
+        """Name the state after `tokens` for every caller (an Admin call)."""
+        return model.states.register_shared(name, tokens, await self._state_after(model, tokens))
+
+    async def _state_after(self, model: ServedModel, tokens: np.ndarray) -> Row:
+        """The rows after reading `tokens` from zeros with `model`, in a call that commits nothing."""
         self._accepting()
         batcher = model.batcher
-        result = await batcher.evaluate(tokens[np.newaxis], batcher.states_of(None))
-        return model.states.register(name, tokens, batcher.rows_of(result))
+        return batcher.rows_of(await batcher.evaluate(tokens[np.newaxis], batcher.states_of(None)))

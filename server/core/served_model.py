@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from rnnserve.bundle import Bundle
 from rnnserve.initial_states import load_initial_states
@@ -34,6 +35,7 @@ class ServedModel:
     states: NamedStates
     events: ModelMetrics | None  # None with metrics off
     sessions: int = 0  # held now, in the session table
+    sessions_by_owner: Counter[str] = field(default_factory=Counter)  # the same, by identity
     retiring: bool = False  # no new sessions; unloads once `sessions` reaches 0
     on_drained: Callable[[ServedModel], None] | None = None
     _batching: asyncio.Task | None = None
@@ -50,10 +52,12 @@ class ServedModel:
                           adaptive_wait_seconds=settings.adaptive_wait_us / 1e6,
                           loop_max_tokens=settings.loop_max_tokens,
                           on_batch=None if events is None else events.record_batch)
-        cache = PrefixCache(bundle.sha256, max_entries=settings.prefix_cache_entries,
-                            max_bytes=settings.prefix_cache_bytes, min_tokens=settings.prefix_cache_min_tokens,
-                            row_bytes=pool.row_bytes, events=events)
-        states = NamedStates(cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)])
+        cache = PrefixCache(max_entries=settings.prefix_cache_entries, max_bytes=settings.prefix_cache_bytes,
+                            min_tokens=settings.prefix_cache_min_tokens, row_bytes=pool.row_bytes,
+                            scope=settings.prefix_cache_scope, max_partitions=settings.prefix_cache_identities,
+                            idle_seconds=settings.prefix_cache_idle_seconds, events=events)
+        states = NamedStates(cache, [shipped_state(state, bundle) for state in load_initial_states(bundle)],
+                             settings.max_states_per_identity)
         model = cls(bundle, pool, batcher, cache, states, events)
         if events is not None:
             events.watch_sessions(lambda: model.sessions, pool.row_bytes)
@@ -96,12 +100,17 @@ class ServedModel:
         if self.events is not None:
             self.events.forget()
 
-    def joined(self) -> None:
-        """A session of this version entered the session table."""
+    def joined(self, owner: str) -> None:
+        """A session of `owner` on this version entered the session table."""
         self.sessions += 1
+        self.sessions_by_owner[owner] += 1
 
-    def left(self) -> None:
-        """A session of this version left the session table; the last one of a retiring version unloads it."""
+    def left(self, owner: str) -> None:
+        """A session of `owner` on this version left the session table; the last one of a retiring version unloads
+        it."""
         self.sessions -= 1
+        self.sessions_by_owner[owner] -= 1
+        if not self.sessions_by_owner[owner]:
+            del self.sessions_by_owner[owner]
         if self.retiring and not self.sessions and self.on_drained is not None:
             self.on_drained(self)

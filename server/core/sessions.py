@@ -233,7 +233,7 @@ class SessionTable:
                           model)
         self._sessions[session_id] = recency[session_id] = session
         self.owners.added(owner)
-        model.joined()
+        model.joined(owner)
         return session
 
     def by_recency(self) -> list[Session]:
@@ -290,7 +290,7 @@ class SessionTable:
         events = session.model.events
         if events is not None:
             events.record_session_ended(reason.value, session.position, time.monotonic() - session.created)
-        session.model.left()
+        session.model.left(session.owner)
 
     def expire(self, now: float) -> int:
         """Remove every idle session whose time-to-live has passed; return how many."""

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rnnserve.bundle import Bundle
+from rnnserve.vocab import UNKNOWN_ID
 from rnnserve.server.core.batcher import StepAnswer
 from rnnserve.server.core.engine import CreateInput, GenerateInput, StepInput
 from rnnserve.server.core.errors import InvalidArgument
@@ -98,6 +99,11 @@ class RequestChecks:
     def model_name(value: str, field: str = "name") -> str:
         """A model name; "" selects the default."""
         return _quotable(field, value)
+
+    @classmethod
+    def model_of(cls, request: Message) -> tuple[str, str]:
+        """The model and version a request names in its `model` and `model_version` fields; "" for the defaults."""
+        return cls.model_name(request.model, "model"), cls.model_name(request.model_version, "model_version")
 
     def fork(self, request: pb.ForkSessionRequest) -> tuple[int, int | None, int | None]:
         """(count, ttl or None for the source's, expected position)."""
@@ -185,9 +191,10 @@ class RequestReader(RequestChecks):
             return self._plain_steps[ids[0]]
         tokens = self._tokens(ids, request.text, ("token_ids", "text"))
         if tokens is None:
-            raise InvalidArgument("token_ids", "give token_ids or text: a step reads at least one token")
+            raise InvalidArgument(_given(request, "text", "token_ids"), "give token_ids or text: a step reads at "
+                                                                       "least one token")
         return StepInput(tokens, self._top_k(request.top_k), self._temperature(request.temperature),
-                         self.expected_position(request))
+                         self.expected_position(request), _unknown(tokens, request.text))
 
     def step_batch(self, request: pb.StepBatchRequest) -> None:
         """Refuse a StepBatch that breaks a limit of the message as a whole, before any of its steps is queued.
@@ -218,7 +225,8 @@ class RequestReader(RequestChecks):
     def create(self, request: pb.CreateSessionRequest) -> CreateInput:
         tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
         prompt = None if tokens is None else StepInput(tokens, self._top_k(request.top_k),
-                                                       self._temperature(request.temperature))
+                                                       self._temperature(request.temperature),
+                                                       unknown_characters=_unknown(tokens, request.prompt_text))
         return CreateInput(self._ttl(request.ttl_seconds), prompt, _quotable("initial_state", request.initial_state))
 
     def rewind(self, request: pb.RewindSessionRequest) -> tuple[int, int | None, int, float]:
@@ -244,19 +252,22 @@ class RequestReader(RequestChecks):
         """(ttl, top_k, temperature)."""
         return self._ttl(request.ttl_seconds), self._top_k(request.top_k), self._temperature(request.temperature)
 
-    def register_state(self, request: pb.RegisterStateRequest) -> tuple[str, np.ndarray]:
+    def register_state(self, request: pb.RegisterStateRequest) -> tuple[str, np.ndarray, int]:
+        """(name, prompt tokens, how many of the prompt's characters were read as the unknown token)."""
         tokens = self._tokens(request.prompt_token_ids, request.prompt_text, ("prompt_token_ids", "prompt_text"))
         if tokens is None:
             raise InvalidArgument("prompt_text", "give prompt_text or prompt_token_ids: a named state is the state "
                                                  "after a prompt")
-        return check_name(request.name), tokens
+        return check_name(request.name), tokens, _unknown(tokens, request.prompt_text)
 
     def generate(self, request: pb.GenerateRequest) -> GenerateInput:
         sampling = self.generate_options(request)
         if request.top_k > self.vocab_size:
             raise InvalidArgument("top_k", f"at most the vocabulary size, {self.vocab_size} (0 means no limit)")
-        return GenerateInput(self._tokens(request.token_ids, request.text, ("token_ids", "text")), request.max_tokens,
-                             sampling, tuple(request.stop), self.expected_position(request))
+        tokens = self._tokens(request.token_ids, request.text, ("token_ids", "text"))
+        return GenerateInput(tokens, request.max_tokens, sampling, tuple(request.stop),
+                             self.expected_position(request), _given(request, "text", "token_ids"),
+                             _unknown(tokens, request.text))
 
     def _tokens(self, ids, text: str, fields: tuple[str, str]) -> np.ndarray | None:
         """The tokens given as ids or as text ([time] int64), None when neither is given."""
@@ -311,6 +322,8 @@ class ResponseWriter:
         response.session_id = request.session_id
         response.position = answer.position
         response.request_id = request.request_id
+        if answer.unknown_characters:  # rare: a plain step skips protobuf's setter
+            response.unknown_characters = answer.unknown_characters
         cls.prediction(answer.prediction, response.prediction)
         return response
 
@@ -344,12 +357,13 @@ class ResponseWriter:
             cls.prediction(prediction, into.prediction)
 
     @staticmethod
-    def scores(position: int, scored: list[Scored]) -> pb.ScoreResponse:
+    def scores(request: pb.ScoreRequest, position: int, scored: list[Scored]) -> pb.ScoreResponse:
         response = pb.ScoreResponse(position=position)
-        for candidate in scored:
+        for continuation, candidate in zip(request.continuations, scored):
             response.scores.add(token_ids=candidate.tokens.tolist(), texts=candidate.texts,
                                 logprobs=candidate.logprobs.tolist(), ranks=candidate.ranks.tolist(),
-                                total_logprob=candidate.total)
+                                total_logprob=candidate.total,
+                                unknown_characters=_unknown(candidate.tokens, continuation.text))
         return response
 
     @staticmethod
@@ -366,7 +380,8 @@ class ResponseWriter:
                                    position=token.position, finish_reason=FINISH_REASONS[token.finish])
 
     @staticmethod
-    def model(model: ServedModel, models: ModelRegistry) -> pb.Model:
+    def model(model: ServedModel, models: ModelRegistry, owner: str | None = None) -> pb.Model:
+        """`model` as `owner` may see it: only its own sessions counted, or everyone's for an operator (None)."""
         bundle = model.bundle
         sizes = bundle.manifest["sizes"]
         metrics = {key: float(value) for key, value in bundle.manifest.get("metrics", {}).items()
@@ -376,7 +391,8 @@ class ResponseWriter:
                         vocab_size=sizes["vocab_size"], sha256=bundle.sha256,
                         state_bytes_per_session=bundle.state_bytes_per_session, metrics=metrics,
                         is_default=models.is_server_default(model), default_version=models.is_default(model),
-                        sessions=model.sessions, retiring=model.retiring)
+                        sessions=model.sessions if owner is None else model.sessions_by_owner[owner],
+                        retiring=model.retiring)
 
 
 def _each_session_once(steps) -> None:
@@ -400,6 +416,18 @@ def candidate_bytes(texts: list[str]) -> int:
 
 def _varint_bytes(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
+
+
+def _given(request: Message, text_field: str, ids_field: str) -> str:
+    """The field a request gave its tokens in, for an error about them: its text field if set, even empty (the
+    field is `optional` for this), else its ids."""
+    return text_field if request.HasField(text_field) else ids_field
+
+
+def _unknown(tokens: np.ndarray | None, text: str) -> int:
+    """How many characters of `text` (`tokens` its encoding) were read as the unknown token: a character
+    vocabulary gives each character one id, and no character's id is UNKNOWN_ID."""
+    return int(np.count_nonzero(tokens == UNKNOWN_ID)) if text else 0
 
 
 def _quotable(field: str, value: str) -> str:

@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable
 
 import grpc
+from google.protobuf.message import Message
 
-from rnnserve.server.core.engine import Engine
+from rnnserve.server.core.engine import Engine, GenerateInput
 from rnnserve.server.core.errors import RnnserveError, to_status
 from rnnserve.server.core.generate import GeneratedToken
 from rnnserve.server.core.named_states import check_name
@@ -21,6 +22,7 @@ from rnnserve.server.core.served_model import ServedModel
 from rnnserve.server.faces.auth import caller
 from rnnserve.server.faces.convert import Readers, RequestReader, ResponseWriter
 from rnnserve.server.faces.replies import InOrder, answer_in_order
+from rnnserve.server.faces.routing import STREAM_ROUTED_BY_SESSION
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -33,7 +35,7 @@ def deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, engine: Engine, readers: Readers, writer: ResponseWriter,
-                 on_in_band_error: Callable[[int], None] | None = None):
+                 on_in_band_error: Callable[[int], None] | None = None, routed_by_session: bool = False):
         self._engine = engine
         self._models = engine.models
         self._operations = engine.operations
@@ -41,10 +43,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._checks = readers.checks  # what a request must satisfy before its session is looked up
         self._write = writer
         self._on_in_band_error = on_in_band_error  # called with the google.rpc.Code of each in-band error
+        # Whether this server's sessions move between replicas routed by their ids: the rnnserve client, told so
+        # when it opens a Stream, then gives each session a stream of its own instead of sharing one.
+        self._routed_by_session = routed_by_session
 
-    def _model(self, name: str, version: str, *, for_new_sessions: bool = True) -> ServedModel:
+    def _model(self, request: Message, *, for_new_sessions: bool = True) -> ServedModel:
         """The model version a request names in its `model` and `model_version` fields."""
-        name, version = RequestReader.model_name(name, "model"), RequestReader.model_name(version, "model_version")
+        name, version = RequestReader.model_of(request)
         return self._models.get(name, version) if for_new_sessions else self._models.find(name, version)
 
     async def _reader_of(self, session_id: str, owner: str) -> RequestReader:
@@ -52,12 +57,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return self._readers.of(await self._engine.model_of(session_id, owner))
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
-        model = self._model(request.model, request.model_version)
-        created = await self._engine.create_session(caller(context), model, self._readers.of(model).create(request))
+        model = self._model(request)
+        create = self._readers.of(model).create(request)
+        created = await self._engine.create_session(caller(context), model, create)
         response = pb.CreateSessionResponse(session=self._write.session(created.session),
                                             cached_prompt_tokens=created.cached_tokens)
         if created.answer is not None:
             self._write.prediction(created.answer.prediction, response.prediction)
+            response.unknown_characters = create.prompt.unknown_characters
         return response
 
     async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
@@ -74,6 +81,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Stream(self, requests, context) -> None:
         owner = caller(context)
+        if self._routed_by_session:
+            await context.send_initial_metadata(STREAM_ROUTED_BY_SESSION)
         await answer_in_order(requests, lambda request: self._submit_in_band(request, owner),
                               lambda replies: self._write_in_order(replies, owner, context))
 
@@ -94,18 +103,38 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def Generate(self, request: pb.GenerateRequest, context) -> None:
-        async def send(token: GeneratedToken) -> None:
-            await context.write(self._write.generated(token))
+        unknown = 0  # the request's, told on the first token only
 
+        def read(model: ServedModel) -> GenerateInput:
+            nonlocal unknown
+            generate = self._readers.of(model).generate(request)
+            unknown = generate.unknown_characters
+            return generate
+
+        async def send(token: GeneratedToken) -> None:
+            nonlocal unknown
+            response = self._write.generated(token)
+            response.unknown_characters, unknown = unknown, 0
+            await context.write(response)
+
+        self.check_generate(request)
+        await self._engine.generate(RequestReader.session_id(request.session_id), caller(context), read, send)
+
+    def check_generate(self, request: pb.GenerateRequest) -> None:
+        """Generate's checks that need no session (the server's limits), for a face that opens the session itself
+        (/v1/completions): a mistake is then refused before a session is opened and its prompt read, and answered
+        INVALID_ARGUMENT even when the session table is full."""
         self._checks.generate_options(request)
-        await self._engine.generate(RequestReader.session_id(request.session_id), caller(context),
-                                    lambda model: self._readers.of(model).generate(request), send)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[self._write.model(model, self._models) for model in self._models.all()])
+        owner = caller(context)
+        return pb.ListModelsResponse(models=[self._write.model(model, self._models, owner)
+                                             for model in self._models.all()])
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.Model:
-        return self._write.model(self._model(request.name, request.version, for_new_sessions=False), self._models)
+        name = RequestReader.model_name(request.name, "model")
+        version = RequestReader.model_name(request.version, "model_version")
+        return self._write.model(self._models.find(name, version), self._models, caller(context))
 
     # Session operations --------------------------------------------------------------------------
 
@@ -135,14 +164,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         continuations = (await self._reader_of(session_id, owner)).score(request)
         position, scored = await self._operations.score(session_id, owner, continuations,
                                                         RequestReader.expected_position(request))
-        return self._write.scores(position, scored)
+        return self._write.scores(request, position, scored)
 
     async def Peek(self, request: pb.StepRequest, context) -> pb.StepResponse:
         session_id, owner = RequestReader.session_id(request.session_id), caller(context)
         step = (await self._reader_of(session_id, owner)).step(request)
         answer = await self._operations.peek(session_id, owner, step.tokens, step.top_k, step.temperature,
                                              step.expected_position)
-        return self._write.step(request, answer)
+        return self._write.step(request, answer._replace(unknown_characters=step.unknown_characters))
 
     async def ExportSession(self, request: pb.ExportSessionRequest, context) -> pb.ExportSessionResponse:
         session, blob = await self._operations.export(RequestReader.session_id(request.session_id), caller(context),
@@ -160,17 +189,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def RegisterState(self, request: pb.RegisterStateRequest, context) -> pb.NamedState:
-        model = self._model(request.model, request.model_version)
-        name, tokens = self._readers.of(model).register_state(request)
-        return self._write.named_state(await self._operations.register_state(model, name, tokens), model)
+        model = self._model(request)
+        name, tokens, unknown = self._readers.of(model).register_state(request)
+        registered = self._write.named_state(
+            await self._operations.register_state(model, caller(context), name, tokens), model)
+        registered.unknown_characters = unknown
+        return registered
 
     async def ListStates(self, request: pb.ListStatesRequest, context) -> pb.ListStatesResponse:
-        model = self._model(request.model, request.model_version, for_new_sessions=False)
-        return pb.ListStatesResponse(states=[self._write.named_state(state, model) for state in model.states.all()])
+        model = self._model(request, for_new_sessions=False)
+        states = model.states.all(caller(context))
+        return pb.ListStatesResponse(states=[self._write.named_state(state, model) for state in states])
 
     async def DeleteState(self, request: pb.DeleteStateRequest, context) -> pb.DeleteStateResponse:
-        model = self._model(request.model, request.model_version, for_new_sessions=False)
-        model.states.delete(check_name(request.name))
+        model = self._model(request, for_new_sessions=False)
+        model.states.delete(caller(context), check_name(request.name))
         return pb.DeleteStateResponse()
 
     # Steps -------------------------------------------------------------------------------------

@@ -76,14 +76,16 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., ttl_seconds: _Optional[int] = ..., initial_state: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session", "prediction", "cached_prompt_tokens")
+    __slots__ = ("session", "prediction", "cached_prompt_tokens", "unknown_characters")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     session: Session
     prediction: Prediction
     cached_prompt_tokens: int
-    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    unknown_characters: int
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., unknown_characters: _Optional[int] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -156,18 +158,20 @@ class Prediction(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "position", "prediction", "error", "request_id")
+    __slots__ = ("session_id", "position", "prediction", "error", "request_id", "unknown_characters")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     prediction: Prediction
     error: _status_pb2.Status
     request_id: int
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[int] = ...) -> None: ...
+    unknown_characters: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., request_id: _Optional[int] = ..., unknown_characters: _Optional[int] = ...) -> None: ...
 
 class StepBatchRequest(_message.Message):
     __slots__ = ("steps",)
@@ -206,18 +210,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., expected_position: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_id", "text", "probability", "position", "finish_reason")
+    __slots__ = ("token_id", "text", "probability", "position", "finish_reason", "unknown_characters")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     text: str
     probability: float
     position: int
     finish_reason: FinishReason
-    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., probability: _Optional[float] = ..., position: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
+    unknown_characters: int
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., probability: _Optional[float] = ..., position: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., unknown_characters: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -343,18 +349,20 @@ class ScoreRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., continuations: _Optional[_Iterable[_Union[Continuation, _Mapping]]] = ..., expected_position: _Optional[int] = ...) -> None: ...
 
 class ContinuationScore(_message.Message):
-    __slots__ = ("token_ids", "texts", "logprobs", "ranks", "total_logprob")
+    __slots__ = ("token_ids", "texts", "logprobs", "ranks", "total_logprob", "unknown_characters")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     ranks: _containers.RepeatedScalarFieldContainer[int]
     total_logprob: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ranks: _Optional[_Iterable[int]] = ..., total_logprob: _Optional[float] = ...) -> None: ...
+    unknown_characters: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ranks: _Optional[_Iterable[int]] = ..., total_logprob: _Optional[float] = ..., unknown_characters: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("position", "scores")
@@ -415,16 +423,18 @@ class RegisterStateRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class NamedState(_message.Message):
-    __slots__ = ("name", "source", "prompt_tokens", "prompt_text")
+    __slots__ = ("name", "source", "prompt_tokens", "prompt_text", "unknown_characters")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     prompt_tokens: int
     prompt_text: str
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ...) -> None: ...
+    unknown_characters: int
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ..., unknown_characters: _Optional[int] = ...) -> None: ...
 
 class ListStatesRequest(_message.Message):
     __slots__ = ("model", "model_version")

@@ -275,22 +275,24 @@ class InferenceServicer:
     def RegisterState(self, request, context):
         """Named states: the state after a prompt, registered once and kept in the prefix-state cache
         (never evicted) so that sessions whose prompt starts with it skip reading it, and usable as
-        a session's initial state (CreateSessionRequest.initial_state). The bundle may ship some too.
+        a session's initial state (CreateSessionRequest.initial_state). A state registered here
+        belongs to the caller's identity, as a session does: to any other its name does not exist.
+        States for every caller ship in the bundle or are registered through Admin; callers may use
+        them but neither replace nor delete them (FAILED_PRECONDITION, STATE_IS_SHIPPED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListStates(self, request, context):
-        """Every named state, shipped and registered.
+        """The named states the caller may use: those for everyone and its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteState(self, request, context):
-        """Forget a registered state (sessions started from it keep their own copy). Shipped states
-        cannot be deleted (FAILED_PRECONDITION).
+        """Forget one of the caller's registered states (sessions started from it keep their own copy).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -948,6 +950,16 @@ class AdminStub:
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.SetDefaultModelRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
                 _registered_method=True)
+        self.RegisterSharedState = channel.unary_unary(
+                '/rnnserve.v1.Admin/RegisterSharedState',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.RegisterStateRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.NamedState.FromString,
+                _registered_method=True)
+        self.DeleteSharedState = channel.unary_unary(
+                '/rnnserve.v1.Admin/DeleteSharedState',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -982,6 +994,23 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedState(self, request, context):
+        """Register a named state for every caller (source "shared"): each caller lists and may start
+        from it, none may replace or delete it. Registering a name again replaces it; a shipped
+        state's name is refused FAILED_PRECONDITION (STATE_IS_SHIPPED). A caller's own state of the
+        same name hides it from that caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSharedState(self, request, context):
+        """Forget a shared state (sessions started from it keep their own copy); a shipped one is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -999,6 +1028,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetDefaultModel,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.SetDefaultModelRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.Model.SerializeToString,
+            ),
+            'RegisterSharedState': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedState,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.RegisterStateRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.NamedState.SerializeToString,
+            ),
+            'DeleteSharedState': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSharedState,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1084,6 +1123,60 @@ class Admin:
             '/rnnserve.v1.Admin/SetDefaultModel',
             rnnserve_dot_v1_dot_rnnserve__pb2.SetDefaultModelRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Admin/RegisterSharedState',
+            rnnserve_dot_v1_dot_rnnserve__pb2.RegisterStateRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.NamedState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSharedState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.Admin/DeleteSharedState',
+            rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.DeleteStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

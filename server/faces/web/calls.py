@@ -24,6 +24,7 @@ from google.rpc import status_pb2
 from starlette.requests import Request
 
 from rnnserve.server.core.errors import InvalidArgument, to_status
+from rnnserve.server.faces.web import request_json
 from rnnserve.server.faces.web.routes import Route
 
 Write = Callable[[Message], Awaitable[None]]
@@ -62,6 +63,9 @@ class HttpContext:
     async def write(self, message: Message) -> None:
         await self._write(message)
 
+    async def send_initial_metadata(self, metadata: object) -> None:
+        """Nothing: gRPC metadata (how the rnnserve client should route a Stream) means nothing to HTTP."""
+
     @staticmethod
     async def abort(code: grpc.StatusCode, details: str = "", *_: object) -> None:
         raise Aborted(status_pb2.Status(code=code.value[0], message=details or code.name))
@@ -91,10 +95,7 @@ def _parse_one(message_class: type[Message], body: object, fields: Mapping[str, 
     for name, value in fields.items():
         if name in body and body[name] != value:
             raise InvalidArgument(name, f"the path gives {value!r}; the body may repeat it but not differ")
-    try:
-        return json_format.ParseDict({**body, **fields}, message_class())
-    except json_format.ParseError as error:
-        raise InvalidArgument("request", str(error)) from None  # names the field and what is wrong with it
+    return request_json.parse(message_class, {**body, **fields})
 
 
 def deadline_of(request: Request) -> float | None:

@@ -5,9 +5,10 @@ Generate with the sampling parameters, CloseSession, all as the caller (tokens a
 apply). `stream: true` answers OpenAI's chunks as server-sent events ending `data: [DONE]`.
 
 Supported: model (a loaded model's name; "" for the default), prompt (a string, a list of token ids,
-or a list of one of either), max_tokens (default 16), temperature (default 1; 0 is greedy), top_p,
-seed, stop (a string or a list; left out of the text, as OpenAI does), stream, stream_options'
+or a list of one of either; not empty), max_tokens (default 16), temperature (default 1; 0 is greedy), top_p,
+seed, stop (a string or a list of up to 4; left out of the text, as OpenAI does), stream, stream_options'
 include_usage, logprobs 0 (each chosen token's log-probability; no alternatives), user (ignored).
+`usage` also counts the prompt's characters outside the vocabulary (`unknown_characters`).
 Refused with 400 naming the field: n, best_of other than 1, echo, suffix, presence and frequency
 penalties other than 0, logit_bias, logprobs above 0, and any field OpenAI does not define.
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from rnnserve import wire_numbers
 from rnnserve.server.core.errors import InvalidArgument
 from rnnserve.server.faces.web import sse
 from rnnserve.server.faces.web.calls import HttpContext, json_body
@@ -31,6 +33,7 @@ from rnnserve.server.faces.web.status import error_event, error_response
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
+MAX_STOP_STRINGS = 4  # OpenAI's: its clients and tools expect a fifth refused, not silently used
 FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop"}
 # Accepted at OpenAI's default (or absent) only; anything else is a feature rnnserve does not have.
 AT_DEFAULT_ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0,
@@ -60,17 +63,21 @@ def _typed(body: dict, name: str, kinds: tuple[type, ...], default: object, what
 
 
 def _prompt(value: object) -> dict:
-    """CreateSessionRequest fields for OpenAI's prompt forms: text, token ids, or a list of one of either."""
+    """CreateSessionRequest fields for OpenAI's prompt forms: text, token ids, or a list of one of either.
+
+    An empty one is refused: the session would have read nothing, so nothing predicts what follows (OpenAI
+    reads a missing prompt as its end-of-text token, which a character vocabulary has not got)."""
     if isinstance(value, list) and value and all(isinstance(item, (str, list)) for item in value):
         if len(value) > 1:
             raise InvalidArgument("prompt", "one prompt per request (n and batched prompts are not supported)")
         value = value[0]
+    if not value and isinstance(value, (str, list)):
+        raise InvalidArgument("prompt", "required: at least one character or token id to continue from")
     if isinstance(value, str):
         return {"prompt_text": value}
     if isinstance(value, list) and all(isinstance(item, int) and not isinstance(item, bool) for item in value):
-        if not all(0 <= item < 2**31 for item in value):
-            raise InvalidArgument("prompt", "token ids must be in the model's vocabulary")
-        return {"prompt_token_ids": value}
+        ids = pb.CreateSessionRequest.DESCRIPTOR.fields_by_name["prompt_token_ids"]
+        return {"prompt_token_ids": [wire_numbers.carried(ids, item) for item in value]}
     raise InvalidArgument("prompt", "a string, a list of token ids, or a list of one of either")
 
 
@@ -82,7 +89,7 @@ def read(body: object) -> Completion:
             raise InvalidArgument(name, "not a field of OpenAI's completion request")
     for name, default in AT_DEFAULT_ONLY.items():
         if body.get(name, default) not in (default, None, {}):
-            raise InvalidArgument(name, f"not supported: only {default!r} (see the README's /v1/completions)")
+            raise InvalidArgument(name, f"not supported: only {default!r} (see docs/API.md, /v1/completions)")
     logprobs = _typed(body, "logprobs", (int,), None, "an integer")
     if logprobs is not None and logprobs != 0:
         raise InvalidArgument("logprobs", "only 0 (the chosen tokens' log-probabilities) or null: no alternatives")
@@ -90,16 +97,17 @@ def read(body: object) -> Completion:
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(item, str) for item in stop):
         raise InvalidArgument("stop", "must be a string or a list of strings")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} strings (OpenAI's limit), got {len(stop)}")
     seed = _typed(body, "seed", (int,), None, "an integer")
     if seed is not None and not 0 <= seed < 2**64:
         raise InvalidArgument("seed", "must be in [0, 2^64)")
-    max_tokens = _typed(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer")
+    # Ranges are the servicer's (its message names the field's, as gRPC's does); a number the wire cannot hold
+    # goes as wire_numbers' stand-in, and a float field holds any number (1e300 as infinity, refused there too).
+    max_tokens = wire_numbers.carried(pb.GenerateRequest.DESCRIPTOR.fields_by_name["max_tokens"],
+                                      _typed(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer"))
     temperature = _typed(body, "temperature", (int, float), 1.0, "a number")
     top_p = _typed(body, "top_p", (int, float), 1.0, "a number")
-    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p)):
-        if not (isinstance(value, int) and 0 <= value < 2**32 or isinstance(value, float) and math.isfinite(value)
-                and 0 <= value < 2**32):
-            raise InvalidArgument(name, "out of range")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
     generate = pb.GenerateRequest(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
     create = pb.CreateSessionRequest(model=_typed(body, "model", (str,), "", "a string"),
@@ -172,13 +180,13 @@ class Completions:
         try:
             context = HttpContext(self._identities(request))
             completion = read(await json_body(request, self._max_body_bytes) or {})
-            created = await self._servicer.CreateSession(completion.create, context)
+            self._servicer.check_generate(completion.generate)
+            created = await self._create(completion, context)
             completion.generate.session_id = created.session.session_id
             head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                     "model": created.session.model}
-            prompt_tokens = created.session.position
             if completion.stream:
-                return await sse.event_stream(lambda send: self._chunks(completion, context, head, prompt_tokens, send),
+                return await sse.event_stream(lambda send: self._chunks(completion, context, head, created, send),
                                               error_event, last="[DONE]")
             try:
                 tokens, finish, generated = await self._generate(completion, context)
@@ -187,7 +195,16 @@ class Completions:
         except Exception as error:  # noqa: BLE001  (answered as every HTTP error is)
             return error_response(error)
         return JSONResponse({**head, "choices": [_choice(tokens, finish, completion.logprobs, 0)],
-                             "usage": _usage(prompt_tokens, generated)})
+                             "usage": _usage(created, generated)})
+
+    async def _create(self, completion: Completion, context: HttpContext) -> pb.CreateSessionResponse:
+        """The session with the prompt read; an error about the prompt names `prompt`, the field the caller gave."""
+        try:
+            return await self._servicer.CreateSession(completion.create, context)
+        except InvalidArgument as error:
+            if error.field in ("prompt_text", "prompt_token_ids"):
+                raise InvalidArgument("prompt", error.description) from None
+            raise
 
     async def _generate(self, completion: Completion, context: HttpContext) -> tuple[list, str, int]:
         """The tokens to answer (stop string left out), the finish reason, and how many were generated."""
@@ -203,7 +220,7 @@ class Completions:
         await self._servicer.Generate(completion.generate, HttpContext(context.peer_identities(), write))
         return out, finish, generated
 
-    async def _chunks(self, completion: Completion, context: HttpContext, head: dict, prompt_tokens: int,
+    async def _chunks(self, completion: Completion, context: HttpContext, head: dict, created: pb.CreateSessionResponse,
                       send: sse.Send) -> None:
         stops, sent, generated = StopsLeftOut(completion.generate.stop), 0, 0
 
@@ -221,14 +238,17 @@ class Completions:
         finally:
             await self._close(completion, context)
         if completion.usage_in_stream:
-            await send({**head, "choices": [], "usage": _usage(prompt_tokens, generated)})
+            await send({**head, "choices": [], "usage": _usage(created, generated)})
 
     async def _close(self, completion: Completion, context: HttpContext) -> None:
         await self._servicer.CloseSession(pb.CloseSessionRequest(session_id=completion.generate.session_id), context)
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(created: pb.CreateSessionResponse, completion: int) -> dict:
+    """OpenAI's usage, and rnnserve's count of the prompt's characters read as the unknown token (docs/INPUT.md)."""
+    prompt = created.session.position
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "unknown_characters": created.unknown_characters}
 
 
 _NULLABLE_INT = {"type": "integer", "nullable": True}
@@ -236,15 +256,17 @@ OPENAPI_PATHS = {"/v1/completions": {"post": {
     "operationId": "Completions", "summary": "OpenAI-style text completion of the default (or a named) model",
     "description": __doc__,
     "requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "additionalProperties": False,
+        "type": "object", "additionalProperties": False, "required": ["prompt"],
         "properties": {
             "model": {"type": "string"},
-            "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer", "minimum": 0}}]},
+            "prompt": {"oneOf": [{"type": "string", "minLength": 1},
+                                 {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]},
             "max_tokens": {"type": "integer", "minimum": 1, "nullable": True},
             "temperature": {"type": "number", "minimum": 0, "nullable": True},
             "top_p": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
             "seed": {"type": "integer", "minimum": 0, "nullable": True},
-            "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}], "nullable": True},
+            "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}],
+                     "nullable": True},
             "stream": {"type": "boolean", "nullable": True},
             "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                                "nullable": True},

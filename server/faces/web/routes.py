@@ -77,9 +77,9 @@ ROUTES: tuple[Route, ...] = (
           "The session as a portable blob (base64 in JSON)"),
     Route("POST", "/v1/sessions/import", f"{INFERENCE}.ImportSession", "A new session from an exported blob"),
     Route("POST", "/v1/states", f"{INFERENCE}.RegisterState", "Register the state after a prompt, by name"),
-    Route("GET", "/v1/states", f"{INFERENCE}.ListStates", "The named states of a model version (default: the "
-          "default's)", query=MODEL_VERSION),
-    Route("DELETE", "/v1/states/{name}", f"{INFERENCE}.DeleteState", "Forget a registered state",
+    Route("GET", "/v1/states", f"{INFERENCE}.ListStates", "The named states of a model version the caller may use "
+          "(default: the default's): those for everyone and its own", query=MODEL_VERSION),
+    Route("DELETE", "/v1/states/{name}", f"{INFERENCE}.DeleteState", "Forget one of the caller's registered states",
           query=MODEL_VERSION),
     Route("GET", "/v1/models", f"{INFERENCE}.ListModels", "The loaded models"),
     Route("GET", "/v1/models/{name}", f"{INFERENCE}.GetModel", "One loaded model, its default version"),
@@ -91,6 +91,10 @@ ROUTES: tuple[Route, ...] = (
           "Stop serving a version: at once, or once its running sessions end"),
     Route("POST", "/v1/admin/models/{name}/{version}/default", f"{ADMIN}.SetDefaultModel",
           "Make a version its model's default for new sessions (server_default: the model the server's too)"),
+    Route("POST", "/v1/admin/states", f"{ADMIN}.RegisterSharedState",
+          "Register the state after a prompt, by name, for every caller (read-only to callers)"),
+    Route("DELETE", "/v1/admin/states/{name}", f"{ADMIN}.DeleteSharedState", "Forget a state shared with every caller",
+          query=MODEL_VERSION),
     Route("GET", "/healthz", f"{HEALTH}.Check", "Liveness: the process answers", MappingProxyType({"service": ""}),
           open=True),
     Route("GET", "/readyz", f"{HEALTH}.Check", "Readiness: 503 while the server starts or drains",

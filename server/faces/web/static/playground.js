@@ -10,6 +10,35 @@ const shown = (text) => text.replace(/ /g, "\u2423").replace(/\n/g, "\u23ce").re
 let session = null;   // {id, text}: the session that has read exactly `text`
 let busy = false;     // one request in flight; typing meanwhile is caught up afterwards
 
+// What a status means to someone at the keyboard; the server's message then says which field and limit.
+const MEANINGS = {
+  INVALID_ARGUMENT: "Not accepted", OUT_OF_RANGE: "Not accepted", FAILED_PRECONDITION: "Not accepted",
+  UNAUTHENTICATED: "A bearer token the server knows is needed (top right)", NOT_FOUND: "The session is gone",
+  RESOURCE_EXHAUSTED: "The server is full", UNAVAILABLE: "The server is unavailable", DEADLINE_EXCEEDED: "Too slow",
+};
+
+// A call the server answered with an error: its gRPC status name and its message, kept apart so that
+// the page can say them in words rather than echo the wire format.
+class Refused extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function readable(error) {
+  if (!(error instanceof Refused)) return `Could not reach the server: ${error.message}`;
+  return `${MEANINGS[error.status] || `The server failed (${error.status})`}: ${error.message}`;
+}
+
+// Shows `message` in the error place `id`, or empties and hides that place when there is none.
+function say(id, message) {
+  $(id).textContent = message;
+  $(id).hidden = !message;
+}
+
+const report = (id, error) => say(id, error ? readable(error) : "");
+
 function headers(extra = {}) {
   const token = $("token").value.trim();
   localStorage.setItem("rnnserve-token", token);
@@ -22,8 +51,9 @@ async function call(method, path, body, accept = "application/json") {
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   if (!response.ok) {
-    const { error } = await response.json();
-    throw new Error(`${error.status}: ${error.message}`);
+    const { error } = await response.json().catch(() => (  // not ours: a proxy's page, say
+      { error: { status: `HTTP ${response.status}`, message: response.statusText } }));
+    throw new Refused(error.status, error.message);
   }
   return response;
 }
@@ -49,19 +79,28 @@ function draw(prediction, text) {
     return row;
   }));
   list.dataset.for = text;
+  $("no-prediction").hidden = true;
+}
+
+// No prediction is current (nothing typed, or the text was refused): nothing of an earlier text stays shown.
+function forget() {
+  if (session) closeSession(session.id);
+  session = null;
+  draw({ texts: [], probabilities: [] }, "");
+  $("no-prediction").hidden = $("text").value !== "";  // else the error place says why there is none
+  $("position").textContent = "\u00a0";
 }
 
 async function follow() {
   if (busy) return;
   busy = true;
+  let text;
   try {
-    for (let text = $("text").value; ; text = $("text").value) {
+    for (text = $("text").value; ; text = $("text").value) {
       if (session && session.text === text) break;
       if (!text) {
-        if (session) closeSession(session.id);
-        session = null;
-        $("predictions").replaceChildren();
-        $("predictions").dataset.for = "";
+        forget();
+        report("error", null);
         break;
       }
       let answer;
@@ -77,12 +116,12 @@ async function follow() {
       }
       draw(answer.prediction, text);
       $("position").textContent = `session ${session.id.slice(0, 8)}\u2026 at position ${answer.position}`;
-      $("error").hidden = true;
+      report("error", null);
     }
   } catch (error) {
-    session = null;
-    $("error").textContent = error.message;
-    $("error").hidden = false;
+    forget();
+    report("error", error);
+    if ($("text").value !== text) setTimeout(follow);  // edited while refused: the error may be gone already
   } finally {
     busy = false;
   }
@@ -105,12 +144,12 @@ async function stream(output, id, seed) {
       pending = events.pop();
       for (const event of events) {
         const data = JSON.parse(event.slice(event.indexOf("data: ") + 6));
-        if (event.startsWith("event: error")) throw new Error(`${data.error.status}: ${data.error.message}`);
+        if (event.startsWith("event: error")) throw new Refused(data.error.status, data.error.message);
         output.textContent += data.text;
       }
     }
   } catch (error) {
-    output.textContent += `\n[${error.message}]`;
+    report("generate-error", error);  // what streamed before it stays: it is the continuation so far
   } finally {
     closeSession(id);
     output.dataset.done = "true";
@@ -120,22 +159,24 @@ async function stream(output, id, seed) {
 // Fork the session that has read the text in two (no re-reading), and continue each with its own seed.
 async function generateTwo() {
   const panes = [$("output-a"), $("output-b")];
-  panes.forEach((pane) => { pane.dataset.done = "false"; });
+  panes.forEach((pane) => { pane.textContent = ""; pane.dataset.done = "false"; });
+  report("generate-error", null);
   while (busy) await new Promise((resolve) => setTimeout(resolve, 10));
   await follow();  // the session has read exactly the text now
-  let source = session;
-  if (!source) {  // no text: fork a session that has read nothing
-    const created = await json("POST", "/v1/sessions", {});
-    source = { id: created.session.session_id, text: "" };
-  }
-  const seed = Number($("seed").value);
+  const source = session;
   try {
+    if (!source) {  // nothing typed, or the text was refused: nothing to continue
+      say("generate-error", $("text").value ? "Nothing to continue: the text above was not accepted."
+                                            : "Type some text first: each fork continues it.");
+      return;
+    }
+    const seed = Number($("seed").value);
     const { sessions } = await json("POST", `/v1/sessions/${source.id}/fork`, { count: 2 });
     await Promise.all(sessions.map((fork, i) => stream(panes[i], fork.session_id, seed + i)));
   } catch (error) {
-    panes.forEach((pane) => { pane.textContent = error.message; pane.dataset.done = "true"; });
+    report("generate-error", error);
   } finally {
-    if (source !== session) closeSession(source.id);
+    panes.forEach((pane) => { pane.dataset.done = "true"; });
   }
 }
 
@@ -147,13 +188,13 @@ async function describeModel() {
     $("model").textContent = `${m.name} ${m.version}: ${m.cell.toUpperCase()} ${m.layers} \u00d7 ${m.hidden_size}, ` +
                              `${m.vocab_size} tokens`;
   } catch (error) {
-    $("model").textContent = error.message;
+    $("model").textContent = readable(error);
   }
 }
 
 $("token").value = localStorage.getItem("rnnserve-token") || "";
 $("token").addEventListener("change", () => { session = null; describeModel(); follow(); });
-$("text").addEventListener("input", follow);
+$("text").addEventListener("input", () => { say("generate-error", ""); follow(); });  // it spoke of the old text
 $("generate").addEventListener("click", generateTwo);
 describeModel();
 follow();

@@ -1,0 +1,354 @@
+"""`session.step()` at a stream's price: the steps of every session of a client over Stream calls it keeps open.
+
+A unary Step costs the server a whole call per token (an HTTP/2 stream, a handler, a status and
+trailers); a step on an open Stream costs a message each way. So a session's `step` sends its
+request on a stream the client shares among its sessions and waits for the answer matched to it
+(the server answers a stream in request order), and keeps what a unary step promises:
+- order: all of a session's steps go on the stream it is on, which the server applies in order;
+- retries: a stream that fails fails every step it carries with its status, and an in-band
+  UNAVAILABLE fails its own step; each is then resent (on a new stream) or raised under the
+  client's retry policy exactly as its unary call would be, so only steps carrying
+  expected_position are resent, and the server answers a resend whose first try landed from its
+  record;
+- deadlines and cancellation: the caller stops waiting at its deadline (DeadlineExceeded) or when
+  cancelled, and the answer, if one comes, is dropped, leaving the session's position where it was,
+  so that a retry is recognised. A unary step is withdrawn if its deadline passes before it ran; a
+  streamed one is not, so it may still apply: as a unary step whose deadline passed while it ran.
+- routing: a server whose sessions move between replicas behind a proxy that routes by
+  `x-session-id` says so in its Stream's initial metadata (`ROUTING_HEADER`); from then on each
+  session gets a stream of its own carrying its id, so the proxy sends it to its replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from rnnserve.client.connection import ROUTING_BY_SESSION, ROUTING_HEADER, SESSION_HEADER, Connection
+from rnnserve.client.errors import DeadlineExceeded, RnnserveError, Unavailable, error_from_rpc, error_from_status
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+_END_OF_REQUESTS = object()
+# The most shared streams a client opens: as many steps in flight as this keep a stream each; more queue behind
+# the least busy. HAProxy in front of replicas allows 1,000 streams on a connection (deploy/haproxy).
+MOST_SHARED = 256
+
+Stream = TypeVar("Stream", "_StepStream", "_AsyncStepStream")
+
+
+def _ended() -> RnnserveError:
+    """Why steps still waiting on a stream that ended without answering them failed: retried as UNAVAILABLE is."""
+    return Unavailable(grpc.StatusCode.UNAVAILABLE, "the stream carrying the step ended before answering it")
+
+
+def _broken(failure: grpc.RpcError) -> RnnserveError:
+    """Why the steps on a stream whose call failed failed.
+
+    The server answers its own faults in-band and goes on, so a call that ends INTERNAL without an
+    rnnserve reason was broken under it (a proxy resetting the stream when its replica died): that
+    is UNAVAILABLE, the step may or may not have arrived, as a unary call's UNKNOWN "Stream removed".
+    """
+    error = error_from_rpc(failure)
+    if error.code == grpc.StatusCode.INTERNAL and error.reason is None:
+        return Unavailable(grpc.StatusCode.UNAVAILABLE, f"the stream carrying the step broke: {error}")
+    return error
+
+
+def _deadline_exceeded() -> RnnserveError:
+    return DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+def _checked(response: pb.StepResponse) -> pb.StepResponse:
+    """The response, or its in-band error raised as the unary call would have raised it."""
+    if response.HasField("error"):
+        raise error_from_status(response.error)
+    return response
+
+
+def _routes_by_session(initial_metadata: Any) -> bool:
+    return any(key == ROUTING_HEADER and value == ROUTING_BY_SESSION for key, value in initial_metadata or ())
+
+
+class _Streams(Generic[Stream]):
+    """The open streams of one client: shared ones, as many as it has steps in flight (up to `MOST_SHARED`), or
+    one per session once the server says it routes sessions by id.
+
+    A stream reads its messages one at a time, an await each, so one stream carrying every session's steps
+    would hand the server its steps one by one, and the server would batch them one by one. So a step takes
+    a shared stream that has nothing in flight, or opens one: under load as many streams as steps in flight,
+    which the server reads together and batches, as it does a stream per session; a lone caller has one.
+    A session whose last step is still on its stream (unanswered, or abandoned at a deadline) sends the
+    next one there behind it, so that its steps reach the server in order.
+    """
+
+    def __init__(self, connection: Connection, open_stream: Callable[[tuple, _Streams, bool], Stream]):
+        self._connection = connection
+        self._open_stream = open_stream
+        self._shared: list[Stream] = []  # open shared streams
+        self._idle: list[Stream] = []  # shared streams with nothing in flight, the last idle first
+        self._last: dict[str, Stream] = {}  # each session's last stream, while the session is open
+        self._own: dict[str, Stream] = {}  # a stream per session, once the server routes sessions by id
+        self._by_session = False  # set when a server answers that its sessions are routed by id
+        self._lock = threading.Lock()  # the sync client's threads take streams while its readers give them back
+
+    def _stream_for(self, session_id: str) -> Stream:
+        with self._lock:
+            if self._by_session:
+                return self._own_stream(session_id)
+            last = self._last.get(session_id)
+            if last is not None and last.open and last.in_flight:
+                return last
+            while self._idle:
+                stream = self._idle.pop()
+                if stream.open:
+                    break
+            else:
+                if len(self._shared) < MOST_SHARED:
+                    stream = self._open_stream(self._connection.metadata, self, True)
+                    self._shared.append(stream)
+                else:
+                    stream = min(self._shared, key=lambda candidate: candidate.in_flight)
+            self._last[session_id] = stream
+            return stream
+
+    def _own_stream(self, session_id: str) -> Stream:
+        stream = self._own.get(session_id)
+        if stream is None or not stream.open:
+            metadata = (*self._connection.metadata, (SESSION_HEADER, session_id))
+            stream = self._own[session_id] = self._open_stream(metadata, self, False)
+        return stream
+
+    def routed(self, by_session: bool) -> None:
+        """What a stream's first answer told: whether sessions are routed by id. If so, no stream is shared."""
+        with self._lock:
+            if not by_session or self._by_session:
+                return
+            self._by_session = True
+            shared, self._shared, self._idle, self._last = self._shared, [], [], {}
+        for stream in shared:
+            stream.retire()
+
+    def idle(self, stream: Stream) -> None:
+        """A shared stream answered all it carried: the next step may take it."""
+        with self._lock:
+            if stream.open and not stream.in_flight:
+                self._idle.append(stream)
+
+    def ended(self, stream: Stream) -> None:
+        with self._lock:
+            if stream in self._shared:
+                self._shared.remove(stream)
+
+    def _send(self, request: pb.StepRequest) -> tuple[Stream, Any]:
+        """The stream the request went out on and the future of its answer.
+
+        A stream retired since it was chosen took nothing, so the request goes on a new one: never sent, it
+        is no retry.
+        """
+        while True:
+            stream = self._stream_for(request.session_id)
+            answer = stream.send(request)
+            if answer is not None:
+                return stream, answer
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self._connection.timeout if timeout is None else timeout
+
+    def _failed(self, stream: Stream, error: RnnserveError) -> None:
+        """A server refusing steps UNAVAILABLE (draining) takes no new ones here: the retry opens another stream."""
+        if isinstance(error, Unavailable):
+            stream.retire()
+
+    def forget(self, session_id: str) -> None:
+        """The session is closed: its own stream, if it has one, ends once it has answered."""
+        with self._lock:
+            self._last.pop(session_id, None)
+            stream = self._own.pop(session_id, None)
+        if stream is not None:
+            stream.retire()
+
+    def close(self) -> None:
+        with self._lock:
+            streams = [*self._shared, *self._own.values()]
+            self._shared, self._idle, self._last, self._own = [], [], {}, {}
+        for stream in streams:
+            stream.retire()
+
+
+class _Answers:
+    """What both kinds of stream keep: the futures of the steps sent and not yet answered, in sending order."""
+
+    def __init__(self, owner: _Streams, shared: bool) -> None:
+        self.open = True
+        self._waiting: deque = deque()
+        self._owner = owner
+        self._shared = shared
+        self._told_routing = False
+
+    @property
+    def in_flight(self) -> int:
+        """Steps sent and not yet answered (abandoned ones too: the server will still answer them)."""
+        return len(self._waiting)
+
+    def _routing(self, initial_metadata: Any) -> None:
+        """Tell the owner, at the first answer, whether the server routes sessions by id."""
+        if not self._told_routing:
+            self._told_routing = True
+            self._owner.routed(_routes_by_session(initial_metadata))
+
+    def _hand_out(self, response: pb.StepResponse) -> None:
+        """The next answer to the oldest step; dropped if its caller stopped waiting (deadline, cancelled)."""
+        answer = self._waiting.popleft()
+        if not answer.done():
+            with contextlib.suppress(InvalidStateError, asyncio.InvalidStateError):  # cancelled just now
+                answer.set_result(response)
+        if self._shared and not self._waiting:
+            self._owner.idle(self)
+
+    def _fail_waiting(self, error: RnnserveError) -> None:
+        """Every step the stream carries and did not answer fails with `error` (it takes no new ones by now)."""
+        self._owner.ended(self)
+        waiting, self._waiting = self._waiting, deque()
+        for answer in waiting:
+            if not answer.done():
+                with contextlib.suppress(InvalidStateError, asyncio.InvalidStateError):
+                    answer.set_exception(error)
+
+
+class _StepStream(_Answers):
+    """One Stream call of the sync client: callers' threads send, a reader thread hands each answer to its step."""
+
+    def __init__(self, stub: Any, metadata: tuple, owner: _Streams, shared: bool):
+        super().__init__(owner, shared)
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # a request and its place among the waiting are taken together
+        self._call = stub.Stream(iter(self._requests.get, _END_OF_REQUESTS), metadata=metadata)
+        threading.Thread(target=self._read, name="rnnserve-client-stream", daemon=True).start()
+
+    def send(self, request: pb.StepRequest) -> Future | None:
+        """The future of the request's answer; None when the stream takes no more requests."""
+        answer: Future = Future()
+        with self._lock:
+            if not self.open:
+                return None
+            self._waiting.append(answer)
+            self._requests.put(request)
+        return answer
+
+    def retire(self) -> None:
+        """Take no more requests; the server ends the call once it has answered the ones sent."""
+        with self._lock:
+            if self.open:
+                self.open = False
+                self._requests.put(_END_OF_REQUESTS)
+
+    def _read(self) -> None:
+        error = _ended()
+        try:
+            for response in self._call:
+                if not self._told_routing:
+                    self._routing(self._call.initial_metadata())
+                self._hand_out(response)
+        except grpc.RpcError as failure:
+            error = _broken(failure)
+        self.retire()
+        with self._lock:
+            self._fail_waiting(error)
+
+
+class StepStreams(_Streams[_StepStream]):
+    """The sync client's streams for `Session.step`."""
+
+    def __init__(self, connection: Connection, stub: Any):
+        super().__init__(connection, lambda metadata, owner, shared: _StepStream(stub, metadata, owner, shared))
+
+    def step(self, request: pb.StepRequest, timeout: float | None, retry_safe: bool) -> pb.StepResponse:
+        """The step's answer; retried as `Client._unary` retries a unary Step."""
+        timeout = self._timeout(timeout)
+        for attempt in itertools.count():
+            stream, answer = self._send(request)
+            try:
+                try:
+                    return _checked(answer.result(timeout))
+                except FutureTimeout:
+                    answer.cancel()
+                    raise _deadline_exceeded() from None
+            except RnnserveError as error:
+                self._failed(stream, error)
+                time.sleep(self._connection.retry.backoff(attempt, error, retry_safe))
+
+
+class _AsyncStepStream(_Answers):
+    """One Stream call of the asyncio client: callers send, a reader task hands each answer to its step."""
+
+    def __init__(self, stub: Any, metadata: tuple, owner: _Streams, shared: bool):
+        super().__init__(owner, shared)
+        self._requests: asyncio.Queue = asyncio.Queue()
+        self._call = stub.Stream(self._sent(), metadata=metadata)
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _sent(self) -> AsyncIterator[pb.StepRequest]:
+        while (request := await self._requests.get()) is not _END_OF_REQUESTS:
+            yield request
+
+    def send(self, request: pb.StepRequest) -> asyncio.Future | None:
+        """The future of the request's answer; None when the stream takes no more requests."""
+        if not self.open:
+            return None
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting.append(answer)
+        self._requests.put_nowait(request)
+        return answer
+
+    def retire(self) -> None:
+        """Take no more requests; the server ends the call once it has answered the ones sent."""
+        if self.open:
+            self.open = False
+            self._requests.put_nowait(_END_OF_REQUESTS)
+
+    async def _read(self) -> None:
+        error = _ended()
+        try:
+            async for response in self._call:
+                if not self._told_routing:
+                    self._routing(await self._call.initial_metadata())
+                self._hand_out(response)
+        except grpc.RpcError as failure:
+            error = _broken(failure)
+        except asyncio.CancelledError:  # the channel closed under it
+            error = RnnserveError(grpc.StatusCode.CANCELLED, "the client was closed")
+        finally:
+            self.retire()
+            self._fail_waiting(error)
+
+
+class AsyncStepStreams(_Streams[_AsyncStepStream]):
+    """The asyncio client's streams for `AsyncSession.step`."""
+
+    def __init__(self, connection: Connection, stub: Any):
+        super().__init__(connection, lambda metadata, owner, shared: _AsyncStepStream(stub, metadata, owner, shared))
+
+    async def step(self, request: pb.StepRequest, timeout: float | None, retry_safe: bool) -> pb.StepResponse:
+        """The step's answer; retried as `AsyncClient._unary` retries a unary Step."""
+        timeout = self._timeout(timeout)
+        for attempt in itertools.count():
+            stream, answer = self._send(request)
+            try:
+                try:
+                    return _checked(await asyncio.wait_for(answer, timeout))
+                except asyncio.TimeoutError:
+                    raise _deadline_exceeded() from None
+            except RnnserveError as error:
+                self._failed(stream, error)
+                await asyncio.sleep(self._connection.retry.backoff(attempt, error, retry_safe))
