@@ -67,6 +67,13 @@ class ServerProcess:
         assert self._process is not None, "not started"
         return self._process.pid
 
+    def announced_port(self, line: re.Pattern, what: str) -> int:
+        """The port of the log line `line` matches (its group 1): what the server bound for `what`."""
+        found = line.search(self.log.read_text(errors="replace"))
+        if found is None:
+            raise RuntimeError(f"the server did not announce {what} (see {self.log})")
+        return int(found.group(1))
+
     def rss_bytes(self) -> int:
         """Resident memory now, from the kernel's own count (VmRSS, in KiB)."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():

@@ -32,6 +32,7 @@ from bench.baseline import Baseline
 from bench.batching import batching
 from bench.floors import F1, f2
 from bench.int8 import int8
+from bench.kserve import V2_FLAGS, kserve_v2
 from bench.metrics_cost import m1
 from bench.models import FLAGS as MODELS_FLAGS
 from bench.models import two_models
@@ -111,8 +112,14 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     async def replicas() -> None:
         await scale_out(command, bundle, sizes, tokens, logs, results, progress)
 
+    async def v2() -> None:
+        progress("v2 face: W2 through tritonclient's asyncio gRPC client at 1, 64 and 256 sequences, beside the "
+                 "native stream (fresh server)")
+        with ServerProcess([*command, *W1_TO_W4_FLAGS, *V2_FLAGS], logs / "server-v2.log") as server:
+            await kserve_v2(server, bundle.name, sizes, tokens, results)
+
     stages = {"operations": operations, "batching": batching_settings, "int8": int8_copy, "models": models,
-              "replicas": replicas}
+              "replicas": replicas, "v2": v2}
     if only is not None:
         await stages[only]()
         return results, shown
@@ -155,6 +162,7 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     http_command = [*command, *W1_TO_W4_FLAGS, "--http-listen", "127.0.0.1:0"]
     with ServerProcess(http_command, logs / "server-http.log") as server:
         await web(server, sizes, tokens, results)
+    await v2()
     f1_round()
     await m1(command, sizes, tokens, logs, results, progress)
     await headline()
@@ -180,14 +188,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preset.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
                         help="a tiny model and tiny counts, for tests (seconds)")
     parser.set_defaults(preset="full")
-    parser.add_argument("--only", choices=["operations", "batching", "int8", "models", "replicas"], default=None,
+    parser.add_argument("--only", choices=["operations", "batching", "int8", "models", "replicas", "v2"], default=None,
                         help="run one stage alone: 'operations' is each session operation against a plain step and "
                              "W6 (cached prompts against cold), on a server of their own; 'batching' is W1 and W2 "
                              "unary on a server per batcher setting (fixed and adaptive waits, --loop-max-tokens 0); "
                              "'int8' is the int8 copy of the reference model: its F1, W1 and W2; 'models' is W2 "
                              "streams at the most sessions on a server of two models, both busy, beside a server "
                              "of one; 'replicas' is R1-R4 "
-                             "(the proxy, hibernation, write-through, memory with Redis). Its figures go to "
+                             "(the proxy, hibernation, write-through, memory with Redis); 'v2' is W2 through the Open "
+                             "Inference Protocol face with tritonclient's asyncio gRPC client, beside the native "
+                             "stream. Its figures go to "
                              "<cache>/<preset>-<stage> unless --out says where, never over bench/results, and "
                              "no plots are drawn")
     parser.add_argument("--out", type=Path, default=None,

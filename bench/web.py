@@ -30,10 +30,7 @@ HTTP_PORT_LINE = re.compile(r"HTTP/JSON and the playground on \S+, port (\d+)") 
 
 
 def http_port(process: ServerProcess) -> int:
-    found = HTTP_PORT_LINE.search(process.log.read_text(errors="replace"))
-    if found is None:
-        raise RuntimeError(f"the server did not announce an HTTP port (see {process.log})")
-    return int(found.group(1))
+    return process.announced_port(HTTP_PORT_LINE, "an HTTP port")
 
 
 class Connection:

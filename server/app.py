@@ -26,10 +26,14 @@ from rnnserve.server.faces import auth, tls, wire
 from rnnserve.server.faces.admin import AdminServicer
 from rnnserve.server.faces.convert import Readers, ResponseWriter
 from rnnserve.server.faces.guard import Guarded
+from rnnserve.server.faces.kserve import rest as v2_rest
+from rnnserve.server.faces.kserve import service as v2_service
+from rnnserve.server.faces.kserve.infer import Inference
+from rnnserve.server.faces.kserve.service import V2Servicer
 from rnnserve.server.faces.servicer import InferenceServicer
 from rnnserve.server.faces.web.app import create_face
 from rnnserve.server.faces.web.face import WebFace
-from rnnserve.server.metrics import Metrics, MetricsEndpoint
+from rnnserve.server.metrics import HttpMetrics, Metrics, MetricsEndpoint
 from rnnserve.server.settings import Settings
 
 SERVICE_NAME = wire.SERVICE.full_name
@@ -45,6 +49,8 @@ class Server:
                  web: WebFace | None = None):
         self.grpc_server = grpc_server
         self.web = web  # the HTTP face, None without --http-listen
+        self.v2_web: WebFace | None = None  # the v2 protocol's REST routes, None without --v2-http-listen
+        self.v2_port: int | None = None  # the v2 protocol's gRPC port, None without --v2-listen
         self.engine = engine
         self.loader = loader
         self._watching: asyncio.Task | None = None
@@ -61,13 +67,22 @@ class Server:
         """The port the HTTP face is served on; None without one."""
         return None if self.web is None else self.web.port
 
+    @property
+    def v2_http_port(self) -> int | None:
+        """The port the v2 protocol's REST routes are served on; None without them."""
+        return None if self.v2_web is None else self.v2_web.port
+
+    @property
+    def _web_faces(self) -> list[WebFace]:
+        return [face for face in (self.web, self.v2_web) if face is not None]
+
     async def start(self) -> None:
         await self.engine.start()
         if self.loader.repository is not None and self.loader.poll_seconds:
             self._watching = asyncio.create_task(self.loader.watch(), name="rnnserve-model-repository")
         await self.grpc_server.start()
-        if self.web is not None:
-            await self.web.start()
+        for face in self._web_faces:
+            await face.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if self.engine.hibernation is not None:
             self.engine.hibernation.on_health = self._report_store_health
@@ -83,7 +98,7 @@ class Server:
         self.engine.drain()
         await self.health.enter_graceful_shutdown()
         await self.engine.hand_off(grace or 0.0)
-        await asyncio.gather(self.grpc_server.stop(grace), *([] if self.web is None else [self.web.stop(grace)]))
+        await asyncio.gather(self.grpc_server.stop(grace), *(face.stop(grace) for face in self._web_faces))
         await self.engine.stop()
         if self.metrics_endpoint is not None:
             await asyncio.to_thread(self.metrics_endpoint.close)
@@ -102,7 +117,8 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     bundles = [(bundle, True)] if bundle is not None else startup_bundles(repository, settings.bundle,
                                                                           settings.default_model)
     logs.lower_caller_gone_records()
-    methods = [method.name for service in (wire.SERVICE, wire.ADMIN_SERVICE) for method in service.methods]
+    services = (wire.SERVICE, wire.ADMIN_SERVICE, *((v2_service.SERVICE,) if settings.v2_listen else ()))
+    methods = list(dict.fromkeys(method.name for service in services for method in service.methods))
     metrics = Metrics(CollectorRegistry(), max_batch_size=settings.max_batch_size, max_sessions=settings.max_sessions,
                       methods=methods) if settings.metrics_listen else None
     engine = Engine(bundles, settings, metrics)
@@ -120,6 +136,7 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", settings.max_message_bytes)])
     on_rpc = None if metrics is None else metrics.record_rpc
+    # One reading of every request, shared by rnnserve's faces, Admin and the v2 face.
     readers, writer = Readers(settings), ResponseWriter()
     servicer = InferenceServicer(engine, readers, writer,
                                  on_in_band_error=None if metrics is None else metrics.record_in_band_error,
@@ -131,9 +148,25 @@ def create_server(settings: Settings, bundle: Bundle | None = None) -> tuple[Ser
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection([SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME,
                                          reflection.SERVICE_NAME], grpc_server)
+    inference = Inference(engine, readers)
+    if settings.v2_listen:
+        v2 = V2Servicer(engine, inference, settings.default_ttl_seconds,
+                        on_in_band_error=None if metrics is None else metrics.record_in_band_error)
+        wire.add_to_server(Guarded(wire.Parsed(v2, v2_service.SERVICE), on_rpc=on_rpc), grpc_server,
+                           v2_service.SERVICE)
     port = tls.add_port(grpc_server, settings)
     endpoint = None if metrics is None else MetricsEndpoint(metrics.registry, settings.metrics_listen)
+    http_metrics = None if metrics is None or not (settings.http_listen or settings.v2_http_listen) else HttpMetrics(
+        metrics.registry)
     web = None if not settings.http_listen else create_face(
         settings, {SERVICE_NAME: servicer, ADMIN_SERVICE_NAME: admin, health.SERVICE_NAME: health_servicer},
-        None if metrics is None else metrics.registry)
-    return Server(grpc_server, engine, loader, health_servicer, endpoint, web), port
+        http_metrics)
+    server = Server(grpc_server, engine, loader, health_servicer, endpoint, web)
+    if settings.v2_listen:
+        server.v2_port = tls.add_port(grpc_server, settings, settings.v2_listen)
+    if settings.v2_http_listen:
+        tokens = auth.ServiceTokens.from_files(settings.auth_tokens_file, ADMIN_SERVICE_NAME,
+                                               settings.admin_tokens_file)
+        server.v2_web = WebFace(v2_rest.create_app(engine, inference, tokens, http_metrics, settings.max_message_bytes,
+                                                   settings.default_ttl_seconds), settings, settings.v2_http_listen)
+    return server, port

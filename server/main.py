@@ -30,6 +30,11 @@ async def serve(settings: Settings) -> None:
              loop_module, round(sys.getswitchinterval() * 1e6), "; ".join(describe(model, models) for model in models.all()))
     if server.http_port is not None:
         log.info("HTTP/JSON and the playground on %s, port %d", settings.http_listen, server.http_port)
+    if server.v2_port is not None:
+        log.info("Open Inference Protocol (KServe v2) over gRPC on %s, port %d", settings.v2_listen, server.v2_port)
+    if server.v2_http_port is not None:
+        log.info("Open Inference Protocol (KServe v2) REST routes on %s, port %d", settings.v2_http_listen,
+                 server.v2_http_port)
     if server.metrics_port is not None:
         log.info("metrics at /metrics on %s, port %d", settings.metrics_listen, server.metrics_port)
     stop = asyncio.Event()

@@ -58,6 +58,14 @@ class Settings:
         "", "host:port to serve the HTTP/JSON face on (the same operations as gRPC, server-sent events, an "
         "OpenAI-style /v1/completions, the playground page at /), e.g. 127.0.0.1:8080; port 0 lets the system "
         "pick one. It shares the engine, TLS, tokens and ownership with gRPC. Empty: no HTTP face.")
+    v2_listen: str = _setting(
+        "", "host:port to serve the Open Inference Protocol (KServe v2, Triton's inference.GRPCInferenceService) "
+        "over gRPC on, e.g. 127.0.0.1:8001, for tritonclient and KServe callers: a Triton sequence (sequence_id, "
+        "sequence_start, sequence_end) is a session of the caller's. It shares the engine, TLS, tokens and "
+        "ownership with the other faces; port 0 lets the system pick one. Empty: no v2 gRPC face.")
+    v2_http_listen: str = _setting(
+        "", "host:port to serve the Open Inference Protocol's REST routes (/v2/health/..., /v2/models/...) on, e.g. "
+        "127.0.0.1:8000, for tritonclient.http and KServe callers; port 0 lets the system pick one. Empty: none.")
     tls_cert: Path | None = _setting(
         None, "PEM certificate (chain) the server presents: serves TLS instead of plaintext. Needs --tls-key.")
     tls_key: Path | None = _setting(

@@ -48,7 +48,11 @@ MODELS_ROWS = {
     ("W2-models", "stream"): ((256,), ("two_busy_one_model_ratio", "two_busy_one_busy_ratio",
                                        "one_busy_one_model_ratio")),
 }
-STAGES = {"operations": OPERATION_ROWS, "batching": BATCHING_ROWS, "int8": INT8_ROWS, "models": MODELS_ROWS}
+# Issue 25: W2 through the Open Inference Protocol face with tritonclient's asyncio gRPC client, beside the native
+# stream on the same server.
+V2_ROWS = {("W2", variant): ((1, 64, 256), LOOP_METRICS) for variant in ("v2-native-stream", "v2-unary", "v2-stream")}
+STAGES = {"operations": OPERATION_ROWS, "batching": BATCHING_ROWS, "int8": INT8_ROWS, "models": MODELS_ROWS,
+          "v2": V2_ROWS}
 # Issue 12: the proxy against direct, hibernation and wake-up, write-through off, every 16 and every token;
 # issue 23: every 16 against a Redis with an append-only file, as the compose file runs them.
 REPLICA_METRICS = ("tokens_per_s", "p50_us", "p99_us")
@@ -92,6 +96,7 @@ REQUIRED = {
     **INT8_ROWS,
     **MODELS_ROWS,
     **REPLICA_ROWS,
+    **V2_ROWS,
 }
 W5_METRICS = ("rss_bytes", "baseline_rss_bytes", "raw_state_bytes")
 
@@ -148,6 +153,12 @@ def test_only_operations_runs_the_session_operations_alone_into_a_folder_of_its_
     statuses = {(t["name"].startswith("W6"), t["status"]) for t in report["targets"]}  # W6 the only target it measures
     assert {status for is_w6, status in statuses if is_w6} <= {"met", "SHORT"}
     assert {status for is_w6, status in statuses if not is_w6} <= {"missing", "reported"}
+
+
+def test_only_v2_runs_tritonclient_sequences_beside_the_native_stream_on_one_server(tmp_path):
+    report = run_stage(tmp_path, "v2")
+    assert all(row["value"] > 0 for row in report["rows"] if row["metric"] in ("tokens_per_s", "p50_us"))
+    assert "KServe v2) over gRPC" in (tmp_path / "cache" / "logs" / "server-v2.log").read_text()
 
 
 def test_only_batching_runs_w1_and_w2_unary_on_a_server_per_batcher_setting(tmp_path):

@@ -21,10 +21,11 @@ def load_generator():
 
 def test_committed_stubs_match_the_proto(tmp_path: Path):
     load_generator().generate(tmp_path)
-    fresh = sorted((tmp_path / "rnnserve" / "v1").glob("*_pb2*.py*"))
-    assert [p.name for p in fresh] == ["rnnserve_pb2.py", "rnnserve_pb2.pyi", "rnnserve_pb2_grpc.py"]
+    fresh = sorted((tmp_path / "rnnserve").glob("*/*_pb2*.py*"))
+    assert [p.name for p in fresh] == ["inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py",
+                                       "rnnserve_pb2.py", "rnnserve_pb2.pyi", "rnnserve_pb2_grpc.py"]
     for generated in fresh:
-        committed = STUB_DIR / generated.name
+        committed = STUB_DIR.parent / generated.parent.name / generated.name
         assert committed.read_text() == generated.read_text(), f"{committed} is stale: run `python proto/generate.py`"
 
 
@@ -57,9 +58,11 @@ def _clear_json_names(message: descriptor_pb2.DescriptorProto) -> None:
 DECLARATION = re.compile(r"^\s*(rpc |message |enum |(repeated |optional )?[\w.<>, ]+ \w+ = \d+;)")
 
 
-def test_every_rpc_message_and_field_is_documented():
+@pytest.mark.parametrize("proto", [STUB_DIR / "rnnserve.proto", ROOT / "proto" / "rnnserve" / "kserve_v2" /
+                                   "inference.proto"], ids=lambda path: path.name)
+def test_every_rpc_message_and_field_is_documented(proto: Path):
     """Each declaration has a comment on the line before it or at the end of its own line."""
-    lines = (STUB_DIR / "rnnserve.proto").read_text().splitlines()
+    lines = proto.read_text().splitlines()
     undocumented = [line.strip() for index, line in enumerate(lines)
                     if DECLARATION.match(line) and "//" not in line and not lines[index - 1].strip().startswith("//")]
     assert not undocumented, undocumented

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from rnnserve.server.core.batcher import StepAnswer
-from rnnserve.server.core.errors import (CapacityExhausted, IdentityQuotaExhausted, PositionMismatch, SessionEvicted,
-                                    SessionExpired, SessionNotFound)
+from rnnserve.server.core.errors import (CapacityExhausted, IdentityQuotaExhausted, InvalidArgument, PositionMismatch,
+                                         SessionEvicted, SessionExpired, SessionNotFound)
 from rnnserve.server.core.prediction import Prediction
 from rnnserve.server.core.sessions import Removal, Session, SessionTable
 from rnnserve.server.model.state_pool import StatePool
@@ -27,6 +27,20 @@ class Table(SessionTable):
 
 def make_table(max_sessions=4, evict=False, remember=100, per_owner=0) -> Table:
     return Table(max_sessions, evict_when_full=evict, remember_removed=remember, max_sessions_per_owner=per_owner)
+
+
+def test_a_session_may_take_an_id_a_face_derived_but_never_a_live_ones():
+    """A Triton sequence's session takes the id the v2 face derived; while it lives, a second cannot take it (two
+    STARTs racing), and once it is closed the id is free again (a new sequence of the same sequence_id)."""
+    table = make_table()
+    first = SessionTable.create(table, "alice", 60, table.model, session_id="seq-1")
+    assert first.id == "seq-1" and table.get("seq-1", "alice") is first
+    with pytest.raises(InvalidArgument, match="a live session already has this id"):
+        SessionTable.create(table, "alice", 60, table.model, session_id="seq-1")
+    assert table.get("seq-1", "alice") is first and len(table) == 1
+    table.remove(first, Removal.CLOSED)
+    second = SessionTable.create(table, "alice", 60, table.model, session_id="seq-1")
+    assert second is not first and table.get("seq-1", "alice") is second
 
 
 def step(session, tokens, now=None):

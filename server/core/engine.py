@@ -56,6 +56,7 @@ class CreateInput:
     ttl_seconds: int  # 0 for the default
     prompt: StepInput | None = None
     initial_state: str = ""  # a named state to start from; "" for zeros
+    session_id: str = ""  # the id a face derived for it (a Triton sequence's); "" for a new random one
 
 
 class Created(NamedTuple):
@@ -159,6 +160,11 @@ class Engine:
             if expired:
                 log.info("freed %d expired sessions; %d remain", expired, len(self.table))
 
+    @property
+    def ready(self) -> bool:
+        """Whether new work is taken: started and not draining."""
+        return self._started and not self._draining
+
     def _accepting(self) -> None:
         if self._draining:
             raise ShuttingDown()
@@ -201,7 +207,8 @@ class Engine:
         arrived = time.perf_counter()
         self._accepting()
         initial = model.states.get(owner, request.initial_state) if request.initial_state else None
-        session = self.table.create(owner, request.ttl_seconds or self.settings.default_ttl_seconds, model, initial)
+        session = self.table.create(owner, request.ttl_seconds or self.settings.default_ttl_seconds, model, initial,
+                                    request.session_id)
         log.debug("created session %s of model %s", session.id, model.describe())
         if request.prompt is None:
             return Created(session, None, 0)
@@ -219,7 +226,10 @@ class Engine:
             self.table.remove(session, Removal.CLOSED)
             raise
         self._record_first_prediction(model, arrived)
-        if self.hibernation is not None and (stored := self.hibernation.created(session)) is not None:
+        # A derived id (a Triton sequence's) is registered before the answer: a START for the same sequence on
+        # another replica meanwhile would otherwise make a second session of it.
+        stored = None if self.hibernation is None else self.hibernation.created(session, wait=bool(request.session_id))
+        if stored is not None:
             await stored
         return Created(session, answer, cached)
 

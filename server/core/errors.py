@@ -46,6 +46,7 @@ class SessionNotFound(RnnserveError):
 
     def __init__(self, session_id: str, how: str = "does not exist"):
         super().__init__(f"session {session_id!r} {how}", session_id=session_id)
+        self.how = how
 
 
 class SessionExpired(SessionNotFound):

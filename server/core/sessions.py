@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from rnnserve.server.core.errors import (CapacityExhausted, PositionMismatch, RnnserveError, SessionEvicted,
-                                    SessionExpired, SessionNotFound, SessionUnavailable)
+from rnnserve.server.core.errors import (CapacityExhausted, InvalidArgument, PositionMismatch, RnnserveError,
+                                         SessionEvicted, SessionExpired, SessionNotFound, SessionUnavailable)
 from rnnserve.server.core.history import Checkpoint, History
 from rnnserve.server.core.lines import Line
 from rnnserve.server.core.quotas import OwnerQuota
@@ -159,9 +159,14 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, owner: str, ttl: float, model: ServedModel, initial: NamedState | None = None) -> Session:
-        """A new session of `model` at position 0: zeros, or the named state `initial` (one of `model`'s)."""
-        session = self._new(owner, ttl, model)
+    def create(self, owner: str, ttl: float, model: ServedModel, initial: NamedState | None = None,
+               session_id: str = "") -> Session:
+        """A new session of `model` at position 0: zeros, or the named state `initial` (one of `model`'s); its id
+        `session_id` when given (derived by a face from names of the caller's, a Triton sequence's), which no live
+        session may hold, else a random one."""
+        if session_id in self._sessions:
+            raise InvalidArgument("session_id", "a live session already has this id: close it first")
+        session = self._new(owner, ttl, model, session_id)
         if initial is not None:  # a new slot is zeros already
             session.initial = initial
             model.pool.set_rows(session.slot, initial.rows)
@@ -190,10 +195,10 @@ class SessionTable:
             return None
         return History.starting_at(self.rewind_depth, self.rewind_checkpoint_every, base)
 
-    def _new(self, owner: str, ttl: float, model: ServedModel) -> Session:
+    def _new(self, owner: str, ttl: float, model: ServedModel, session_id: str = "") -> Session:
         now = time.monotonic()
         # 128 random bits, in hex: an id never starts with '-', which a shell command would read as a flag
-        session = self._add(secrets.token_hex(16), owner, ttl, model, now, time.time(), now)
+        session = self._add(session_id or secrets.token_hex(16), owner, ttl, model, now, time.time(), now)
         if model.events is not None:
             model.events.record_session_created()
         return session

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 Request = TypeVar("Request")
@@ -64,3 +65,27 @@ class InOrder(Generic[Request]):
                 await self._ready
             finally:
                 self._ready = None
+
+
+async def answer_in_order(requests: AsyncIterator[Request], submit: Callable[[Request], asyncio.Future],
+                          write: Callable[[InOrder[Request]], Awaitable[None]]) -> None:
+    """A stream's loop: each request submitted as it arrives, while `write` sends the replies in request order.
+
+    A request that does not parse ends the stream with its status once the writer has stopped; a cancelled
+    stream withdraws the replies not yet handed out.
+    """
+    replies: InOrder[Request] = InOrder()
+    writer = asyncio.create_task(write(replies))
+    try:
+        try:
+            async for request in requests:
+                replies.push(request, submit(request))
+        except Exception:
+            replies.abandon()
+            await writer
+            raise
+        replies.close()
+        await writer
+    finally:  # also when cancelled, the call then over and nothing more to write
+        writer.cancel()
+        replies.abandon()

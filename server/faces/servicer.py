@@ -21,7 +21,7 @@ from rnnserve.server.core.named_states import check_name
 from rnnserve.server.core.served_model import ServedModel
 from rnnserve.server.faces.auth import caller
 from rnnserve.server.faces.convert import Readers, RequestReader, ResponseWriter
-from rnnserve.server.faces.replies import InOrder
+from rnnserve.server.faces.replies import InOrder, answer_in_order
 from rnnserve.server.faces.routing import STREAM_ROUTED_BY_SESSION
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -83,21 +83,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         owner = caller(context)
         if self._routed_by_session:
             await context.send_initial_metadata(STREAM_ROUTED_BY_SESSION)
-        replies: InOrder[pb.StepRequest] = InOrder()
-        writer = asyncio.create_task(self._write_in_order(replies, owner, context))
-        try:
-            try:
-                async for request in requests:
-                    replies.push(request, self._submit_in_band(request, owner))
-            except Exception:  # a request that does not parse: its status goes out once the writer has stopped
-                replies.abandon()
-                await writer
-                raise
-            replies.close()
-            await writer
-        finally:  # also when cancelled, the call then over and nothing more to write
-            writer.cancel()
-            replies.abandon()
+        await answer_in_order(requests, lambda request: self._submit_in_band(request, owner),
+                              lambda replies: self._write_in_order(replies, owner, context))
 
     async def StepBatch(self, request: pb.StepBatchRequest, context) -> pb.StepBatchResponse:
         owner, until = caller(context), deadline(context)

@@ -30,12 +30,14 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
                                        require_client_auth=client_ca is not None)
 
 
-def add_port(server: grpc.aio.Server, settings: Settings) -> int:
-    """Listen on `settings.listen`, with TLS when configured; the port bound (an OSError when it cannot)."""
+def add_port(server: grpc.aio.Server, settings: Settings, listen: str = "") -> int:
+    """Listen on `listen` (default `settings.listen`), with TLS when configured; the port bound (an OSError when it
+    cannot)."""
+    listen = listen or settings.listen
     credentials = server_credentials(settings)
     try:
         if credentials is None:
-            return server.add_insecure_port(settings.listen)
-        return server.add_secure_port(settings.listen, credentials)
+            return server.add_insecure_port(listen)
+        return server.add_secure_port(listen, credentials)
     except RuntimeError as err:
-        raise OSError(f"cannot listen on {settings.listen}: {err}") from None
+        raise OSError(f"cannot listen on {listen}: {err}") from None

@@ -320,16 +320,17 @@ class Hibernation:
 
     # Write-through and registration ------------------------------------------------------------
 
-    def created(self, session: Session) -> asyncio.Future[None] | None:
+    def created(self, session: Session, wait: bool = False) -> asyncio.Future[None] | None:
         """Register a new session, so that no other replica takes its id while it lives here; with write-through,
-        its state too, and the future settles once stored. Skipped while the store is at fault (serving goes on), and
-        written once it is back."""
+        its state too. With write-through or `wait` (a session whose id a face derived, which another replica could
+        be asked to create too), the future settles once stored, failing if another replica holds the id. Skipped
+        while the store is at fault (serving goes on), and written once it is back."""
         if not self.healthy:
             self._unstored.add(session)
             return None
-        if self.write_through_every:
+        if self.write_through_every or wait:
             done = asyncio.get_running_loop().create_future()
-            self._queue(session, True, (done, None))
+            self._queue(session, bool(self.write_through_every), (done, None))
             return done
         self._queue(session, False)
         return None

@@ -17,7 +17,6 @@ from pathlib import Path
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -166,8 +165,7 @@ def create_app(servicers: Mapping[str, object], tokens: ServiceTokens, metrics: 
     return app if metrics is None else Measured(app, metrics)
 
 
-def create_face(settings: Settings, servicers: Mapping[str, object], registry: CollectorRegistry | None) -> WebFace:
-    """The HTTP face for `settings.http_listen`, bound now; its metrics in `registry` (None: metrics off)."""
+def create_face(settings: Settings, servicers: Mapping[str, object], metrics: HttpMetrics | None) -> WebFace:
+    """The HTTP face for `settings.http_listen`, bound now; its requests counted in `metrics` (None: metrics off)."""
     tokens = ServiceTokens.from_files(settings.auth_tokens_file, ADMIN, settings.admin_tokens_file)
-    metrics = None if registry is None else HttpMetrics(registry)
     return WebFace(create_app(servicers, tokens, metrics, settings.max_message_bytes), settings)

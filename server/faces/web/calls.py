@@ -149,14 +149,20 @@ async def _stream(requests: list[Message]) -> AsyncIterator[Message]:
         yield request
 
 
-async def json_body(request: Request, max_bytes: int) -> object:
-    """The decoded body, read up to `max_bytes` and no further; None for an empty one (every field at its default)."""
+async def raw_body(request: Request, max_bytes: int) -> bytes:
+    """The body, read up to `max_bytes` and no further."""
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > max_bytes:
             raise InvalidArgument("request", f"the body is larger than {max_bytes} bytes, the server's "
                                              f"--max-message-bytes")
+    return bytes(raw)
+
+
+async def json_body(request: Request, max_bytes: int) -> object:
+    """The decoded body, read up to `max_bytes` and no further; None for an empty one (every field at its default)."""
+    raw = await raw_body(request, max_bytes)
     if not raw.strip():
         return None
     try:

@@ -53,10 +53,10 @@ def bind(listen: str) -> socket.socket:
 
 
 class WebFace:
-    """`app` served on `settings.http_listen`, with the gRPC port's TLS."""
+    """`app` served on `listen` (default `settings.http_listen`), with the gRPC port's TLS."""
 
-    def __init__(self, app: ASGIApp, settings: Settings):
-        self._socket = bind(settings.http_listen)
+    def __init__(self, app: ASGIApp, settings: Settings, listen: str = ""):
+        self._socket = bind(listen or settings.http_listen)
         self.port: int = self._socket.getsockname()[1]
         tls = {}
         if settings.tls_cert is not None:

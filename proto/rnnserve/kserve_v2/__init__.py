@@ -1,0 +1,1 @@
+"""The Open Inference Protocol (KServe v2) messages rnnserve serves, generated from inference.proto."""
