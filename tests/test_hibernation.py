@@ -260,9 +260,9 @@ def retry_delay(error: grpc.RpcError) -> float | None:
 def test_a_session_the_store_lost_in_a_restart_answers_session_lost(replicas, redis_server):
     a = replicas(hibernate_after_seconds=0.3, write_through_every=1)
     b = replicas(hibernate_after_seconds=0)
-    resting = create(a.stub, prompt_text="resting")
+    resting = create(a.stub, prompt_token_ids=ids("resting"))
     wait_until(lambda: a.held == 0)
-    live = create(a.stub, prompt_text="live")
+    live = create(a.stub, prompt_token_ids=ids("live"))
     redis_server.stop()
     redis_server.start()  # empty: it persists nothing
     store = redis.Redis.from_url(redis_server.url)
@@ -284,7 +284,7 @@ def test_a_session_the_store_lost_in_a_restart_answers_session_lost(replicas, re
 
 def test_a_session_registered_by_a_replica_that_died_before_storing_it_answers_session_lost(replicas):
     a = replicas(hibernate_after_seconds=0)  # no write-through: sessions are registered, their state kept here
-    session_id = create(a.stub, prompt_text="abc")
+    session_id = create(a.stub, prompt_token_ids=ids("abc"))
     store = redis.Redis.from_url(a.running.engine.settings.redis_url)
     wait_until(lambda: store.exists(SESSION_PREFIX + session_id))
     fields = store.hgetall(SESSION_PREFIX + session_id)
@@ -296,7 +296,7 @@ def test_a_session_registered_by_a_replica_that_died_before_storing_it_answers_s
 
 def test_a_session_of_a_dead_replica_is_retried_after_its_lease(replicas):
     a = replicas(hibernate_after_seconds=0, write_through_every=1)
-    session_id = create(a.stub, prompt_text="abc")
+    session_id = create(a.stub, prompt_token_ids=ids("abc"))
     store = redis.Redis.from_url(a.running.engine.settings.redis_url)
     store.hset(SESSION_PREFIX + session_id, "holder", "dead/1")  # held by a replica killed, its lease not lapsed
     store.set(REPLICA_PREFIX + "dead/1", b"1", px=6_000)
@@ -311,7 +311,7 @@ def test_a_drain_while_the_store_is_down_retries_until_it_is_back(replicas, redi
     caplog.set_level(logging.INFO, logger="rnnserve.server.store.hibernation")
     a = replicas(hibernate_after_seconds=0, write_through_every=1)
     b = replicas(hibernate_after_seconds=0)
-    sessions = [create(a.stub, prompt_text=f"session {i}") for i in range(6)]
+    sessions = [create(a.stub, prompt_token_ids=ids(f"session {i}")) for i in range(6)]
     blobs = [export(a.stub, session_id) for session_id in sessions]
     redis_server.stop()
     draining = threading.Thread(target=a.stop, args=(10.0,))
@@ -339,7 +339,7 @@ def test_a_store_that_persists_nothing_is_warned_of_at_start(replicas, redis_ser
 def test_a_session_whose_put_at_rest_the_store_lost_is_not_stuck_with_its_old_holder(replicas):
     a = replicas(hibernate_after_seconds=0.3, write_through_every=1)
     b = replicas(hibernate_after_seconds=0)
-    session_id = create(a.stub, prompt_text="abc")
+    session_id = create(a.stub, prompt_token_ids=ids("abc"))
     before = export(a.stub, session_id)
     wait_until(lambda: a.held == 0)
     store = redis.Redis.from_url(a.running.engine.settings.redis_url)
@@ -358,7 +358,7 @@ def test_a_store_that_refuses_config_and_info_still_tells_its_restart(bundle, tm
         replica = Replica(bundle, Settings(**{**LOOPBACK, "redis_url": locked.url, "hibernate_after_seconds": 0.3,
                                               "write_through_every": 1}))
         try:
-            resting = create(replica.stub, prompt_text="resting")
+            resting = create(replica.stub, prompt_token_ids=ids("resting"))
             wait_until(lambda: replica.held == 0)
             assert "refuses CONFIG" in caplog.text and "persists nothing" not in caplog.text
             locked.stop()
@@ -374,13 +374,13 @@ def test_a_store_that_refuses_config_and_info_still_tells_its_restart(bundle, tm
 
 def test_after_a_fault_the_store_gets_what_it_missed_at_once(replicas, redis_server):
     a = replicas(hibernate_after_seconds=0, write_through_every=4)
-    before = create(a.stub, prompt_text="abcd")  # stored at 4
-    create(a.stub, prompt_text="untouched")  # stored, and not stepped: nothing for the store to miss
+    before = create(a.stub, prompt_token_ids=ids("abcd"))  # stored at 4
+    create(a.stub, prompt_token_ids=ids("untouched"))  # stored, and not stepped: nothing for the store to miss
     registry = a.running.engine.metrics.registry
     writes = registry.get_sample_value("rnnserve_session_store_writes_total")
     redis_server.pause()
     try:
-        during = create(a.stub, prompt_text="efgh")  # not registered: the store does not answer
+        during = create(a.stub, prompt_token_ids=ids("efgh"))  # not registered: the store does not answer
         for position in range(4, 9):
             step(a.stub, before, "x", position)  # crosses 8 unstored, answered all the same
     finally:
@@ -402,7 +402,7 @@ def test_another_callers_lost_session_is_unknown_to_them(replicas, redis_server,
     a = replicas(hibernate_after_seconds=0.2, auth_tokens_file=tokens)
     alice, bob = [(("authorization", f"Bearer {name}-token-0123456789{tail}"),) for name, tail in
                   (("alice", ""), ("bob", "ab"))]
-    session_id = a.stub.CreateSession(pb.CreateSessionRequest(prompt_text="abc"), metadata=alice).session.session_id
+    session_id = a.stub.CreateSession(pb.CreateSessionRequest(prompt_token_ids=ids("abc")), metadata=alice).session.session_id
     wait_until(lambda: a.held == 0)
     redis_server.stop()
     redis_server.start()
