@@ -27,8 +27,8 @@ ECHO_SERVER = Path(__file__).with_name("echo.py")
 
 
 def zero_states(bundle: Bundle, batch: int) -> tuple[np.ndarray, ...]:
-    """[batch, layers, hidden] zeros per state tensor: an LSTM's cost does not depend on the values."""
-    return tuple(np.zeros((batch, *s.row_shape), np.float32) for s in bundle.states)
+    """[batch, *row_shape] zeros per state tensor: a recurrent model's cost does not depend on the values."""
+    return tuple(s.zeros(batch) for s in bundle.states)
 
 
 PACED_GAP_SECONDS = 0.001  # about what a served step spends outside the model between two calls

@@ -26,7 +26,7 @@ def measure_step_cost(graph_path: Path, specs: Sequence[bundle_format.StateSpec]
     cost = {}
     for batch in batches:
         feed = {bundle_format.TOKENS_INPUT: np.ones((batch, 1), np.int64),
-                **{s.input: np.zeros((batch, *s.row_shape), np.float32) for s in specs}}
+                **{s.input: s.zeros(batch) for s in specs}}
         times = []
         for _ in range(repeats):
             start = time.perf_counter()

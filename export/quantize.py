@@ -75,7 +75,7 @@ def compare_outputs(reference: bundle_format.Bundle, candidate: bundle_format.Bu
     for _ in range(COMPARISON_TRIALS):
         batch, length = int(generator.integers(1, 9)), int(generator.integers(1, 33))
         feed = {reference.tokens_input: generator.integers(0, len(reference.vocab), (batch, length), dtype=np.int64),
-                **{s.input: (0.5 * generator.standard_normal((batch, *s.row_shape))).astype(np.float32)
+                **{s.input: (0.5 * generator.standard_normal((batch, *s.row_shape))).astype(s.dtype)
                    for s in reference.states}}
         (logits, *states), (q_logits, *q_states) = (session.run(None, feed) for session in sessions)
         worst["logits_max_abs"] = max(worst["logits_max_abs"], float(np.abs(logits - q_logits).max()))
@@ -102,7 +102,7 @@ def measure_parity(bundle: bundle_format.Bundle, val_ids: np.ndarray, trials: in
         return session.run(outputs, {bundle.tokens_input: tokens, **{s.input: v for s, v in zip(bundle.states, state)}})
 
     def zeros(batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, *s.row_shape), np.float32) for s in bundle.states]  # [batch, layers, hidden] each
+        return [s.zeros(batch) for s in bundle.states]  # [batch, *row_shape] each
 
     def one_token_per_call(tokens: np.ndarray, carry: bool) -> np.ndarray:
         state, stepped = zeros(1), []

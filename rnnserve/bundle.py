@@ -14,17 +14,20 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-from rnnserve.vocab import Vocabulary
+from rnnserve.vocab import AnyVocabulary, vocabulary_from_manifest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what writers write: named token and logits tensors, states of any shape and dtype, 3 vocabularies
+READABLE_FORMATS = (1, 2)  # format 1: states [batch, layers, hidden] float32, "tokens" and "logits", characters
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
-TOKENS_INPUT = "tokens"
+TOKENS_INPUT = "tokens"  # the names format 1 fixes, and writers' defaults
 LOGITS_OUTPUT = "logits"
-STATE_DTYPE = "float32"
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+STATE_DTYPES = ("float32", "float16")
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.INT64: "int64"}
 
 
 class BundleError(ValueError):
@@ -33,28 +36,49 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One recurrent state tensor, batch-major [batch, layers, hidden] float32."""
+    """One recurrent state tensor: batch-major `[batch, *shape]`, stored as `dtype` (float32 or float16)."""
 
     name: str
     input: str
     output: str
-    layers: int
-    hidden: int
+    shape: tuple[int, ...]  # without the batch axis: [layers, hidden] for an LSTM, [layers, heads, dim, state]...
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in STATE_DTYPES:
+            raise ValueError(f"state {self.name!r}: dtype {self.dtype!r} is not one of {STATE_DTYPES}")
+        if not all(isinstance(d, int) and d > 0 for d in self.shape):
+            raise ValueError(f"state {self.name!r}: shape {list(self.shape)} must be positive integers")
 
     @property
-    def row_shape(self) -> tuple[int, int]:
-        return (self.layers, self.hidden)
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def zeros(self, batch: int) -> np.ndarray:
+        """The state of `batch` sessions that have read nothing: `[batch, *shape]` of the storage dtype."""
+        return np.zeros((batch, *self.shape), self.dtype)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "input": self.input, "output": self.output,
-                "shape": ["batch", self.layers, self.hidden], "dtype": STATE_DTYPE}
+                "shape": ["batch", *self.shape], "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> StateSpec:
+        if entry["shape"][0] != "batch":
+            raise ValueError(f"state {entry['name']!r}: shape {entry['shape']} must start with 'batch'")
+        return cls(entry["name"], entry["input"], entry["output"], tuple(int(d) for d in entry["shape"][1:]),
+                   entry.get("dtype", "float32"))
 
 
 @dataclass(frozen=True)
 class Bundle:
     path: Path
     manifest: dict
-    vocab: Vocabulary
+    vocab: AnyVocabulary
     states: tuple[StateSpec, ...]
 
     @property
@@ -71,6 +95,7 @@ class Bundle:
 
     @property
     def cell(self) -> str:
+        """The architecture's name as its exporter gave it (lstm, gru, mingru...): a label, never a switch."""
         return self.manifest["cell"]
 
     @property
@@ -79,15 +104,19 @@ class Bundle:
 
     @property
     def tokens_input(self) -> str:
-        return TOKENS_INPUT
+        return self.manifest.get("tokens_input", TOKENS_INPUT)
 
     @property
     def logits_output(self) -> str:
-        return LOGITS_OUTPUT
+        return self.manifest.get("logits_output", LOGITS_OUTPUT)
 
     @property
     def state_bytes_per_session(self) -> int:
-        return sum(4 * s.layers * s.hidden for s in self.states)
+        return sum(s.row_bytes for s in self.states)
+
+    def describe_states(self) -> str:
+        """The states for a log line: `h [2, 16] float32, c [2, 16] float32`."""
+        return ", ".join(f"{s.name} {list(s.shape)} {s.dtype}" for s in self.states)
 
 
 DEFAULT_MODEL = "shakespeare-lstm"
@@ -123,12 +152,23 @@ def _require(manifest: dict, *keys: str, where: Path) -> None:
         raise BundleError(f"{where}: manifest lacks {', '.join(missing)}")
 
 
-def _graph_signature(graph_path: Path) -> dict[str, tuple[str, list]]:
-    """{name: (dtype, shape)} of the graph's inputs and outputs; dynamic axes appear by name."""
+def _load_graph(graph_path: Path) -> onnx.ModelProto:
     try:
-        model = onnx.load(str(graph_path), load_external_data=False)
+        return onnx.load(str(graph_path), load_external_data=False)
     except Exception as err:  # onnx raises several types for a corrupt file
         raise BundleError(f"{graph_path}: not a readable ONNX graph ({err})") from None
+
+
+def graph_inputs(graph_path: Path) -> list[str]:
+    """The names of the graph's inputs that a caller feeds (initializers listed as inputs excluded)."""
+    model = _load_graph(graph_path)
+    constants = {tensor.name for tensor in model.graph.initializer}
+    return [value.name for value in model.graph.input if value.name not in constants]
+
+
+def graph_signature(graph_path: Path) -> dict[str, tuple[str, list]]:
+    """{name: (dtype, shape)} of the graph's inputs and outputs; dynamic axes appear by name."""
+    model = _load_graph(graph_path)
     signature = {}
     for value in [*model.graph.input, *model.graph.output]:
         tensor = value.type.tensor_type
@@ -160,9 +200,9 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{manifest_path}: not valid JSON ({err})") from None
     _require(manifest, "format_version", "name", "version", "cell", "sizes", "vocabulary", "state", "graph",
              where=manifest_path)
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in READABLE_FORMATS:
         raise BundleError(f"{manifest_path}: format_version {manifest['format_version']} is not supported "
-                          f"(this rnnserve reads {FORMAT_VERSION})")
+                          f"(this rnnserve reads {', '.join(map(str, READABLE_FORMATS))})")
     graph_path = path / GRAPH
     if not graph_path.is_file():
         raise BundleError(f"{path}: no {GRAPH}")
@@ -170,22 +210,55 @@ def load_bundle(path: str | Path) -> Bundle:
     if actual != manifest["graph"].get("sha256"):
         raise BundleError(f"{graph_path}: sha256 {actual} does not match the manifest's "
                           f"{manifest['graph'].get('sha256')} (corrupt or replaced graph)")
+    vocab = _vocabulary(manifest, path, manifest_path)
     try:
-        vocab = Vocabulary(manifest["vocabulary"]["tokens"])
-        states = tuple(StateSpec(s["name"], s["input"], s["output"], int(s["shape"][1]), int(s["shape"][2]))
-                       for s in manifest["state"])
+        states = tuple(StateSpec.from_dict(s) for s in manifest["state"])
     except (KeyError, IndexError, TypeError, ValueError) as err:
-        raise BundleError(f"{manifest_path}: malformed vocabulary or state entry ({err})") from None
+        raise BundleError(f"{manifest_path}: malformed state entry ({err})") from None
+    if not states:
+        raise BundleError(f"{manifest_path}: no state tensors: a model with no state needs no session server")
     if len(vocab) != manifest["sizes"].get("vocab_size"):
         raise BundleError(f"{manifest_path}: vocabulary has {len(vocab)} tokens, sizes.vocab_size says "
                           f"{manifest['sizes'].get('vocab_size')}")
-    signature = _graph_signature(graph_path)
-    _check_tensor(signature, TOKENS_INPUT, "int64", ["time"], graph_path)
-    _check_tensor(signature, LOGITS_OUTPUT, "float32", ["time", len(vocab)], graph_path)
+    bundle = Bundle(path, manifest, vocab, states)
+    signature = graph_signature(graph_path)
+    _check_tensor(signature, bundle.tokens_input, "int64", ["time"], graph_path)
+    _check_tensor(signature, bundle.logits_output, "float32", ["time", len(vocab)], graph_path)
     for state in states:
-        _check_tensor(signature, state.input, STATE_DTYPE, list(state.row_shape), graph_path)
-        _check_tensor(signature, state.output, STATE_DTYPE, list(state.row_shape), graph_path)
-    return Bundle(path, manifest, vocab, states)
+        _check_tensor(signature, state.input, state.dtype, list(state.shape), graph_path)
+        _check_tensor(signature, state.output, state.dtype, list(state.shape), graph_path)
+    return bundle
+
+
+def _vocabulary(manifest: dict, path: Path, manifest_path: Path) -> AnyVocabulary:
+    """The manifest's vocabulary, its tokenizer file read from the bundle (and checked against its sha256)."""
+    entry = manifest["vocabulary"]
+
+    def read_file(name: str) -> str:
+        file = path / name
+        if Path(name).name != name or not file.is_file():
+            raise BundleError(f"{path}: the vocabulary's file {name!r} is not in the bundle")
+        expected = entry.get("sha256")
+        if expected is not None and sha256_of(file) != expected:
+            raise BundleError(f"{file}: sha256 does not match the manifest's {expected} (corrupt or replaced)")
+        return file.read_text(encoding="utf-8")
+
+    try:
+        return vocabulary_from_manifest(entry, read_file)
+    except BundleError:
+        raise
+    except Exception as err:  # KeyError, ValueError, and the tokenizers library's own exceptions
+        raise BundleError(f"{manifest_path}: malformed vocabulary entry ({err})") from None
+
+
+def write_vocabulary(directory: Path, vocab: AnyVocabulary) -> dict:
+    """Write the vocabulary's file into the bundle being assembled (a tokenizer's tokenizer.json); its manifest entry."""
+    entry = vocab.manifest_entry()
+    if "file" in entry:
+        file = directory / entry["file"]
+        file.write_text(vocab.json, encoding="utf-8")
+        entry["sha256"] = sha256_of(file)
+    return entry
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

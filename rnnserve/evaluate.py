@@ -97,5 +97,5 @@ def evaluate_bundle(bundle, ids: np.ndarray, streams: int = EVAL_STREAMS, chunk:
         logits, *new = session.run(outputs, feed)
         return logits, tuple(new)
 
-    state = tuple(np.zeros((streams, *s.row_shape), np.float32) for s in bundle.states)  # [B, L, H] each
+    state = tuple(s.zeros(streams) for s in bundle.states)  # [streams, *row_shape] each
     return evaluate(step, state, ids, streams, chunk)

@@ -60,7 +60,7 @@ def state_after(bundle: Bundle, prompt: str) -> tuple[dict[str, np.ndarray], np.
 
     session = ort.InferenceSession(str(bundle.graph_path), providers=["CPUExecutionProvider"])
     feed = {bundle.tokens_input: bundle.vocab.encode(prompt)[np.newaxis],
-            **{s.input: np.zeros((1, *s.row_shape), np.float32) for s in bundle.states}}
+            **{s.input: s.zeros(1) for s in bundle.states}}
     logits, *states = session.run([bundle.logits_output, *(s.output for s in bundle.states)], feed)
     return {spec.name: state[0] for spec, state in zip(bundle.states, states)}, logits[0, -1]
 

@@ -47,7 +47,7 @@ def describe(model: ServedModel, models: ModelRegistry) -> str:
     roles = [role for role, applies in (("the default", models.is_server_default(model)),
                                         ("its model's default", models.is_default(model)
                                          and not models.is_server_default(model))) if applies]
-    return (f"{model.describe()} ({bundle.cell}, {bundle.states[0].layers} x {bundle.states[0].hidden}, sha256 "
+    return (f"{model.describe()} ({bundle.cell}, state {bundle.describe_states()}, sha256 "
             f"{bundle.sha256[:12]}{', ' + roles[0] if roles else ''})")
 
 

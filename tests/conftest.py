@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random-weight bundles of every cell, and real servers on loopback ports."""
+"""Shared fixtures: tiny random-weight bundles of every cell, and real servers on loopback ports.
+
+A test module marked `pytest.mark.every_model` runs each of its tests against every served kind
+(`serving.SERVED_KINDS`: the shipped LSTM's kind, a GRU over a byte-level BPE tokenizer, a state-space
+layer with a 4-D state): its `bundle`, and every server started from it, is that kind's.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +16,37 @@ import pytest
 from rnnserve.bundle import Bundle
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2_grpc
-from serving import CELLS, RunningServer, Unbatched, build_tiny_bundle
+from serving import CELLS, SERVED_KINDS, RunningServer, TinyBundles, Unbatched, build_tiny_bundle
 
 # gRPC and metrics on ephemeral loopback ports: every test server keeps metrics, as deployed.
 LOOPBACK = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
 
 
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Bundle]:
-    root = tmp_path_factory.mktemp("bundles")
-    return {cell: build_tiny_bundle(cell, root / cell) for cell in CELLS}
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "every_model: run the module's tests against every served kind of model")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests of a module marked every_model take `served_kind` from SERVED_KINDS instead of the fixture's lstm."""
+    if metafunc.definition.get_closest_marker("every_model") and "served_kind" in metafunc.fixturenames:
+        metafunc.parametrize("served_kind", SERVED_KINDS, scope="session")
 
 
 @pytest.fixture(scope="session")
-def bundle(bundles: dict[str, Bundle]) -> Bundle:
-    return bundles["lstm"]
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> TinyBundles:
+    """Every tiny bundle by kind (a cell, "bpe", "ssm"), each built when first asked for."""
+    return TinyBundles(tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="session")
+def served_kind() -> str:
+    """The kind of model `bundle` is: the shipped model's, an LSTM, unless the module is marked every_model."""
+    return "lstm"
+
+
+@pytest.fixture(scope="session")
+def bundle(bundles: TinyBundles, served_kind: str) -> Bundle:
+    return bundles[served_kind]
 
 
 @pytest.fixture(params=CELLS)

@@ -33,6 +33,7 @@ from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 CELLS = ("lstm", "gru", "rnn")
+SERVED_KINDS = ("lstm", "bpe", "ssm")  # the shipped model's kind, a subword model, a model with a 4-D state
 TINY_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789,;:!?'\n"
 
 
@@ -76,6 +77,47 @@ def build_tiny_bundle(cell: str, out_dir: Path, hidden_size: int = 16, name: str
     vocab = Vocabulary.from_text(TINY_TEXT)
     model = RecurrentLM(ModelConfig(cell, len(vocab), embed_size=8, hidden_size=hidden_size, layers=2))
     return export_bundle(model, vocab, out_dir, name=name or f"tiny-{cell}", version=version)
+
+
+def build_subword_bundle(out_dir: Path, seed: int = 1234) -> Bundle:
+    """A one-layer GRU over a byte-level BPE tokenizer trained on a few KB of text, random weights."""
+    import torch
+
+    from rnnserve.export import export_module
+    from rnnserve.vocab import TokenizerVocabulary
+    from tiny_models import TinyGRU, tiny_corpus, train_tokenizer
+
+    torch.manual_seed(seed)
+    vocab = TokenizerVocabulary(train_tokenizer(tiny_corpus()))
+    return export_module(TinyGRU(len(vocab)), vocab, out_dir, name="tiny-bpe", version="test", cell="gru")
+
+
+def build_ssm_bundle(out_dir: Path, seed: int = 1234) -> Bundle:
+    """A selective state-space layer with state [layers, heads, head_dim, d_state] over characters, random weights."""
+    import torch
+
+    from rnnserve.export import export_module
+    from rnnserve.vocab import Vocabulary
+    from tiny_models import TinySSM
+
+    torch.manual_seed(seed)
+    vocab = Vocabulary.from_text(TINY_TEXT)
+    return export_module(TinySSM(len(vocab)), vocab, out_dir, name="tiny-ssm", version="test", cell="ssm")
+
+
+class TinyBundles:
+    """Tiny bundles by kind (a cell of CELLS, or "bpe", "ssm"), each built on first use and then kept."""
+
+    def __init__(self, root: Path):
+        self._root = root
+        self._built: dict[str, Bundle] = {}
+
+    def __getitem__(self, kind: str) -> Bundle:
+        if kind not in self._built:
+            out = self._root / kind
+            self._built[kind] = (build_subword_bundle(out) if kind == "bpe" else build_ssm_bundle(out)
+                                 if kind == "ssm" else build_tiny_bundle(kind, out))
+        return self._built[kind]
 
 
 def stateless_copy(bundle: Bundle, out: Path, version: str | None = None) -> Bundle:
@@ -157,7 +199,7 @@ class Unbatched:
         self.bundle = bundle
         self._session = ort.InferenceSession(str(bundle.graph_path), providers=["CPUExecutionProvider"])
         self._outputs = [bundle.logits_output, *(s.output for s in bundle.states)]
-        self.states = [np.zeros((1, *s.row_shape), np.float32) for s in bundle.states]  # [1, layers, hidden] each
+        self.states = [s.zeros(1) for s in bundle.states]  # [1, *row_shape] each
         self.logits = np.zeros(len(bundle.vocab), np.float32)  # [vocab] after the last token read
 
     def feed(self, tokens) -> None:

@@ -27,13 +27,13 @@ from rnnserve.server.settings import Settings, parse_settings
 from rnnserve.server.store.snapshot import ModelIdentity, open_snapshot
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
-from rnnserve.vocab import Vocabulary
-from serving import TINY_TEXT, RunningServer, assert_fails, create
+from serving import RunningServer, assert_fails, create
 from test_metrics import samples, scrape
 
+pytestmark = pytest.mark.every_model
+
 TEXT = "The quick brown fox jumps over the lazy dog."
-SPLIT = 16  # read before the restart; the rest after it
-VOCAB_SIZE = len(Vocabulary.from_text(TINY_TEXT))  # the tiny bundles' vocabulary: every token's probability compared
+SPLIT = 8  # tokens read before the restart; the rest after it
 
 
 def snapshot_flags(path: Path, interval: float = 0.0) -> list[str]:
@@ -48,12 +48,20 @@ def serving(bundle: Bundle, log: Path, flags: list[str]) -> Iterator[tuple[Serve
         yield server, channel
 
 
-def step(stub, session_id: str, text: str, **fields) -> pb.StepResponse:
-    return stub.Step(pb.StepRequest(session_id=session_id, text=text, top_k=VOCAB_SIZE, **fields))  # every probability
+def text_ids(bundle: Bundle) -> list[int]:
+    """TEXT in the bundle's vocabulary: one id a character, or fewer subwords."""
+    tokens = bundle.vocab.encode(TEXT).tolist()
+    assert len(tokens) > SPLIT + 1
+    return tokens
 
 
-def steps(stub, session_id: str, text: str) -> list[pb.Prediction]:
-    return [step(stub, session_id, character).prediction for character in text]
+def step(stub, bundle: Bundle, session_id: str, token: int, **fields) -> pb.StepResponse:
+    return stub.Step(pb.StepRequest(session_id=session_id, token_ids=[token], top_k=len(bundle.vocab),
+                                    **fields))  # every probability
+
+
+def steps(stub, bundle: Bundle, session_id: str, tokens: list[int]) -> list[pb.Prediction]:
+    return [step(stub, bundle, session_id, token).prediction for token in tokens]
 
 
 def positions_in_snapshot(path: Path, bundle: Bundle, rows: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -69,10 +77,13 @@ def test_a_session_continues_bit_identically_after_a_signal_and_a_restart(bundle
     flags = snapshot_flags(tmp_path / "sessions.snap")
     with serving(bundle, tmp_path / "before.log", flags) as (server, channel):
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
-        control = create(stub, prompt_text=TEXT[:SPLIT])
-        expected = steps(stub, control, TEXT[SPLIT:])  # the same session, never restarted
-        subject = stub.CreateSession(pb.CreateSessionRequest(prompt_text=TEXT[:SPLIT - 1], ttl_seconds=600)).session
-        last = step(stub, subject.session_id, TEXT[SPLIT - 1], expected_position=SPLIT - 1)
+        tokens = text_ids(bundle)
+        control = create(stub, prompt_token_ids=tokens[:SPLIT - 1])  # read in calls of the subject's shapes
+        step(stub, bundle, control, tokens[SPLIT - 1])
+        expected = steps(stub, bundle, control, tokens[SPLIT:])  # the same session, never restarted
+        subject = stub.CreateSession(pb.CreateSessionRequest(prompt_token_ids=tokens[:SPLIT - 1],
+                                                             ttl_seconds=600)).session
+        last = step(stub, bundle, subject.session_id, tokens[SPLIT - 1], expected_position=SPLIT - 1)
         os.kill(server.pid, signum)
         server.stop()  # waits for the exit
     assert "saved 2 sessions" in (tmp_path / "before.log").read_text()
@@ -80,8 +91,8 @@ def test_a_session_continues_bit_identically_after_a_signal_and_a_restart(bundle
     with serving(bundle, tmp_path / "after.log", flags) as (_, channel):
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
         restored = stub.GetSession(pb.GetSessionRequest(session_id=subject.session_id))
-        retried = step(stub, subject.session_id, TEXT[SPLIT - 1], expected_position=SPLIT - 1)
-        continued = steps(stub, subject.session_id, TEXT[SPLIT:])
+        retried = step(stub, bundle, subject.session_id, tokens[SPLIT - 1], expected_position=SPLIT - 1)
+        continued = steps(stub, bundle, subject.session_id, tokens[SPLIT:])
     assert "restored 2 sessions" in (tmp_path / "after.log").read_text()
     assert restored.position == SPLIT and restored.created == subject.created
     assert restored.expires.ToNanoseconds() - restored.last_active.ToNanoseconds() == pytest.approx(600e9, abs=1e6)
@@ -112,12 +123,13 @@ def test_periodic_snapshots_bound_what_kill_9_loses(bundle, tmp_path):
     flags = snapshot_flags(path, interval=3.0)
     with serving(bundle, tmp_path / "killed.log", flags) as (server, channel):
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
-        session_id = create(stub, prompt_text=TEXT[:SPLIT])
+        tokens = text_ids(bundle)
+        session_id = create(stub, prompt_token_ids=tokens[:SPLIT])
         deadline = time.monotonic() + 10
         while not path.exists() or session_id not in positions_in_snapshot(path, bundle, rows):
             assert time.monotonic() < deadline, "no periodic snapshot within 10 s"
             time.sleep(0.02)
-        lost = step(stub, session_id, TEXT[SPLIT])  # after the last snapshot, 3 s before the next: the crash loses it
+        lost = step(stub, bundle, session_id, tokens[SPLIT])  # after the last snapshot, 3 s before the next: the crash loses it
         os.kill(server.pid, signal.SIGKILL)
         server.stop()
     assert positions_in_snapshot(path, bundle, rows) == {session_id: SPLIT}
@@ -125,7 +137,7 @@ def test_periodic_snapshots_bound_what_kill_9_loses(bundle, tmp_path):
     with serving(bundle, tmp_path / "restarted.log", flags) as (_, channel):
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
         assert stub.GetSession(pb.GetSessionRequest(session_id=session_id)).position == SPLIT
-        assert step(stub, session_id, TEXT[SPLIT]) == lost  # the lost step, sent again, answers exactly as before
+        assert step(stub, bundle, session_id, tokens[SPLIT]) == lost  # the lost step, sent again, answers exactly as before
 
 
 def test_periodic_snapshots_need_a_path(capsys):
@@ -163,7 +175,7 @@ def test_a_smaller_cap_after_a_restart_keeps_the_most_recently_active(bundle, st
         stub = rnnserve_pb2_grpc.InferenceStub(channel)
         sessions = [create(stub) for _ in range(3)]
         for session_id in (sessions[1], sessions[0], sessions[2]):  # sessions[1] is now the least recently active
-            step(stub, session_id, "a")
+            step(stub, bundle, session_id, 1)
     first.stop()
     with caplog.at_level(logging.INFO, "rnnserve.server.store.durability"):
         second = start_server(**{cap: 2}, metrics_listen="127.0.0.1:0", **flags)

@@ -13,6 +13,7 @@ import torch
 from rnnserve.bundle import BundleError, load_bundle
 from rnnserve.evaluate import evaluate_bundle
 from rnnserve.export import export as exporter
+from rnnserve.export import module_export
 from rnnserve.export.model import ModelConfig, RecurrentLM
 from rnnserve.export.train import PRESETS, Trainer
 
@@ -97,11 +98,12 @@ def test_resume_continues_from_checkpoint(tiny_corpus, tmp_path):
 def test_parity_failure_stops_export_with_numbers(tmp_path):
     model = RecurrentLM(ModelConfig("gru", 10, 4, 8, 1)).eval()
     graph = tmp_path / "model.onnx"
-    exporter.write_graph(model, graph)
+    specs = module_export.state_specs(model, {"h": (1, 8)})
+    module_export.write_graph(model, specs, graph)
     with torch.no_grad():
         model.head.bias += 0.01  # the graph no longer matches the module
-    with pytest.raises(exporter.ParityError, match="logits_vs_torch"):
-        exporter.check_parity(model, graph)
+    with pytest.raises(module_export.ParityError, match="logits_vs_torch"):
+        module_export.check_parity(model, specs, 10, graph)
 
 
 # -- broken bundles ---------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from rnnserve.v1 import rnnserve_pb2_grpc
 from redis_process import RedisProcess
 from serving import RunningServer, assert_fails, create
 
+pytestmark = pytest.mark.every_model
+
 LOOPBACK = {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "sweep_seconds": 0.05,
             "redis_lease_seconds": 1.0, "redis_timeout_seconds": 0.5}
 
@@ -69,8 +71,13 @@ def replicas(bundle: Bundle, redis_server: RedisProcess) -> Iterator[Callable[..
         replica.stop()
 
 
+def ids(text: str) -> list[int]:
+    """One id per character, valid in every served vocabulary: positions are then the texts' lengths in any model."""
+    return [ord(character) % 40 for character in text]
+
+
 def step(stub, session_id: str, text: str, expected: int) -> pb.StepResponse:
-    return stub.Step(pb.StepRequest(session_id=session_id, text=text, top_k=3, expected_position=expected))
+    return stub.Step(pb.StepRequest(session_id=session_id, token_ids=ids(text), top_k=3, expected_position=expected))
 
 
 def export(stub, session_id: str) -> bytes:
@@ -87,7 +94,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 def test_an_idle_session_hibernates_and_wakes_bit_exact_on_another_replica(replicas):
     a = replicas(hibernate_after_seconds=0.3)
     b = replicas(hibernate_after_seconds=0)
-    session_id = create(a.stub, prompt_text="The quick")
+    session_id = create(a.stub, prompt_token_ids=ids("The quick"))
     step(a.stub, session_id, " brown", len("The quick"))
     before = export(a.stub, session_id)
     wait_until(lambda: a.held == 0)  # the slot is freed once the state is in Redis
@@ -100,7 +107,7 @@ def test_an_idle_session_hibernates_and_wakes_bit_exact_on_another_replica(repli
 def test_a_session_asked_for_elsewhere_is_handed_over_never_live_twice(replicas):
     a = replicas(hibernate_after_seconds=0)
     b = replicas(hibernate_after_seconds=0)
-    session_id = create(a.stub, prompt_text="abc")
+    session_id = create(a.stub, prompt_token_ids=ids("abc"))
     before = export(a.stub, session_id)
     assert export(b.stub, session_id) == before  # b asked a for it: a put it at rest, b took it
     assert (a.held, b.held) == (0, 1)
@@ -115,7 +122,7 @@ def test_a_session_asked_for_elsewhere_is_handed_over_never_live_twice(replicas)
 def test_forks_and_imports_are_found_from_any_replica(replicas):
     a = replicas(hibernate_after_seconds=0)
     b = replicas(hibernate_after_seconds=0)
-    source = create(a.stub, prompt_text="abc")
+    source = create(a.stub, prompt_token_ids=ids("abc"))
     (fork,) = a.stub.ForkSession(pb.ForkSessionRequest(session_id=source, count=1)).sessions
     imported = a.stub.ImportSession(pb.ImportSessionRequest(state=export(a.stub, source))).session
     for made in (fork, imported):  # routed by its own id, it may be asked for on another replica first
@@ -125,7 +132,7 @@ def test_forks_and_imports_are_found_from_any_replica(replicas):
 
 def test_a_second_owner_is_refused_not_merged(replicas):
     a = replicas(hibernate_after_seconds=0, write_through_every=1)
-    session_id = create(a.stub, prompt_text="abc")
+    session_id = create(a.stub, prompt_token_ids=ids("abc"))
     store = redis.Redis.from_url(a.running.engine.settings.redis_url)
     # Another replica took the session (as after a lapse of a's lease) and is alive, deaf to requests.
     store.hset(SESSION_PREFIX + session_id, "holder", "intruder/1")
@@ -145,7 +152,7 @@ def test_another_callers_session_does_not_exist_in_the_store_either(replicas, tm
     b = replicas(hibernate_after_seconds=0, auth_tokens_file=tokens)
     alice, bob = [(("authorization", f"Bearer {name}-token-0123456789{tail}"),) for name, tail in
                   (("alice", ""), ("bob", "ab"))]
-    session_id = a.stub.CreateSession(pb.CreateSessionRequest(prompt_text="abc"), metadata=alice).session.session_id
+    session_id = a.stub.CreateSession(pb.CreateSessionRequest(prompt_token_ids=ids("abc")), metadata=alice).session.session_id
     wait_until(lambda: a.held == 0)
     assert_fails(lambda: b.stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=bob),
                  grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
@@ -157,7 +164,7 @@ def test_a_drained_replica_hands_every_session_over(replicas):
     a = replicas(hibernate_after_seconds=0)
     b = replicas(hibernate_after_seconds=0)
     prompts = [f"session {i}" for i in range(20)]
-    sessions = [create(a.stub, prompt_text=prompt) for prompt in prompts]
+    sessions = [create(a.stub, prompt_token_ids=ids(prompt)) for prompt in prompts]
     blobs = [export(a.stub, session_id) for session_id in sessions]
     a.stop()
     assert [export(b.stub, session_id) for session_id in sessions] == blobs
@@ -167,7 +174,7 @@ def test_a_drained_replica_hands_every_session_over(replicas):
 
 def test_steps_arriving_during_a_drain_are_refused_retryable(replicas):
     a = replicas(hibernate_after_seconds=0)
-    session_id = create(a.stub, prompt_text="abc")
+    session_id = create(a.stub, prompt_token_ids=ids("abc"))
     a.running.engine.drain()
     error, info = assert_fails(lambda: step(a.stub, session_id, "d", 3), grpc.StatusCode.UNAVAILABLE)
     assert info.reason == "SHUTTING_DOWN"
@@ -176,7 +183,7 @@ def test_steps_arriving_during_a_drain_are_refused_retryable(replicas):
 @pytest.mark.parametrize("every", [1, 4])
 def test_write_through_stores_the_session_every_n_tokens(replicas, every):
     a = replicas(hibernate_after_seconds=0, write_through_every=every)
-    session_id = create(a.stub, prompt_text="ab")
+    session_id = create(a.stub, prompt_token_ids=ids("ab"))
     store = redis.Redis.from_url(a.running.engine.settings.redis_url)
     for position in range(2, 12):
         step(a.stub, session_id, "c", position)  # answered once the store has what it must
@@ -186,8 +193,8 @@ def test_write_through_stores_the_session_every_n_tokens(replicas, every):
 
 def test_with_redis_down_held_sessions_serve_and_nothing_partial_is_answered(replicas, redis_server):
     a = replicas(hibernate_after_seconds=0.3, write_through_every=1)  # write-through steps do not wait for it
-    held = create(a.stub, prompt_text="held")
-    resting = create(a.stub, prompt_text="resting")
+    held = create(a.stub, prompt_token_ids=ids("held"))
+    resting = create(a.stub, prompt_token_ids=ids("resting"))
     wait_until(lambda: a.held == 0)
     held_position = a.stub.GetSession(pb.GetSessionRequest(session_id=held)).position  # woken again
     redis_server.stop()
@@ -204,7 +211,7 @@ def test_with_redis_down_held_sessions_serve_and_nothing_partial_is_answered(rep
 
 def test_after_its_lease_lapsed_a_replica_drops_the_sessions_taken_meanwhile(replicas):
     a = replicas(hibernate_after_seconds=0)
-    kept, taken = create(a.stub, prompt_text="kept"), create(a.stub, prompt_text="taken")
+    kept, taken = create(a.stub, prompt_token_ids=ids("kept")), create(a.stub, prompt_token_ids=ids("taken"))
     store = redis.Redis.from_url(a.running.engine.settings.redis_url)
     wait_until(lambda: store.exists(SESSION_PREFIX + taken))  # registered
     holder = store.hget(SESSION_PREFIX + taken, "holder").decode()
@@ -220,9 +227,9 @@ def test_after_its_lease_lapsed_a_replica_drops_the_sessions_taken_meanwhile(rep
 def test_waking_respects_the_session_cap_and_leaves_the_session_at_rest(replicas):
     a = replicas(hibernate_after_seconds=0.2)
     b = replicas(hibernate_after_seconds=0, max_sessions=1)
-    resting = create(a.stub, prompt_text="resting")
+    resting = create(a.stub, prompt_token_ids=ids("resting"))
     wait_until(lambda: a.held == 0)
-    create(b.stub, prompt_text="full")
+    create(b.stub, prompt_token_ids=ids("full"))
     assert_fails(lambda: step(b.stub, resting, "!", len("resting")), grpc.StatusCode.RESOURCE_EXHAUSTED,
                  "CAPACITY_EXHAUSTED")
     assert step(a.stub, resting, "!", len("resting")).position == len("resting!")  # given back whole

@@ -18,6 +18,8 @@ from rnnserve.server.store import session_blob
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 
+pytestmark = pytest.mark.every_model
+
 
 @pytest.fixture
 def second_process(bundle) -> Iterator[rnnserve_pb2_grpc.InferenceStub]:

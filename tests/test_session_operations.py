@@ -17,6 +17,8 @@ from serving import Unbatched, assert_fails, create, position
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 
+pytestmark = pytest.mark.every_model
+
 DEPTH, EVERY = 12, 5  # small, so that random rewinds cross checkpoints and reach the depth
 
 
@@ -121,16 +123,16 @@ def test_rewind_equals_never_having_read_the_undone_tokens(ops, data):
     rewound = ops.RewindSession(pb.RewindSessionRequest(session_id=session, tokens=undo, expected_position=len(read)))
     assert rewound.session.position == len(read) - undo
     kept = read[: len(read) - undo]
-    if kept:  # a session that read only the kept tokens predicts the same, bit for bit
+    if kept:  # a session that read only the kept tokens predicts the same (a replay's calls may differ in shape)
         never = ops.CreateSession(pb.CreateSessionRequest(prompt_token_ids=kept))
-        assert same(rewound.prediction, never.prediction)
+        close_to(rewound.prediction, never.prediction)
         reference = never.session.session_id
     else:
         assert not rewound.HasField("prediction")  # back at position 0 of zeros: nothing predicted
         reference = create(ops)
     after = step(ops, session, read[-1])
     assert after.position == len(kept) + 1
-    assert same(after.prediction, step(ops, reference, read[-1]).prediction)
+    close_to(after.prediction, step(ops, reference, read[-1]).prediction)
 
 
 def test_rewind_to_each_checkpoint_boundary_and_past_the_depth(ops, bundle):
@@ -219,7 +221,7 @@ def test_peek_answers_as_a_step_would_and_commits_nothing(ops):
 
 # Prefix-state cache and named states -------------------------------------------------------------------------------
 
-def test_a_cached_prompt_whole_or_as_a_prefix_equals_a_cold_read_bit_exactly(ops, start_server):
+def test_a_cached_prompt_equals_a_cold_read_bit_exactly_whole_and_within_tolerance_as_a_prefix(ops, start_server):
     size = vocab_size(ops)
     prompt = [(11 * i + 2) % size for i in range(30)]
     first = ops.CreateSession(pb.CreateSessionRequest(prompt_token_ids=prompt))
@@ -237,9 +239,11 @@ def test_a_cached_prompt_whole_or_as_a_prefix_equals_a_cold_read_bit_exactly(ops
         assert same(cold_session.prediction, whole.prediction)
         cold_longer = cold.CreateSession(pb.CreateSessionRequest(prompt_token_ids=prompt + [1, 2, 3]))
         assert cold_longer.cached_prompt_tokens == 0  # the cache is off: nothing was kept
-        assert same(cold_longer.prediction, longer.prediction)
-        assert same(step(cold, cold_longer.session.session_id, 5).prediction,
-                    step(ops, longer.session.session_id, 5).prediction)
+        # 30 cached tokens and 3 read against 33 in one call: calls of other shapes, equal within float tolerance
+        # (bit-exact for a recurrent ONNX op, which computes every prefill step by step; a parallel scan does not)
+        close_to(cold_longer.prediction, longer.prediction)
+        close_to(step(cold, cold_longer.session.session_id, 5).prediction,
+                 step(ops, longer.session.session_id, 5).prediction)
     # sessions from the cache step on exactly like the one that read the prompt
     assert same(step(ops, whole.session.session_id, 4).prediction, step(ops, first.session.session_id, 4).prediction)
 
@@ -285,9 +289,10 @@ def test_a_state_shipped_in_the_bundle_starts_sessions_and_cannot_be_deleted(bun
         [listed] = stub.ListStates(pb.ListStatesRequest()).states
         assert (listed.name, listed.source, listed.prompt_text) == ("fox", "bundle", "The quick brown fox")
         from_state = stub.CreateSession(pb.CreateSessionRequest(initial_state="fox", prompt_text=" j"))
-        assert from_state.session.position == 2
+        assert from_state.session.position == len(bundle.vocab.encode(" j"))  # 2 characters, 1 or 2 subwords
         read = stub.CreateSession(pb.CreateSessionRequest(prompt_text="The quick brown fox j"))
-        assert read.cached_prompt_tokens == 19  # its prompt is pinned in the prefix-state cache
+        # its prompt is pinned in the prefix-state cache
+        assert read.cached_prompt_tokens == len(bundle.vocab.encode("The quick brown fox"))
         assert same(from_state.prediction, read.prediction)
         assert_fails(lambda: stub.DeleteState(pb.DeleteStateRequest(name="fox")), grpc.StatusCode.FAILED_PRECONDITION,
                      "STATE_IS_SHIPPED")

@@ -21,6 +21,8 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import slow_model
 
+pytestmark = pytest.mark.every_model
+
 HTTP = {"http_listen": "127.0.0.1:0"}
 
 

@@ -113,6 +113,11 @@ class Batcher:
         rows[NEXT_LOGITS] = (len(runtime.bundle.vocab),)
         return rows
 
+    @staticmethod
+    def pool_dtypes(runtime: Runtime) -> dict[str, str]:
+        """The storage dtype of each state row, as the graph takes it (next-token logits are float32)."""
+        return {s.name: s.dtype for s in runtime.bundle.states}
+
     # Taking work -------------------------------------------------------------------------------
 
     def submit(self, session: Session, tokens: np.ndarray, top_k: int, temperature: float,
@@ -305,7 +310,7 @@ class Batcher:
         prediction made here rather than on the loop, which has every stream's messages to read and write
         meanwhile. Reading rows here is safe: rows of sessions in a running batch change only in `_commit`,
         which runs on the loop after this returns."""
-        states = self.pool.gather(self.state_names, slots)  # [batch, layers, hidden] each
+        states = self.pool.gather(self.state_names, slots)  # [batch, *row_shape] each
         result = self.runtime.run(tokens, states)
         return result, self._ranker.predictions(result.next_logits, k, 1.0 / temperatures)
 
@@ -348,7 +353,7 @@ class Batcher:
     async def evaluate(self, tokens: np.ndarray, states: tuple[np.ndarray, ...]) -> RunResult:
         """One model call that commits nothing (scoring, peeking, replaying a rewind), on the model's thread.
 
-        tokens [batch, time] int64, states [batch, layers, hidden] each. The caller holds the sessions concerned.
+        tokens [batch, time] int64, states [batch, *row_shape] each. The caller holds the sessions concerned.
         """
         loop = asyncio.get_running_loop()
         try:
@@ -358,9 +363,9 @@ class Batcher:
             raise ServerFault("the model call failed; nothing was changed, retry") from None
 
     def states_of(self, rows: Row | None, batch: int = 1) -> tuple[np.ndarray, ...]:
-        """`rows` (None for zeros) as the model's state inputs, repeated `batch` times: [batch, layers, hidden] each."""
-        shapes = {name: self.pool.arrays[name].shape[1:] for name in self.state_names}
-        return tuple(np.zeros((batch, *shapes[name]), np.float32) if rows is None else
+        """`rows` (None for zeros) as the model's state inputs, repeated `batch` times: [batch, *row_shape] each."""
+        arrays = self.pool.arrays
+        return tuple(np.zeros((batch, *arrays[name].shape[1:]), arrays[name].dtype) if rows is None else
                      np.repeat(rows[name][np.newaxis], batch, axis=0) for name in self.state_names)
 
     def rows_of(self, result: RunResult, row: int = 0) -> Row:

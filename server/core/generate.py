@@ -20,7 +20,7 @@ import numpy as np
 from rnnserve.server.core.batcher import NEXT_LOGITS, Hold
 from rnnserve.server.core.sampling import Sampler
 from rnnserve.server.model.state_pool import StatePool
-from rnnserve.vocab import Vocabulary
+from rnnserve.vocab import AnyVocabulary
 
 
 class Finish(enum.Enum):
@@ -52,14 +52,22 @@ class StopStrings:
         return any(self._tail.endswith(stop) for stop in self._stops)
 
 
-async def continue_session(hold: Hold, pool: StatePool, vocab: Vocabulary, sampler: Sampler, max_tokens: int,
+async def continue_session(hold: Hold, pool: StatePool, vocab: AnyVocabulary, sampler: Sampler, max_tokens: int,
                            stops: StopStrings, send: Callable[[GeneratedToken], Awaitable[None]]) -> None:
-    """Generate up to `max_tokens` tokens after what the held session has read, sending each."""
+    """Generate up to `max_tokens` tokens after what the held session has read, sending each.
+
+    Each token carries the text it adds to the stream, which for subword ids may be empty (a token that
+    ends inside a UTF-8 character waits for the next) and is never half a character; stop strings are
+    matched on that decoded text, so they match across token boundaries.
+    """
     session = hold.session
+    detokenizer = vocab.detokenizer()
     for count in range(1, max_tokens + 1):
         token, probability = sampler.choose(pool.row(NEXT_LOGITS, session.slot))  # [vocab]
-        text = vocab.token(token)
+        text = detokenizer.push(token)
         finish = Finish.STOP if stops.hit_after(text) else Finish.LENGTH if count == max_tokens else None
+        if finish is not None:
+            text += detokenizer.flush()  # bytes of a character the stream ends inside, as U+FFFD
         generated = GeneratedToken(token, text, probability, session.position + 1, finish)
         read = hold.submit(np.array([token], np.int64))
         await send(generated)

@@ -43,7 +43,7 @@ class ServedModel:
         """Everything `bundle` needs to serve: an onnxruntime session, an empty pool, a batcher (not yet running)."""
         events = None if metrics is None else metrics.model(bundle)
         runtime = Runtime(bundle, settings.ort_threads, settings.ort_spins)
-        pool = StatePool(Batcher.pool_rows(runtime), settings.max_sessions)
+        pool = StatePool(Batcher.pool_rows(runtime), settings.max_sessions, Batcher.pool_dtypes(runtime))
         batcher = Batcher(runtime, pool, max_batch_size=settings.max_batch_size,
                           max_batch_tokens=settings.max_batch_tokens,
                           max_queue_delay_seconds=settings.max_queue_delay_us / 1e6,

@@ -255,6 +255,9 @@ class RequestReader(RequestChecks):
         sampling = self.generate_options(request)
         if request.top_k > self.vocab_size:
             raise InvalidArgument("top_k", f"at most the vocabulary size, {self.vocab_size} (0 means no limit)")
+        if request.stop and not self.vocab.has_text:
+            raise InvalidArgument("stop", f"this model's vocabulary is {self.vocab_size} ids with no text: "
+                                          "nothing it generates can match a stop string")
         return GenerateInput(self._tokens(request.token_ids, request.text, ("token_ids", "text")), request.max_tokens,
                              sampling, tuple(request.stop), self.expected_position(request))
 
@@ -264,10 +267,7 @@ class RequestReader(RequestChecks):
         if ids and text:
             raise InvalidArgument(text_field, f"give {ids_field} or {text_field}, not both")
         if text:
-            limit = self.settings.max_input_chars
-            if len(text) > limit:
-                raise InvalidArgument(text_field, f"at most {limit} characters, got {len(text)}")
-            return self.vocab.encode(text)
+            return self._encode(text, text_field, ids_field)
         if not ids:
             return None
         count, limit, vocab = len(ids), self.settings.max_input_tokens, self.vocab_size
@@ -284,6 +284,22 @@ class RequestReader(RequestChecks):
             out_of_range = tokens.view(np.uint64).max() >= vocab  # negative ids wrap around to huge values
         if out_of_range:
             raise InvalidArgument(ids_field, f"ids must be in [0, {vocab - 1}], the model's vocabulary")
+        return tokens
+
+    def _encode(self, text: str, text_field: str, ids_field: str) -> np.ndarray:
+        """`text` as the model's tokens ([time] int64); refused when the vocabulary has no text or it encodes to
+        no tokens or too many."""
+        if not self.vocab.has_text:
+            raise InvalidArgument(text_field, f"this model's vocabulary is {self.vocab_size} ids with no text: "
+                                              f"give {ids_field}")
+        limit = self.settings.max_input_chars
+        if len(text) > limit:
+            raise InvalidArgument(text_field, f"at most {limit} characters, got {len(text)}")
+        tokens = self.vocab.encode(text)
+        if not len(tokens):
+            raise InvalidArgument(text_field, "encodes to no tokens in this model's vocabulary")
+        if len(tokens) > self.settings.max_input_tokens:
+            raise InvalidArgument(text_field, f"at most {self.settings.max_input_tokens} tokens, got {len(tokens)}")
         return tokens
 
     def _top_k(self, top_k: int) -> int:
@@ -356,9 +372,8 @@ class ResponseWriter:
     def named_state(state: NamedState, model: ServedModel) -> pb.NamedState:
         """`state`, one of `model`'s (whose vocabulary spells its prompt)."""
         tokens = () if state.tokens is None else state.tokens.tolist()
-        texts = model.bundle.vocab.tokens
         return pb.NamedState(name=state.name, source=state.source, prompt_tokens=len(tokens),
-                             prompt_text="".join(texts[i] for i in tokens))
+                             prompt_text=model.bundle.vocab.decode(tokens))
 
     @staticmethod
     def generated(token: GeneratedToken) -> pb.GenerateResponse:
@@ -371,8 +386,10 @@ class ResponseWriter:
         sizes = bundle.manifest["sizes"]
         metrics = {key: float(value) for key, value in bundle.manifest.get("metrics", {}).items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        return pb.Model(name=bundle.name, version=bundle.version, cell=bundle.cell, layers=sizes["layers"],
-                        hidden_size=sizes["hidden_size"], embed_size=sizes["embed_size"],
+        # layers, hidden and embed sizes describe the recurrent cells rnnserve-train makes; other architectures
+        # leave them out of the manifest and answer 0 (their state shapes are in the manifest's "state").
+        return pb.Model(name=bundle.name, version=bundle.version, cell=bundle.cell, layers=sizes.get("layers", 0),
+                        hidden_size=sizes.get("hidden_size", 0), embed_size=sizes.get("embed_size", 0),
                         vocab_size=sizes["vocab_size"], sha256=bundle.sha256,
                         state_bytes_per_session=bundle.state_bytes_per_session, metrics=metrics,
                         is_default=models.is_server_default(model), default_version=models.is_default(model),

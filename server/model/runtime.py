@@ -18,7 +18,7 @@ from rnnserve.bundle import Bundle
 
 class RunResult(NamedTuple):
     next_logits: np.ndarray  # [batch, vocab] float32: the prediction after each row's last token
-    states: tuple[np.ndarray, ...]  # [batch, layers, hidden] float32 each, in bundle.states order
+    states: tuple[np.ndarray, ...]  # [batch, *row_shape] each, in bundle.states order and dtypes
     seconds: float  # time inside onnxruntime, for metrics
     logits: np.ndarray  # [batch, time, vocab] float32: the prediction after every token, for scoring
 
@@ -59,7 +59,7 @@ class Runtime:
         self._outputs = [bundle.logits_output, *(s.output for s in bundle.states)]
 
     def run(self, tokens: np.ndarray, states: tuple[np.ndarray, ...]) -> RunResult:
-        """tokens [batch, time] int64, states [batch, layers, hidden] float32 each (bundle order)."""
+        """tokens [batch, time] int64, states [batch, *row_shape] each (bundle order, the bundle's dtypes)."""
         feed = dict(zip(self._state_inputs, states, strict=True))
         feed[self._tokens_input] = tokens
         start = time.perf_counter()

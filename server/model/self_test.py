@@ -32,7 +32,7 @@ def self_test(bundle: Bundle) -> None:
     runtime = Runtime(bundle, threads=1, spinning=False)
     vocab = len(bundle.vocab)
     tokens = (np.arange(1, STEPS + 1, dtype=np.int64) * 7919) % vocab  # spread over the vocabulary
-    zeros = tuple(np.zeros((1, *state.row_shape), np.float32) for state in bundle.states)
+    zeros = tuple(state.zeros(1) for state in bundle.states)
 
     whole = runtime.run(tokens[np.newaxis], zeros)
     if not np.isfinite(whole.logits).all():

@@ -14,22 +14,28 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 FIRST_CAPACITY = 1024
-Row = Mapping[str, np.ndarray]  # one session's rows: tensor name -> [*row_shape] float32
+Row = Mapping[str, np.ndarray]  # one session's rows: tensor name -> [*row_shape] of the tensor's dtype
 SMALLEST_CAPACITY = 64  # `shrink` stops here: smaller arrays would save too little memory to be worth a copy
 
 
 class StatePool:
-    """Float32 arrays `[capacity, *row_shape]`, one per named tensor, grown by doubling up to `limit` rows.
+    """Arrays `[capacity, *row_shape]`, one per named tensor, grown by doubling up to `limit` rows.
+
+    Each array has its tensor's storage dtype (`dtypes`, float32 when not named there): a model whose
+    state is float16 holds half the bytes per session, and its rows feed the graph as they are.
 
     Doubling keeps the copying amortised to one copy per row over the pool's life; freshly grown
     rows are untouched zero pages, so resident memory follows the slots in use, not the capacity.
     Rows once used stay resident, though, until `shrink` gives the unused tail of the arrays back.
     """
 
-    def __init__(self, row_shapes: Mapping[str, tuple[int, ...]], limit: int):
+    def __init__(self, row_shapes: Mapping[str, tuple[int, ...]], limit: int,
+                 dtypes: Mapping[str, str] | None = None):
         self.limit = limit
         capacity = min(limit, FIRST_CAPACITY)
-        self.arrays = {name: np.zeros((capacity, *shape), np.float32) for name, shape in row_shapes.items()}
+        dtypes = dtypes or {}
+        self.arrays = {name: np.zeros((capacity, *shape), dtypes.get(name, np.float32))
+                       for name, shape in row_shapes.items()}
         self._free: list[int] = []  # a heap: the lowest free slot first
         self._used = 0  # slots below this have been handed out at least once
         self._in_use = 0
@@ -91,7 +97,7 @@ class StatePool:
     def _resize(self, capacity: int) -> None:
         """New arrays of `capacity` rows with the rows handed out so far; the rest are untouched zero pages."""
         for name, old in self.arrays.items():
-            resized = np.zeros((capacity, *old.shape[1:]), np.float32)
+            resized = np.zeros((capacity, *old.shape[1:]), old.dtype)
             resized[: self._used] = old[: self._used]
             self.arrays[name] = resized
 
@@ -140,5 +146,5 @@ class StatePool:
         offset = 0
         for name in sorted(self.arrays):
             array = self.arrays[name]
-            array[slot] = np.frombuffer(data, np.float32, array[0].size, offset).reshape(array.shape[1:])
+            array[slot] = np.frombuffer(data, array.dtype, array[0].size, offset).reshape(array.shape[1:])
             offset += array[0].nbytes
