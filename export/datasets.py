@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnserve.vocab import Vocabulary
+from rnnserve.vocab import AnyVocabulary, IdVocabulary, TokenizerVocabulary, Vocabulary
 
 DATASETS = ("text", "bach-chorales")
 TOKENIZERS = ("chars", "bpe")
@@ -57,3 +57,34 @@ def load_token_data(dataset: str, corpus: str | None, tokenizer: str, bpe_vocab_
                                                            "trained on the training split"},
                          bpe.characters_per_token(trained))
     raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+
+
+def vocabulary_of(record: dict) -> AnyVocabulary:
+    """The served vocabulary of a checkpoint's `vocabulary` record (TokenData.vocabulary)."""
+    if record["kind"] == "characters":
+        return Vocabulary(record["tokens"])
+    if record["kind"] == "tokenizer":
+        return TokenizerVocabulary(record["json"])
+    return IdVocabulary(record["size"])
+
+
+def characters_of(vocabulary: AnyVocabulary) -> np.ndarray | None:
+    """Characters per id for `evaluate`: one each for characters, counted for a BPE, None without text."""
+    if isinstance(vocabulary, TokenizerVocabulary):
+        from tokenizers import Tokenizer
+
+        from rnnserve.export import bpe
+
+        return bpe.characters_per_token(Tokenizer.from_str(vocabulary.json))
+    return np.ones(len(vocabulary), np.int64) if vocabulary.has_text else None
+
+
+def validation_ids(training: dict, vocabulary: AnyVocabulary) -> np.ndarray:
+    """A run's validation split under its own vocabulary, from its training configuration."""
+    if training.get("dataset", "text") == "bach-chorales":
+        from rnnserve.export.chorales import load_chorales
+
+        return load_chorales().val_ids
+    from rnnserve.export.corpus import load_corpus
+
+    return vocabulary.encode(load_corpus(training.get("corpus")).val_text)

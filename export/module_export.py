@@ -159,12 +159,13 @@ def _check_shapes(got: list[np.ndarray], batch: int, length: int, vocab_size: in
 def export_module(module: torch.nn.Module, vocabulary: AnyVocabulary, out_dir: str | Path, *, name: str,
                   version: str = "1", states: Mapping[str, tuple[int, ...]] | None = None, cell: str | None = None,
                   sizes: Mapping[str, int] | None = None, extra: dict | None = None,
-                  val_ids: np.ndarray | None = None) -> bundle_format.Bundle:
+                  val_ids: np.ndarray | None = None, characters: np.ndarray | None = None) -> bundle_format.Bundle:
     """Export `module`, prove parity, optionally measure validation with onnxruntime, and write a format-2 bundle.
 
     `states` None asks `module.state_shapes()`. `cell` names the architecture (default: the module's class);
     `sizes` adds figures beside vocab_size (layers, hidden_size...); `extra` adds manifest keys (training,
-    corpus...). With `val_ids`, metrics.val_bpc and metrics.val_top1 are measured on the exported graph itself.
+    corpus...). With `val_ids`, metrics.val_bpc and metrics.val_top1 are measured on the exported graph itself;
+    `characters` [vocab] (characters each id holds) makes a subword model's val_bpc per character.
     """
     module = module.eval()
     specs = state_specs(module, states)
@@ -196,7 +197,7 @@ def export_module(module: torch.nn.Module, vocabulary: AnyVocabulary, out_dir: s
         }
         bundle_format.write_manifest(staging, manifest)
         if val_ids is not None:
-            score = evaluate_bundle(bundle_format.load_bundle(staging), val_ids)
+            score = evaluate_bundle(bundle_format.load_bundle(staging), val_ids, characters=characters)
             manifest.setdefault("metrics", {}).update(score.to_dict())
             bundle_format.write_manifest(staging, manifest)
         return bundle_format.install(staging, out_dir)

@@ -119,7 +119,7 @@ def validate(model: nn.Module, val_ids: np.ndarray, max_chunks: int | None,
     model.eval()
     try:
         return evaluate(torch_step_fn(model, device), state, val_ids, EVAL_STREAMS, EVAL_CHUNK, max_chunks,
-                        characters)
+                        characters, text=characters is not None)
     finally:
         model.train()
 

@@ -15,6 +15,8 @@ from rnnserve.export.architectures import ARCHITECTURES, build_model
 from rnnserve.export.ssm import SelectiveSSMLM, SSMConfig, chunked_scan
 from rnnserve.export.train import PRESETS, Trainer
 
+import tiny_models
+
 RECURRENT_OPS = {"LSTM", "GRU", "RNN", "Loop", "Scan"}
 # float64 makes the only difference between the chunked scan and the recurrence the order of
 # additions: about 1e-15 relative per operation, so 1e-9 leaves room for thousands of them and still
@@ -146,18 +148,13 @@ def test_ssm_refuses_a_width_that_heads_do_not_divide():
         SSMConfig(model_size=30, head_size=16)
 
 
-WORDS = "the king queen crown sword night day love death speak hear lord lady good ill".split()
-
-
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory) -> Path:
     """Twelve small 'plays'; the held-out one (the 10th by name) alone holds the word 'zephyrous'."""
     folder = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(7)
     for play in range(12):
-        words = [*WORDS, "zephyrous"] if play == 9 else WORDS
-        lines = (" ".join(rng.choice(words, size=6)) + ".\n" for _ in range(40))
-        (folder / f"play_{play:02d}.txt").write_text("".join(lines))
+        extra = "zephyrous zephyrous.\n" * 5 if play == 9 else ""
+        (folder / f"play_{play:02d}.txt").write_text(tiny_models.tiny_corpus(seed=play, lines=40) + extra)
     return folder
 
 
@@ -236,6 +233,73 @@ def test_chorales_are_ids_without_text_split_by_chorale():
 
 def test_chorale_model_trains_on_ids(tmp_path):
     trainer = tiny_run(tmp_path, dataset="bach-chorales", batch_size=8, seq_len=16, max_steps=30, eval_every=15)
-    assert trainer.vocab is None and "val_perplexity" not in trainer.final
+    assert trainer.vocab is None and "val_bpc" not in trainer.final  # no text, so no bits per character
     # A uniform guess over the 130 ids is 7.02 bits; a few steps of next-note training beat it.
-    assert trainer.final["val_bpc"] < np.log2(130)
+    assert trainer.final["val_bits_per_token"] < np.log2(130)
+    assert trainer.final["val_perplexity"] == pytest.approx(2 ** trainer.final["val_bits_per_token"], rel=1e-3)
+
+
+# Trained, exported by rnnserve-export, served ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported_runs(tiny_corpus, tmp_path_factory) -> dict:
+    """One tiny run of each new kind, exported by `rnnserve-export` as a user runs it: name -> bundle."""
+    from rnnserve.bundle import load_bundle
+    from rnnserve.export.export import main as export_main
+
+    runs = {"ssm": {"arch": "ssm", "hidden_size": 32, "head_size": 16, "state_size": 8, "chunk_size": 8},
+            "bpe": {"tokenizer": "bpe", "bpe_vocab_size": 400},
+            "chorales": {"dataset": "bach-chorales", "batch_size": 8, "seq_len": 16}}
+    bundles = {}
+    for name, overrides in runs.items():
+        run_dir = tmp_path_factory.mktemp(f"run-{name}")
+        tiny_run(run_dir, None if name == "chorales" else tiny_corpus, max_steps=6, eval_every=6, **overrides)
+        out = tmp_path_factory.mktemp("bundles") / name
+        export_main(["--run", str(run_dir), "--out", str(out), "--no-baseline"])
+        bundles[name] = load_bundle(out)
+    return bundles
+
+
+def test_exported_manifests_measure_each_kind_in_its_unit(exported_runs):
+    ssm, bpe, chorales = exported_runs["ssm"], exported_runs["bpe"], exported_runs["chorales"]
+    assert ssm.manifest["cell"] == "ssm" and [len(s.shape) for s in ssm.states] == [3, 4]  # conv, ssm (without batch)
+    assert bpe.vocab.kind == "tokenizer" and bpe.manifest["metrics"]["val_tokens"] < bpe.manifest["metrics"]["val_chars"]
+    assert chorales.vocab.kind == "ids" and "val_bpc" not in chorales.manifest["metrics"]
+    assert chorales.manifest["training"]["command"].startswith("rnnserve-train --arch gru --dataset bach-chorales")
+    for bundle in exported_runs.values():
+        assert bundle.manifest["parity"]["steps_vs_prefill"] <= bundle.manifest["parity"]["tolerances"]["steps"]
+        assert {"step_us_batch1", "step_us_batch256"} <= set(bundle.manifest["serving_cost"])
+
+
+@pytest.mark.parametrize("kind", ["ssm", "bpe", "chorales"])
+def test_trained_models_serve_what_onnxruntime_computes(exported_runs, kind):
+    """A served session of each trained kind predicts what the graph predicts with the state carried by hand;
+    the id-only model refuses text, naming the field."""
+    import grpc
+    from serving import RunningServer, Unbatched, assert_fails, create
+
+    from rnnserve.server.settings import Settings
+    from rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve.v1 import rnnserve_pb2_grpc
+
+    bundle = exported_runs[kind]
+    prompt = [5, 9, 2, 7, 7, 3]
+    reference = Unbatched(bundle)
+    reference.feed(prompt[:-1])
+    reference.feed(prompt[-1:])
+    expected_ids, expected_probabilities = reference.top_k(5)
+    running = RunningServer(bundle, Settings(listen="127.0.0.1:0"))
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = rnnserve_pb2_grpc.InferenceStub(channel)
+            session = create(stub, prompt_token_ids=prompt[:-1])
+            answer = stub.Step(pb.StepRequest(session_id=session, token_ids=prompt[-1:], top_k=5))
+            assert list(answer.prediction.token_ids) == expected_ids
+            np.testing.assert_allclose(answer.prediction.probabilities, expected_probabilities, atol=1e-5)
+            if kind == "chorales":
+                assert_fails(lambda: stub.Step(pb.StepRequest(session_id=session, text="C4")),
+                             grpc.StatusCode.INVALID_ARGUMENT, field="text")
+            else:
+                stub.Step(pb.StepRequest(session_id=session, text="the king"))
+    finally:
+        running.stop()
