@@ -34,8 +34,10 @@ from rnnserve.vocab import AnyVocabulary
 
 OPSET = 17
 # Parity bounds by state dtype: a float16 state is rounded at every call (so T steps drift from one prefill
-# that keeps its intermediate values in float32), a float32 state only by the graph's own arithmetic.
-TOLERANCES = {"float32": {"logits": 1e-4, "state": 1e-5, "steps": 1e-4},
+# that keeps its intermediate values in float32), a float32 state only by the graph's own arithmetic. That
+# arithmetic alone can pass 1e-5: torch's own float32 GRU of 256 (rnnserve-train --preset bpe-gru) ends 40
+# steps 1.2e-5 from float64, so the state bound is 5e-5, still 2 to 3 orders below any real export error.
+TOLERANCES = {"float32": {"logits": 1e-4, "state": 5e-5, "steps": 1e-4},
               "float16": {"logits": 2e-3, "state": 2e-3, "steps": 2e-2}}
 TRIALS = 12
 
