@@ -84,6 +84,8 @@ def model_row(m: ModelInfo) -> str:
 def model_details(model: ModelInfo) -> str:
     fields = {"name": model.name, "version": model.version, "cell": model.cell, "layers": model.layers,
               "hidden size": model.hidden_size, "embed size": model.embed_size, "vocab size": model.vocab_size,
+              "vocabulary": model.vocabulary,
+              "states": ", ".join(f"{name} {list(shape)} {dtype}" for name, (shape, dtype) in model.states.items()),
               "state bytes/session": model.state_bytes_per_session, "sha256": model.sha256,
               "default": {"server": "of the server", "model": f"of {model.name}"}.get(default_mark(model), "no"),
               "sessions": model.sessions, "retiring": "yes" if model.retiring else "no",

@@ -158,9 +158,12 @@ class ModelInfo:
     default_version: bool
     sessions: int
     retiring: bool
+    vocabulary: str  # "characters", "tokenizer" (subwords) or "ids" (no text)
+    states: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape without the batch axis, dtype), in graph order
 
     @classmethod
     def from_pb(cls, model: pb.Model) -> ModelInfo:
         """Field by field, by name: every field here has its namesake in the message."""
         values = {field.name: getattr(model, field.name) for field in dataclasses.fields(cls)}
-        return cls(**{**values, "metrics": dict(model.metrics)})
+        states = {state.name: (tuple(state.shape), state.dtype) for state in model.states}
+        return cls(**{**values, "metrics": dict(model.metrics), "states": states})

@@ -12,30 +12,39 @@ from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import assert_prediction, create, error_details, position, slow_model
 from test_batcher import with_core
 
+pytestmark = pytest.mark.every_model
+
 PROMPT = "The quick brown"
+
+
+def prompt_length(bundle) -> int:
+    """PROMPT's length in the bundle's tokens: its characters, or fewer subwords."""
+    return len(bundle.vocab.encode(PROMPT))
 
 
 def generate(stub, session_id, **fields) -> list[pb.GenerateResponse]:
     return list(stub.Generate(pb.GenerateRequest(session_id=session_id, **fields)))
 
 
-def test_greedy_generation_equals_repeated_top_one_steps(stub):
+def test_greedy_generation_equals_repeated_top_one_steps(stub, bundle):
     generated = generate(stub, create(stub, prompt_text=PROMPT), max_tokens=12)
     stepped = create(stub)
     answer = stub.Step(pb.StepRequest(session_id=stepped, text=PROMPT, top_k=1))
     chosen = []
     for _ in range(12):
         token = answer.prediction.token_ids[0]
-        chosen.append((token, answer.prediction.texts[0], answer.position + 1))
+        chosen.append((token, answer.position + 1))
         answer = stub.Step(pb.StepRequest(session_id=stepped, token_ids=[token], top_k=1))
-    assert [(g.token_id, g.text, g.position) for g in generated] == chosen
+    assert [(g.token_id, g.position) for g in generated] == chosen
+    # the texts streamed are the chosen ids' text (a character each, or subwords decoded incrementally)
+    assert "".join(g.text for g in generated) == bundle.vocab.decode([token for token, _ in chosen])
     assert [g.finish_reason for g in generated] == [pb.FINISH_REASON_UNSPECIFIED] * 11 + [pb.FINISH_REASON_LENGTH]
 
 
 def test_the_session_advances_by_what_was_generated(stub, bundle, unbatched):
     session_id = create(stub)
     generated = generate(stub, session_id, text=PROMPT, max_tokens=6, temperature=0.8, seed=3)
-    assert position(stub, session_id) == len(PROMPT) + 6 == generated[-1].position
+    assert position(stub, session_id) == prompt_length(bundle) + 6 == generated[-1].position
     answer = stub.Step(pb.StepRequest(session_id=session_id, text="!"))
     reference = unbatched(bundle)
     reference.feed(bundle.vocab.encode(PROMPT))
@@ -69,12 +78,12 @@ def test_generate_needs_something_to_continue_from(stub):
     assert error_details(caught.value)[1] == ["token_ids"]
 
 
-def test_a_position_mismatch_generates_nothing(stub):
+def test_a_position_mismatch_generates_nothing(stub, bundle):
     session_id = create(stub, prompt_text=PROMPT)
     with pytest.raises(grpc.RpcError) as caught:
         generate(stub, session_id, max_tokens=3, expected_position=2)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert position(stub, session_id) == len(PROMPT)
+    assert position(stub, session_id) == prompt_length(bundle)
 
 
 def test_cancelling_leaves_the_session_at_the_last_token_sent(start_server, bundle, unbatched):
@@ -89,11 +98,11 @@ def test_cancelling_leaves_the_session_at_the_last_token_sent(start_server, bund
         answer = stub.Step(pb.StepRequest(session_id=session_id, text="!"))  # queued behind the generation's end
     # The session is where the last token the server sent left it: the third, or the fourth if its send raced
     # the cancel. Either way its state is exactly the prompt and the greedy tokens up to there.
-    final = answer.position - 1
-    assert final - len(PROMPT) in (3, 4) and received[-1].position == len(PROMPT) + 3
+    final, prompted = answer.position - 1, prompt_length(bundle)
+    assert final - prompted in (3, 4) and received[-1].position == prompted + 3
     reference = unbatched(bundle)
     reference.feed(bundle.vocab.encode(PROMPT))
-    for _ in range(final - len(PROMPT)):
+    for _ in range(final - prompted):
         reference.feed(reference.top_k(1)[0])
     reference.feed(bundle.vocab.encode("!"))
     assert_prediction(answer.prediction, reference)
@@ -123,4 +132,4 @@ def test_a_cancel_inside_a_send_whose_message_went_out_leaves_that_token_read(bu
         return delivered, after.position
 
     delivered, position_after = with_core(bundle, scenario)
-    assert position_after - 1 == delivered[-1].position == len(PROMPT) + 3
+    assert position_after - 1 == delivered[-1].position == prompt_length(bundle) + 3

@@ -83,6 +83,13 @@ def test_a_float16_state_is_stored_and_served_as_float16(tmp_path, start_server)
             reference.feed([token])
             assert_prediction(answer.prediction, reference)
         model = stub.GetModel(pb.GetModelRequest())
+        # an exported session carries its float16 rows as float32, exactly: the import continues bit for bit
+        blob = stub.ExportSession(pb.ExportSessionRequest(session_id=session)).state
+        imported = stub.ImportSession(pb.ImportSessionRequest(state=blob)).session.session_id
+        for token in (2, 7):
+            original, copy = (stub.Step(pb.StepRequest(session_id=s, token_ids=[token], top_k=5)).prediction
+                              for s in (session, imported))
+            assert original == copy
     assert model.state_bytes_per_session == 32
 
 

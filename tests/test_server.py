@@ -14,6 +14,8 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
 from serving import assert_fails, assert_prediction, create, position, slow_model, status_details
 
+pytestmark = pytest.mark.every_model
+
 
 # Sessions -----------------------------------------------------------------------------------------
 
@@ -38,16 +40,19 @@ def test_prompt_prediction_equals_in_process_onnxruntime(stub, bundle, unbatched
     created = stub.CreateSession(pb.CreateSessionRequest(prompt_text="The lazy", top_k=3))
     reference = unbatched(bundle)
     reference.feed(bundle.vocab.encode("The lazy"))
-    assert created.session.position == 8
+    assert created.session.position == len(bundle.vocab.encode("The lazy"))  # 8 characters, or fewer subwords
     assert_prediction(created.prediction, reference, k=3)
 
 
 def test_models_are_described_from_the_manifest(stub, bundle):
     [model] = stub.ListModels(pb.ListModelsRequest()).models
+    sizes = bundle.manifest["sizes"]  # layers and hidden size: a recurrent cell's, absent (0) for other architectures
     assert (model.name, model.cell, model.layers, model.hidden_size, model.vocab_size) == \
-           (bundle.name, "lstm", 2, 16, len(bundle.vocab))
+           (bundle.name, bundle.cell, sizes.get("layers", 0), sizes.get("hidden_size", 0), len(bundle.vocab))
     assert model.sha256 == bundle.sha256 and model.is_default
     assert model.state_bytes_per_session == bundle.state_bytes_per_session
+    assert model.vocabulary == bundle.vocab.kind
+    assert [(s.name, tuple(s.shape), s.dtype) for s in model.states] == [(s.name, s.shape, s.dtype) for s in bundle.states]
     assert stub.GetModel(pb.GetModelRequest(name=bundle.name)) == model
     assert_fails(lambda: stub.GetModel(pb.GetModelRequest(name="gpt-9")), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
 
@@ -134,11 +139,11 @@ def test_step_batch_answers_each_step_at_its_index(stub, bundle, unbatched):
 # Retries and concurrency --------------------------------------------------------------------------
 
 def test_an_exact_retry_is_answered_from_the_record_and_a_stale_step_is_refused(stub):
-    session_id = create(stub, prompt_text="the")
-    first = stub.Step(pb.StepRequest(session_id=session_id, text="ir", expected_position=3))
-    again = stub.Step(pb.StepRequest(session_id=session_id, text="ir", expected_position=3))
+    session_id = create(stub, prompt_token_ids=[1, 2, 3])
+    first = stub.Step(pb.StepRequest(session_id=session_id, token_ids=[4, 5], expected_position=3))
+    again = stub.Step(pb.StepRequest(session_id=session_id, token_ids=[4, 5], expected_position=3))
     assert again == first and position(stub, session_id) == 5
-    _, info = assert_fails(lambda: stub.Step(pb.StepRequest(session_id=session_id, text="x", expected_position=3)),
+    _, info = assert_fails(lambda: stub.Step(pb.StepRequest(session_id=session_id, token_ids=[6], expected_position=3)),
                            grpc.StatusCode.FAILED_PRECONDITION, "POSITION_MISMATCH")
     assert info.metadata["actual_position"] == "5"
     assert position(stub, session_id) == 5

@@ -393,7 +393,8 @@ class ResponseWriter:
                         vocab_size=sizes["vocab_size"], sha256=bundle.sha256,
                         state_bytes_per_session=bundle.state_bytes_per_session, metrics=metrics,
                         is_default=models.is_server_default(model), default_version=models.is_default(model),
-                        sessions=model.sessions, retiring=model.retiring)
+                        sessions=model.sessions, retiring=model.retiring, vocabulary=bundle.vocab.kind,
+                        states=[pb.StateTensor(name=s.name, shape=s.shape, dtype=s.dtype) for s in bundle.states])
 
 
 def _each_session_once(steps) -> None:

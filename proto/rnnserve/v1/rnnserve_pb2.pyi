@@ -238,7 +238,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "cell", "layers", "hidden_size", "embed_size", "vocab_size", "sha256", "state_bytes_per_session", "metrics", "is_default", "default_version", "sessions", "retiring")
+    __slots__ = ("name", "version", "cell", "layers", "hidden_size", "embed_size", "vocab_size", "sha256", "state_bytes_per_session", "metrics", "is_default", "default_version", "sessions", "retiring", "vocabulary", "states")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,8 @@ class Model(_message.Message):
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     RETIRING_FIELD_NUMBER: _ClassVar[int]
+    VOCABULARY_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     cell: str
@@ -274,7 +276,19 @@ class Model(_message.Message):
     default_version: bool
     sessions: int
     retiring: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embed_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., sha256: _Optional[str] = ..., state_bytes_per_session: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., is_default: _Optional[bool] = ..., default_version: _Optional[bool] = ..., sessions: _Optional[int] = ..., retiring: _Optional[bool] = ...) -> None: ...
+    vocabulary: str
+    states: _containers.RepeatedCompositeFieldContainer[StateTensor]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embed_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., sha256: _Optional[str] = ..., state_bytes_per_session: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., is_default: _Optional[bool] = ..., default_version: _Optional[bool] = ..., sessions: _Optional[int] = ..., retiring: _Optional[bool] = ..., vocabulary: _Optional[str] = ..., states: _Optional[_Iterable[_Union[StateTensor, _Mapping]]] = ...) -> None: ...
+
+class StateTensor(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("session_id", "count", "ttl_seconds", "expected_position")
