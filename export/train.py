@@ -134,7 +134,8 @@ class Trainer:
         self.data = load_token_data(config.dataset, config.corpus, config.tokenizer, config.bpe_vocab_size)
         self.corpus_description = self.data.description
         # The character vocabulary, which rnnserve-export's bundles take; None for the other kinds.
-        self.vocab = Vocabulary(self.data.vocabulary["tokens"]) if self.data.vocabulary["kind"] == "characters" else None
+        record = self.data.vocabulary
+        self.vocab = Vocabulary(record["tokens"]) if record["kind"] == "characters" else None
         ids = self.data.train_ids
         length = len(ids) // config.batch_size
         if length <= config.seq_len + 1:

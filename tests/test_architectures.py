@@ -139,8 +139,9 @@ def test_every_architecture_declares_its_states():
             logits, *new = model(torch.zeros((3, 5), dtype=torch.int64), *model.initial_state(3))
         assert logits.shape == (3, 5, 20)
         assert [tuple(s.shape) for s in new] == [(3, *shape) for shape in shapes.values()], arch
-    assert list(build_model("ssm", 20, embed_size=8, hidden_size=16, layers=2, dropout=0.0, state_size=4,
-                            head_size=8, chunk_size=4).state_shapes().values()) == [(2, 3, 40), (2, 4, 8, 4)]  # conv: 2*16 + 2*4 channels
+    ssm = build_model("ssm", 20, embed_size=8, hidden_size=16, layers=2, dropout=0.0, state_size=4, head_size=8,
+                      chunk_size=4)
+    assert list(ssm.state_shapes().values()) == [(2, 3, 40), (2, 4, 8, 4)]  # conv: 2*16 + 2*4 channels
 
 
 def test_ssm_refuses_a_width_that_heads_do_not_divide():
@@ -263,7 +264,8 @@ def exported_runs(tiny_corpus, tmp_path_factory) -> dict:
 def test_exported_manifests_measure_each_kind_in_its_unit(exported_runs):
     ssm, bpe, chorales = exported_runs["ssm"], exported_runs["bpe"], exported_runs["chorales"]
     assert ssm.manifest["cell"] == "ssm" and [len(s.shape) for s in ssm.states] == [3, 4]  # conv, ssm (without batch)
-    assert bpe.vocab.kind == "tokenizer" and bpe.manifest["metrics"]["val_tokens"] < bpe.manifest["metrics"]["val_chars"]
+    metrics = bpe.manifest["metrics"]
+    assert bpe.vocab.kind == "tokenizer" and metrics["val_tokens"] < metrics["val_chars"]
     assert chorales.vocab.kind == "ids" and "val_bpc" not in chorales.manifest["metrics"]
     assert chorales.manifest["training"]["command"].startswith("rnnserve-train --arch gru --dataset bach-chorales")
     for bundle in exported_runs.values():
