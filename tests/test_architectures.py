@@ -17,6 +17,9 @@ from rnnserve.export.train import PRESETS, Trainer
 
 import tiny_models
 
+# The first read of the Bach chorales parses 350 MusicXML files (minutes on a busy 2-core machine; cached after).
+pytestmark = pytest.mark.timeout(900)
+
 RECURRENT_OPS = {"LSTM", "GRU", "RNN", "Loop", "Scan"}
 # float64 makes the only difference between the chunked scan and the recurrence the order of
 # additions: about 1e-15 relative per operation, so 1e-9 leaves room for thousands of them and still
