@@ -11,13 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from serving import assert_fails, create
-from tiny_models import WORDS, TinySSM
+from tiny_models import WORDS, TinySSM, tiny_corpus
 
 from rnnserve.bundle import BundleError, load_bundle
 from rnnserve.export import export_module
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc
-from rnnserve.vocab import REPLACEMENT, IdVocabulary
+from rnnserve.vocab import REPLACEMENT, IdVocabulary, TokenizerVocabulary
 
 ALPHABET = "".join(sorted(set("".join(WORDS)))) + " .\n"
 
@@ -42,6 +42,32 @@ def test_any_ids_stream_to_their_decoded_text(bundles, data):
     vocab = bundles["bpe"].vocab
     ids = data.draw(st.lists(st.integers(0, len(vocab) - 1), min_size=1, max_size=30))
     assert "".join(streamed(vocab, ids)) == vocab.decode(ids)
+
+
+def trained(kind: str) -> TokenizerVocabulary:
+    """A WordPiece or a Unigram (SentencePiece's Metaspace) tokenizer trained on the tiny corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]"], show_progress=False)
+    else:
+        tokenizer = Tokenizer(models.Unigram())
+        tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=200, show_progress=False)
+    tokenizer.train_from_iterator(tiny_corpus().splitlines(), trainer)
+    return TokenizerVocabulary(tokenizer.to_str())
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_other_tokenizer_kinds_stream_what_they_decode(kind):
+    """Decoders that join pieces (WordPiece's "##", Metaspace's spaces) stream the text decoding all ids gives."""
+    vocab = trained(kind)
+    for text in ("the king speak hear", "café naïve über", "good lady. ill lord"):
+        ids = vocab.encode(text).tolist()
+        pieces = streamed(vocab, ids)
+        assert "".join(pieces) == vocab.decode(ids) and len(ids) > 1
 
 
 def test_generated_subword_text_joins_to_the_decoded_ids(bundles, start_server):

@@ -130,3 +130,30 @@ def test_the_page_names_the_version_its_sessions_run(browser, tmp_path, versions
             assert opened.text_content("#model").startswith("tiny 2: LSTM 2 \u00d7 16")
     finally:
         running.stop()
+
+
+def test_the_page_names_another_architecture_by_its_state(browser, tmp_path, bundles):
+    """A model with no layers or hidden size in its manifest (a state-space layer) is shown by its state tensor."""
+    from bench.models import repository as copies
+
+    running = RunningServer(None, Settings(**LOOPBACK, http_listen="127.0.0.1:0", model_poll_seconds=0,
+                                           model_repository=copies(bundles["ssm"], tmp_path / "models", ["ssm"])))
+    try:
+        with playground(browser, running) as opened:
+            opened.wait_for_function("document.querySelector('#model').textContent.startsWith('ssm ')")
+            assert opened.text_content("#model") == "ssm 1: SSM ssm [1 \u00d7 2 \u00d7 4 \u00d7 3], 47 tokens"
+    finally:
+        running.stop()
+
+
+def test_typing_into_a_subword_model_shows_the_prediction_for_the_whole_text(browser, bundles):
+    """Typing ends in the prediction CreateSession gives for the whole text, not for the text's keystrokes read as
+    separate pieces (which a subword tokenizer splits otherwise)."""
+    running = RunningServer(bundles["bpe"], Settings(**LOOPBACK, http_listen="127.0.0.1:0"))
+    try:
+        with playground(browser, running) as opened:
+            opened.wait_for_function("document.querySelector('#model').textContent.startsWith('tiny-bpe ')")
+            opened.type("#text", "the king speak", delay=15)
+            assert_shows_grpcs_prediction(opened, running, "the king speak")
+    finally:
+        running.stop()

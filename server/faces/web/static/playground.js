@@ -1,5 +1,6 @@
 // The playground: one session follows the text as it is typed (a step for what was added, a new
-// session when earlier text changes), and its prediction is drawn as bars. Everything goes through
+// session when earlier text changes, or for a subword model every time: see `follow`), and its
+// prediction is drawn as bars. Everything goes through
 // the HTTP face's routes, the same ones curl uses (see /openapi.json).
 "use strict";
 
@@ -9,6 +10,7 @@ const shown = (text) => text.replace(/ /g, "\u2423").replace(/\n/g, "\u23ce").re
 
 let session = null;   // {id, text}: the session that has read exactly `text`
 let busy = false;     // one request in flight; typing meanwhile is caught up afterwards
+let characters = true;  // the model's ids are characters (GET /v1/models says "vocabulary")
 
 function headers(extra = {}) {
   const token = $("token").value.trim();
@@ -65,7 +67,10 @@ async function follow() {
         break;
       }
       let answer;
-      if (session && text.startsWith(session.text)) {  // only what was added: the session keeps the rest
+      // Only what was added, the session keeps the rest: exact for characters. Subwords of the added text alone
+      // are not the whole text's (" kin" + "g" is not " king"), so a subword model reads the whole text anew,
+      // the prefix-state cache sparing it what it read before.
+      if (session && characters && text.startsWith(session.text)) {
         answer = await json("POST", `/v1/sessions/${session.id}/step`,
                             { text: text.slice(session.text.length), top_k: TOP_K });
         session.text = text;
@@ -144,8 +149,11 @@ async function describeModel() {
     const { models } = await json("GET", "/v1/models");
     // The version sessions get: the server's default model comes first, but in version order, not default first.
     const m = models.find((model) => model.is_default) || models[0];
-    $("model").textContent = `${m.name} ${m.version}: ${m.cell.toUpperCase()} ${m.layers} \u00d7 ${m.hidden_size}, ` +
-                             `${m.vocab_size} tokens`;
+    characters = (m.vocabulary || "characters") === "characters";
+    // A recurrent cell by its layers and width; another architecture (no such sizes) by its state tensors.
+    const size = m.layers ? `${m.layers} \u00d7 ${m.hidden_size}`
+      : (m.states || []).map((s) => `${s.name} [${(s.shape || []).join(" \u00d7 ")}]`).join(", ");
+    $("model").textContent = `${m.name} ${m.version}: ${m.cell.toUpperCase()} ${size}, ${m.vocab_size} tokens`;
   } catch (error) {
     $("model").textContent = error.message;
   }
