@@ -16,31 +16,33 @@ import numpy as np
 import torch
 
 from rnnserve import bundle as bundle_format
-from rnnserve.export.model import ModelConfig, RecurrentLM
+from rnnserve.export.architectures import rebuild_model
+from rnnserve.export.datasets import characters_of, validation_ids, vocabulary_of
+from rnnserve.export.model import RecurrentLM
 from rnnserve.export.module_export import export_module
-from rnnserve.vocab import Vocabulary
+from rnnserve.vocab import AnyVocabulary, Vocabulary
 
-def export_bundle(model: RecurrentLM, vocab: Vocabulary, out_dir: str | Path, *, name: str = "rnnserve-model",
-                  version: str = "1", extra: dict | None = None,
-                  val_ids: np.ndarray | None = None) -> bundle_format.Bundle:
+def export_bundle(model: torch.nn.Module, vocab: AnyVocabulary, out_dir: str | Path, *, name: str = "rnnserve-model",
+                  version: str = "1", extra: dict | None = None, val_ids: np.ndarray | None = None,
+                  characters: np.ndarray | None = None) -> bundle_format.Bundle:
     """`export_module` for the models rnnserve-train makes: their states are [layers, hidden] each.
 
     `extra` adds manifest keys (training, corpus, baseline...). With `val_ids`, the manifest's
     metrics.val_bpc and metrics.val_top1 are measured here on the exported graph itself.
     """
     config = model.config
-    return export_module(model, vocab, out_dir, name=name, version=version, cell=config.cell,
-                         states={n: (config.layers, config.hidden_size) for n in config.state_names},
-                         sizes={"embed_size": config.embed_size, "hidden_size": config.hidden_size,
-                                "layers": config.layers},
-                         extra=extra, val_ids=val_ids)
+    cell = config.cell if isinstance(model, RecurrentLM) else "ssm"
+    sizes = {k: v for k, v in config.to_dict().items() if isinstance(v, int) and k != "vocab_size"}
+    return export_module(model, vocab, out_dir, name=name, version=version, cell=cell, sizes=sizes,
+                         extra=extra, val_ids=val_ids, characters=characters)
 
 
-def load_checkpoint(path: Path) -> tuple[RecurrentLM, Vocabulary, dict]:
+def load_checkpoint(path: Path) -> tuple[torch.nn.Module, AnyVocabulary, dict]:
+    """Any run's model and vocabulary; a run from before --arch and --tokenizer is an LSTM/GRU/RNN over characters."""
     ckpt = torch.load(path, weights_only=False, map_location="cpu")
-    model = RecurrentLM(ModelConfig(**ckpt["model_config"]))
+    model = rebuild_model(ckpt.get("arch", ckpt["model_config"].get("cell")), ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
-    return model, Vocabulary(ckpt["vocab"]), ckpt
+    return model, vocabulary_of(ckpt.get("vocabulary") or {"kind": "characters", "tokens": ckpt["vocab"]}), ckpt
 
 
 def baseline_for(run_dir: Path, corpus_path: str | None) -> dict:
@@ -74,11 +76,8 @@ def main(argv: list[str] | None = None) -> None:
                              "recorded beside this model's under `alternatives`")
     args = parser.parse_args(argv)
 
-    from rnnserve.export.corpus import load_corpus
-
     model, vocab, ckpt = load_checkpoint(args.run / "checkpoint.pt")
     corpus_path = ckpt["config"].get("corpus")
-    corpus = load_corpus(corpus_path)
     history = ckpt["history"]
     extra = {
         "metrics": {"train_seconds": round(ckpt["train_seconds"], 1), "train_steps": ckpt["step"],
@@ -89,16 +88,19 @@ def main(argv: list[str] | None = None) -> None:
         "corpus": ckpt["corpus"],
         "history": history,
     }
-    if not args.no_baseline:
+    if not args.no_baseline and vocab.has_text:
         extra["baseline"] = baseline_for(args.run, corpus_path)
     if args.compare:
         extra["alternatives"] = {run.name: run_summary(run) for run in args.compare}
-    name = args.name or f"{ckpt['corpus'].get('name', 'corpus')}-{model.config.cell}"
+    arch = ckpt.get("arch", ckpt["model_config"].get("cell"))
+    name = args.name or f"{ckpt['corpus'].get('name', 'corpus')}-{arch}"
     started = time.monotonic()
     bundle = export_bundle(model, vocab, args.out, name=name, version=args.version, extra=extra,
-                           val_ids=vocab.encode(corpus.val_text))
+                           val_ids=validation_ids(ckpt["config"], vocab), characters=characters_of(vocab))
     metrics = bundle.manifest["metrics"]
-    print(f"wrote {args.out} in {time.monotonic() - started:.0f} s: val {metrics['val_bpc']:.4f} bpc, "
+    figure = (f"{metrics['val_bpc']:.4f} bpc" if "val_bpc" in metrics
+              else f"{metrics['val_bits_per_token']:.4f} bits/token (perplexity {metrics['val_perplexity']:.2f})")
+    print(f"wrote {args.out} in {time.monotonic() - started:.0f} s: val {figure}, "
           f"top-1 {metrics['val_top1']:.3f}; parity {bundle.manifest['parity']['logits_vs_torch']:.2e}")
 
 
@@ -113,8 +115,10 @@ def run_summary(run_dir: Path) -> dict:
 
 def training_command(config: dict) -> str:
     """The command line that reproduces a run: its preset by name, or the flags that differ from default."""
-    from rnnserve.export.train import PRESETS
+    from rnnserve.export.train import PRESETS, TrainConfig
 
+    # A run from before --arch named it `cell`, and had none of the later fields: it used their defaults.
+    config = {**dataclasses.asdict(TrainConfig()), **{("arch" if k == "cell" else k): v for k, v in config.items()}}
     for name, preset in PRESETS.items():
         if dataclasses.asdict(preset) == config:
             return f"rnnserve-train --preset {name}"

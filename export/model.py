@@ -52,10 +52,13 @@ class RecurrentLM(nn.Module):
                              dropout=config.dropout if config.layers > 1 else 0.0, batch_first=True)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The export contract's declaration: each state's shape without the batch axis, in order."""
+        return {name: (self.config.layers, self.config.hidden_size) for name in self.config.state_names}
+
     def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Zeros, one tensor per state name, each [batch, layers, hidden]."""
-        shape = (batch, self.config.layers, self.config.hidden_size)
-        return tuple(torch.zeros(shape) for _ in self.config.state_names)
+        return tuple(torch.zeros((batch, *shape)) for shape in self.state_shapes().values())
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """tokens [batch, time] int64, state tensors [batch, layers, hidden].

@@ -32,7 +32,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 def tiny_config(corpus: Path, cell: str):
-    return dataclasses.replace(PRESETS["tiny"], cell=cell, corpus=str(corpus), max_steps=12, eval_every=6)
+    return dataclasses.replace(PRESETS["tiny"], arch=cell, corpus=str(corpus), max_steps=12, eval_every=6)
 
 
 @pytest.fixture(scope="module", params=["rnn", "gru", "lstm"])
@@ -44,8 +44,8 @@ def trained(request, tiny_corpus, tmp_path_factory) -> Trainer:
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / trained.config.cell
-    return exporter.export_bundle(trained.model, trained.vocab, out, name=f"tiny-{trained.config.cell}",
+    out = tmp_path_factory.mktemp("bundles") / trained.config.arch
+    return exporter.export_bundle(trained.model, trained.vocab, out, name=f"tiny-{trained.config.arch}",
                                   val_ids=trained.val_ids)
 
 
@@ -59,7 +59,7 @@ def test_export_proves_parity_and_measures_validation(exported, trained):
     parity = exported.manifest["parity"]
     assert parity["logits_vs_torch"] <= 1e-4 and parity["steps_vs_prefill"] <= 1e-4
     assert parity["state_vs_torch"] <= 1e-5
-    assert exported.cell == trained.config.cell
+    assert exported.cell == trained.config.arch
     assert [s.name for s in exported.states] == list(trained.model.config.state_names)
     # The manifest's figure is the graph's own, re-measured here independently of export.
     assert abs(evaluate_bundle(exported, trained.val_ids).bits_per_char - exported.manifest["metrics"]["val_bpc"]) < 1e-3
