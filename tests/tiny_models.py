@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rnnserve.export.bpe import train_byte_level_bpe
+
 # Words with accents and a character outside the BMP, so that byte-level pieces split UTF-8 characters.
 WORDS = ("the king queen crown sword night day love death speak hear lord lady good ill café naïve "
          "señor über straße 東京 🎭 résumé").split()
@@ -21,16 +23,9 @@ def tiny_corpus(seed: int = 7, lines: int = 120) -> str:
 
 
 def train_tokenizer(text: str, vocab_size: int = 300) -> str:
-    """A byte-level BPE tokenizer trained on `text`, as its tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer)
-    return tokenizer.to_str()
+    """A byte-level BPE tokenizer trained on `text` as `rnnserve-train --tokenizer bpe` trains one, as its
+    tokenizer.json."""
+    return train_byte_level_bpe(text, vocab_size).to_str()
 
 
 class TinySSM(nn.Module):
