@@ -11,8 +11,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 # The serving lock first, in a layer of its own (rebuilt only when the lock changes): the exact versions and
 # hashes the tests ran with, the build backend among them.
-COPY requirements/serving.txt requirements/serving.txt
-RUN pip install --require-hashes --no-deps -r requirements/serving.txt
+COPY requirements/serving.lock requirements/serving.lock
+RUN pip install --require-hashes --no-deps -r requirements/serving.lock
 COPY rnnserve rnnserve
 COPY proto proto
 COPY server server

@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
-# The locks (requirements/*.txt, made by `make lock`): every package at the exact version and hashes the tests
+# The locks (requirements/*.lock, made by `make lock`): every package at the exact version and hashes the tests
 # ran with, so a new machine installs what CI tested, not whatever is newest that day. rnnserve itself goes
 # in after them with no dependencies of its own and the locked setuptools (no build isolation).
 INSTALL_LOCKED := $(PIP) --require-hashes --no-deps -r
@@ -22,20 +22,20 @@ SYSTEM_COMMANDS := node:nodejs npm:npm
 
 .PHONY: serve test bench train train-quick export quantize proto system-packages lock
 
-$(VENV)/.serving: pyproject.toml requirements/serving.txt
+$(VENV)/.serving: pyproject.toml requirements/serving.lock
 	python3 -m venv $(VENV)
-	$(INSTALL_LOCKED) requirements/serving.txt
+	$(INSTALL_LOCKED) requirements/serving.lock
 	$(INSTALL_SELF)
 	touch $@
 
-$(VENV)/.dev: pyproject.toml requirements/dev.txt $(VENV)/.serving
-	$(INSTALL_LOCKED) requirements/dev.txt
+$(VENV)/.dev: pyproject.toml requirements/dev.lock $(VENV)/.serving
+	$(INSTALL_LOCKED) requirements/dev.lock
 	$(INSTALL_SELF)
 	touch $@
 
-lock: $(VENV)/.dev  ## re-resolve every dependency at today's newest allowed versions into requirements/*.txt (see docs/INSTALL.md)
-	$(LOCK) --extra train --extra dev --extra redis -o requirements/dev.txt pyproject.toml requirements/build.in
-	$(LOCK) --extra redis -o requirements/serving.txt pyproject.toml requirements/build.in requirements/serving.in
+lock: $(VENV)/.dev  ## re-resolve every dependency at today's newest allowed versions into requirements/*.lock (see docs/INSTALL.md)
+	$(LOCK) --extra train --extra dev --extra redis -o requirements/dev.lock pyproject.toml requirements/build.in
+	$(LOCK) --extra redis -o requirements/serving.lock pyproject.toml requirements/build.in requirements/serving.in
 
 serve: $(VENV)/.serving  ## serve the committed default model: gRPC on 127.0.0.1:50051, HTTP and the playground on 127.0.0.1:8080
 	$(VENV)/bin/rnnserve-server --http-listen 127.0.0.1:8080

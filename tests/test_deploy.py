@@ -70,9 +70,9 @@ def test_rnnserve_is_built_from_the_dockerfile_with_the_serving_lock_alone(compo
     assert Path(compose["services"]["rnnserve"]["build"]["context"]) == ROOT
     installs = re.findall(r"pip install (.+)", (ROOT / "Dockerfile").read_text())
     # The serving lock with its hashes (no torch in it: tests/test_lock.py), then rnnserve with nothing more.
-    assert installs == ["--require-hashes --no-deps -r requirements/serving.txt",
+    assert installs == ["--require-hashes --no-deps -r requirements/serving.lock",
                         "--no-deps --no-build-isolation . && rm -rf /src"]
-    assert "!requirements/serving.txt" in (ROOT / ".dockerignore").read_text().splitlines()
+    assert "!requirements/serving.lock" in (ROOT / ".dockerignore").read_text().splitlines()
 
 
 def test_the_replicas_profile_puts_three_replicas_behind_the_proxy_it_tests(compose):

@@ -1,6 +1,6 @@
 """The environment the tests run in is the lock's: what CI passes is what a new machine installs.
 
-`make test` installs requirements/dev.txt with hashes; a package at another version (installed by hand, or
+`make test` installs requirements/dev.lock with hashes; a package at another version (installed by hand, or
 by a plain `pip install -e .[dev]` on another day) would let the suite pass here and fail for a user, as the
 committed stubs once did when grpcio-tools moved from 1.85.1 to 1.85.4 under an unpinned install.
 """
@@ -30,7 +30,7 @@ def locked(lock: str) -> dict[str, str]:
 
 
 def test_every_installed_dependency_is_at_its_locked_version():
-    pins = locked("dev.txt")
+    pins = locked("dev.lock")
     assert {"grpcio-tools", "grpcio", "protobuf", "onnxruntime", "torch"} <= pins.keys()
     drifted = {name: (metadata.version(name), version) for name, version in pins.items()
                if metadata.version(name) != version}
@@ -38,13 +38,13 @@ def test_every_installed_dependency_is_at_its_locked_version():
 
 
 def test_serving_takes_the_versions_the_tests_ran_with():
-    serving, dev = locked("serving.txt"), locked("dev.txt")
+    serving, dev = locked("serving.lock"), locked("dev.lock")
     assert {"onnxruntime", "grpcio", "protobuf", "numpy"} <= serving.keys()
     assert "torch" not in serving  # serving never needs it
     assert {name: version for name, version in serving.items() if dev.get(name) != version} == {}
 
 
-@pytest.mark.parametrize("lock", ["dev.txt", "serving.txt"])
+@pytest.mark.parametrize("lock", ["dev.lock", "serving.lock"])
 def test_every_pin_carries_hashes(lock):
     text = (REQUIREMENTS / lock).read_text()
     entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n\n", 1)[-1].strip())
