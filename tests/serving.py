@@ -184,7 +184,8 @@ class RunningServer:
         return self.run(_task_count())
 
     def stop(self, grace: float = 0.0) -> None:
-        self.run(self.server.stop(grace))
+        # a stop may take twice its grace (the hand-off to the session store, then the calls in flight)
+        self.run(self.server.stop(grace), timeout=30.0 + 2 * grace)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
