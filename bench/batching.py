@@ -2,9 +2,10 @@
 
 Unary callers form batches only from the steps that happen to be queued when the model comes
 free; a wait lets more of them arrive, but a fixed one (--max-queue-delay-us) is paid by a lone
-session too. The adaptive wait (--adaptive-wait-us) waits only while fewer steps are queued than
-the last call ran, so it should fill W2's unary batches and leave W1 alone: both are measured on
-each setting. --loop-max-tokens 0 sends W1's lone step to the model thread, which shows what the
+session too. The adaptive wait (--adaptive-wait-us, the default) waits only while fewer steps are
+queued than sessions answered moments ago have yet to come back, and only while they keep
+arriving (--adaptive-gap-us), so it should fill W2's unary batches and leave W1 alone: both are
+measured on each setting. --loop-max-tokens 0 sends W1's lone step to the model thread, which shows what the
 default (running it on the event loop's thread) saves. Each setting gets a fresh server, in turn,
 round after round, and each figure is the median of its rounds.
 """
@@ -22,11 +23,11 @@ from bench.workloads import stream_steps, unary_steps
 
 # A row's variant is its transport and the setting's name: ("W2", "unary-adaptive-500", 256).
 SETTINGS = {
-    "no-wait": [],  # the server's defaults
-    "fixed-200": ["--max-queue-delay-us", "200"],
-    "fixed-1000": ["--max-queue-delay-us", "1000"],
-    "adaptive-500": ["--adaptive-wait-us", "500"],
-    "adaptive-2000": ["--adaptive-wait-us", "2000"],
+    "no-wait": ["--adaptive-wait-us", "0"],
+    "fixed-200": ["--adaptive-wait-us", "0", "--max-queue-delay-us", "200"],
+    "fixed-1000": ["--adaptive-wait-us", "0", "--max-queue-delay-us", "1000"],
+    "adaptive-5000": [],  # the server's defaults: --adaptive-wait-us 5000 --adaptive-gap-us 500
+    "adaptive-5000-gap-2000": ["--adaptive-gap-us", "2000"],
     "loop-max-tokens-0": ["--loop-max-tokens", "0"],
 }
 

@@ -116,9 +116,12 @@ class Settings:
         0, "How long a step may wait for others to fill its batch. 0 runs whatever is waiting as soon as the model "
         "is free, which batches under load anyway, because steps gather while a call runs.", minimum=0)
     adaptive_wait_us: int = _setting(
-        0, "Adaptive batching (with --max-queue-delay-us 0): while fewer steps are queued than the last model call "
-        "ran, wait up to this long for the rest of them, which in a closed loop are on their way; a lone session "
-        "never waits. Serves many unary Step callers with fewer, fuller calls. 0: off.", minimum=0)
+        5000, "Adaptive batching (with --max-queue-delay-us 0): while fewer steps are queued than sessions answered "
+        "moments ago have yet to come back, wait up to this long for them, as long as they keep arriving (see "
+        "--adaptive-gap-us); a lone session never waits. Serves many unary Step callers with fewer, fuller model "
+        "calls. 0: off.", minimum=0)
+    adaptive_gap_us: int = _setting(
+        500, "Adaptive batching stops waiting once no step has arrived for this long.", minimum=0)
     loop_max_tokens: int = _setting(
         1, "A model call of at most this many tokens (steps x step length) runs on the event loop's thread when "
         "nothing else is waiting and the previous call was lone too, skipping the hand-off to the model thread "

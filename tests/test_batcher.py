@@ -217,13 +217,13 @@ def test_lone_steps_on_the_loop_equal_the_model_thread_and_keep_order_when_the_p
     assert threads[-1].startswith("rnnserve-model")  # a prefill of 3 tokens never runs on the loop
 
 
-def test_adaptive_batching_waits_for_the_last_calls_sessions_but_never_for_a_lone_one(bundle):
-    """With an adaptive wait far longer than the test, a call runs only once as many steps as the last call ran
-    are queued (or the queue was empty last time): the wait is never what lets a step through."""
+def test_adaptive_batching_waits_for_the_sessions_on_their_way_back_but_never_for_a_lone_one(bundle):
+    """With an adaptive wait and gap far longer than the test, a call runs only once every session answered
+    moments ago is back (or none was): the wait is never what lets a step through."""
 
     async def scenario(core):
         lone = core.session()
-        for token in (1, 2, 3):  # a lone session: its last call was one step, so it never waits
+        for token in (1, 2, 3):  # a lone session: nobody else is on the way back, so it never waits
             await asyncio.wait_for(core.step(lone, [token]), 5)
         sessions = [core.session() for _ in range(4)]
         await asyncio.gather(*(core.step(session, [1]) for session in sessions))  # one call of 4
@@ -234,4 +234,20 @@ def test_adaptive_batching_waits_for_the_last_calls_sessions_but_never_for_a_lon
         await asyncio.wait_for(asyncio.gather(*first_half, *rest), 5)
         return [report.steps for report in core.reports]
 
-    assert with_core(bundle, scenario, adaptive_wait_seconds=60.0) == [1, 1, 1, 4, 4]
+    assert with_core(bundle, scenario, adaptive_wait_seconds=60.0, adaptive_gap_seconds=60.0) == [1, 1, 1, 4, 4]
+
+
+def test_adaptive_batching_stops_waiting_once_steps_stop_arriving(bundle):
+    """Sessions that do not come back cost the steps queued meanwhile one gap of waiting, not the whole wait."""
+
+    async def scenario(core):
+        sessions = [core.session() for _ in range(4)]
+        await asyncio.gather(*(core.step(session, [1]) for session in sessions))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(core.step(sessions[0], [2]), 5)  # three others are on their way back, never coming
+        return loop.time() - started, [report.steps for report in core.reports]
+
+    waited, calls = with_core(bundle, scenario, adaptive_wait_seconds=60.0, adaptive_gap_seconds=0.05)
+    assert calls == [4, 1]
+    assert waited >= 0.05  # it did wait for the others, one gap (and far less than the 60 s wait)

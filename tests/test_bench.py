@@ -27,7 +27,7 @@ OPERATION_ROWS = {
 }
 LOOP_METRICS = ("tokens_per_s", "p50_us", "p99_us", "client_cpu_us_per_token", "server_cpu_us_per_token")
 # Issue 15: W1 and W2 unary on a server per batcher setting, and the int8 copy of the reference model.
-SETTINGS = ("no-wait", "fixed-200", "fixed-1000", "adaptive-500", "adaptive-2000", "loop-max-tokens-0")
+SETTINGS = ("no-wait", "fixed-200", "fixed-1000", "adaptive-5000", "adaptive-5000-gap-2000", "loop-max-tokens-0")
 BATCHING_ROWS = {
     **{("W1", f"stream-{setting}"): ((1,), LOOP_METRICS) for setting in SETTINGS},
     **{("W2", f"unary-{setting}"): ((256,), LOOP_METRICS) for setting in SETTINGS},

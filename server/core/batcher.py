@@ -31,11 +31,15 @@ import numpy as np
 
 from rnnserve.server.core.errors import RnnserveError, ServerFault
 from rnnserve.server.core.prediction import Prediction, Ranker
+from rnnserve.server.core.returning import Returning
 from rnnserve.server.core.sessions import Session
 from rnnserve.server.model.runtime import RunResult, Runtime
 from rnnserve.server.model.state_pool import Row, StatePool
 
 NEXT_LOGITS = "next_logits"  # the pool's row for the prediction after a session's last token
+# How long after its answer a session still counts as on its way back (`Returning`): longer than a busy closed
+# loop's round (80-90 ms at 256 unary callers on 2 cores), far shorter than a person's pause between steps.
+RETURNING_HORIZON_SECONDS = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,8 @@ def row_limit(max_batch_size: int, max_batch_tokens: int, length: int) -> int:
 
 class Batcher:
     def __init__(self, runtime: Runtime, pool: StatePool, *, max_batch_size: int, max_batch_tokens: int,
-                 max_queue_delay_seconds: float, adaptive_wait_seconds: float = 0.0, loop_max_tokens: int = 0,
-                 on_batch: Callable[[BatchReport], None] | None = None):
+                 max_queue_delay_seconds: float, adaptive_wait_seconds: float = 0.0, adaptive_gap_seconds: float = 0.0,
+                 loop_max_tokens: int = 0, on_batch: Callable[[BatchReport], None] | None = None):
         """`loop_max_tokens`: a call of at most this many tokens (steps x length), with nothing else waiting,
         runs on the event loop's own thread instead of the model thread. A lone step then skips two thread
         hand-offs (to the model thread and back, each a wake-up of a sleeping CPU), which on a virtual machine
@@ -98,6 +102,10 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay_seconds = max_queue_delay_seconds
         self.adaptive_wait_seconds = adaptive_wait_seconds  # see _fill_delay
+        self.adaptive_gap_seconds = adaptive_gap_seconds
+        self._returning = Returning(RETURNING_HORIZON_SECONDS)
+        self._last_arrival = 0.0  # time.monotonic() of the latest step queued
+        self._fill_target: int | None = None  # while waiting to fill a call: the queue length that ends the wait
         self._last_batch_steps = 0
         self.on_batch = on_batch
         self.state_names = [s.name for s in runtime.bundle.states]
@@ -190,13 +198,15 @@ class Batcher:
         return True
 
     def _enqueue(self, step: Step) -> None:
-        step.queued_at = time.monotonic()
+        step.queued_at = self._last_arrival = time.monotonic()
+        self._returning.arrived(step.session)
         queue = self._queues.get(len(step.tokens))
         if queue is None:
             queue = self._queues[len(step.tokens)] = deque()
         queue.append(step)
         self._queued += 1
-        self._wake()
+        if self._fill_target is None or self._queued >= self._fill_target:  # a wait to fill a call ends by itself
+            self._wake()
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
@@ -240,24 +250,31 @@ class Batcher:
                     timer.cancel()
 
     def _fill_delay(self) -> float:
-        """Seconds to wait for more steps before running what is queued.
+        """Seconds to wait for more steps before running what is queued; sets `_fill_target` while it waits.
 
         With a fixed delay, the oldest step waits that long for company. With an adaptive wait, steps
-        wait only while fewer are queued than the last call ran: in a closed loop the sessions of the
-        last call come back with their next steps a little apart (unary calls above all), and running
-        the first few alone would split them into many small calls. A lone session's last call was one
-        step, so it never waits; when load falls, one call waits in vain and the next expects fewer.
+        wait only while fewer are queued than sessions are on their way back (`Returning`), and only
+        while they keep coming: the wait ends once no step has arrived for the adaptive gap, and at the
+        latest the adaptive wait after the oldest queued step. A lone session is never on its way back
+        when its step is queued, so it never waits.
         """
+        self._fill_target = None
         if self._queued >= self.max_batch_size:
             return 0.0
+        now = time.monotonic()
         if self.max_queue_delay_seconds:
-            wait = self.max_queue_delay_seconds
-        elif self.adaptive_wait_seconds and self._queued < self._last_batch_steps:
-            wait = self.adaptive_wait_seconds
+            target, deadline = self.max_batch_size, self._oldest_queued() + self.max_queue_delay_seconds
+        elif self.adaptive_wait_seconds and self._queued < (target := self._returning.count(now)):
+            deadline = min(self._last_arrival + self.adaptive_gap_seconds,
+                           self._oldest_queued() + self.adaptive_wait_seconds)
         else:
             return 0.0
-        oldest = min(queue[0].queued_at for queue in self._queues.values())
-        return oldest + wait - time.monotonic()
+        if deadline > now:
+            self._fill_target = min(target, self.max_batch_size)
+        return deadline - now
+
+    def _oldest_queued(self) -> float:
+        return min(queue[0].queued_at for queue in self._queues.values())
 
     def _take(self) -> list[Step]:
         """Up to a call's worth of queued steps of one length, oldest length first, skipping withdrawn ones."""
@@ -333,6 +350,8 @@ class Batcher:
                 session = step.session
                 answer = StepAnswer(session.position + len(step.tokens), prediction)
                 session.advance(step.tokens, answer, now)
+                if not step.held:  # a hold's next step comes from the server itself, at once
+                    self._returning.answered(session, now)
                 if session.history is not None:
                     session.history.record(step.tokens, self.pool, session.slot)
                 step.future.set_result(answer)

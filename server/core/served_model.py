@@ -50,6 +50,7 @@ class ServedModel:
                           max_batch_tokens=settings.max_batch_tokens,
                           max_queue_delay_seconds=settings.max_queue_delay_us / 1e6,
                           adaptive_wait_seconds=settings.adaptive_wait_us / 1e6,
+                          adaptive_gap_seconds=settings.adaptive_gap_us / 1e6,
                           loop_max_tokens=settings.loop_max_tokens,
                           on_batch=None if events is None else events.record_batch)
         cache = PrefixCache(max_entries=settings.prefix_cache_entries, max_bytes=settings.prefix_cache_bytes,
