@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -23,6 +24,7 @@ log = logging.getLogger("rnnserve.server")
 async def serve(settings: Settings) -> None:
     server, port = create_server(settings)
     await server.start()
+    settle_garbage_collector()
     loop = asyncio.get_running_loop()
     loop_module = type(loop).__module__.split(".")[0]  # "uvloop" or "asyncio"
     models = server.engine.models
@@ -44,6 +46,24 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down: refusing new work, %g s for calls in flight", settings.grace_seconds)
     await server.stop(settings.grace_seconds)
     log.info("stopped")
+
+
+# Container objects allocated, net, before a young collection (Python's default: 700). A unary call's objects live
+# as long as the call, 80-90 ms at 256 callers, so with the default each of them was scanned by several young
+# collections and promoted to be scanned again: 3.9% of the server's CPU went to the collector at 256 unary callers
+# (976 young collections in 10 s); frozen start-up and 20,000 took it to 0.4% (3 in 10 s, 7 ms each). 10,000 halves
+# that pause, which a lone session's step may meet.
+YOUNG_COLLECTION_THRESHOLD = 10_000
+
+
+def settle_garbage_collector() -> None:
+    """Leave what start-up built (modules, models, settings) out of every later collection, and collect the young
+    generation less often: reference counting frees nearly everything a call allocates, and what the collector
+    scans is mostly calls still in flight, not garbage."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
 
 
 def describe(model: ServedModel, models: ModelRegistry) -> str:
