@@ -99,6 +99,12 @@ REQUIRED = {
     **V2_ROWS,
 }
 W5_METRICS = ("rss_bytes", "baseline_rss_bytes", "raw_state_bytes")
+# Issue 26, --baseline REF: the ref's server measured by the same workloads, its rows under "<workload>-baseline".
+BASELINE_ROWS = {
+    ("W1-baseline", "stream"): ((1,), LOOP_METRICS),
+    **{("W2-baseline", variant): (SESSIONS, LOOP_METRICS) for variant in ("stream", "unary")},
+    **{(f"{w}-baseline", v): rows for (w, v), rows in REQUIRED.items() if w in ("W3", "W4", "W6", "M1")},
+}
 
 
 def run_bench(*args: str) -> None:
@@ -112,8 +118,9 @@ def keys(required: dict) -> set[tuple]:
 
 
 def test_smoke_run_reports_every_required_row(tmp_path):
+    """With this checkout's HEAD as the baseline ref, so that the ref's rows and their targets are exercised too."""
     out = tmp_path / "results"
-    run_bench("--out", str(out), "--cache", str(tmp_path / "cache"))
+    run_bench("--out", str(out), "--cache", str(tmp_path / "cache"), "--baseline", "HEAD")
     report = json.loads((out / "latest.json").read_text())
 
     machine = report["machine"]
@@ -124,8 +131,9 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     assert all(row.keys() == {"workload", "variant", "sessions", "metric", "value", "unit"} for row in rows)
     assert all(math.isfinite(row["value"]) and row["value"] >= 0 for row in rows)
     found = {(r["workload"], r["variant"], r["sessions"], r["metric"]) for r in rows}
-    required = keys(REQUIRED)
-    required |= {("W5", "idle", report["run"]["sizes"]["w5_sessions"], m) for m in W5_METRICS}
+    required = keys(REQUIRED) | keys(BASELINE_ROWS)
+    required |= {(workload, "idle", report["run"]["sizes"]["w5_sessions"], m)
+                 for workload in ("W5", "W5-baseline") for m in W5_METRICS}
     required |= {("R4", "hibernating", report["run"]["sizes"]["w5_sessions"], m) for m in R4_METRICS}
     assert required - found == set()
     assert len(found) == len(rows)  # a figure measured in rounds is reported once, as their median
@@ -133,7 +141,24 @@ def test_smoke_run_reports_every_required_row(tmp_path):
 
     assert {t["status"] for t in report["targets"]} <= {"met", "SHORT", "reported"}  # no target lacks its rows
     assert "| figure | value | floor | ratio | target | status |" in (out / "latest.md").read_text()
+    assert_baseline_compared(report, tmp_path / "cache" / "logs" / "baseline")
     assert (out / "throughput.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0
+
+
+def assert_baseline_compared(report: dict, logs: Path) -> None:
+    """Each figure the ref's server gave is read against this tree's, named after the ref, judged, not missing."""
+    rows = {(r["workload"], r["variant"], r["sessions"], r["metric"]): r["value"] for r in report["rows"]}
+    count = report["run"]["sizes"]["w5_sessions"]
+    for workload in ("W5", "W5-baseline"):  # the same sessions of the same bundle held on each server
+        assert rows[workload, "idle", count, "raw_state_bytes"] == rows["W5", "idle", count, "raw_state_bytes"]
+        assert rows[workload, "idle", count, "rss_bytes"] > rows[workload, "idle", count, "baseline_rss_bytes"]
+    compared = [t for t in report["targets"] if t["name"].endswith("against HEAD")]
+    assert {t["name"].split(" ")[0] for t in compared} == {"W1", "W2", "W3", "W4", "W5", "W6", "M1"}
+    assert len(compared) == 10 and {t["status"] for t in compared} <= {"met", "SHORT"}
+    for verdict in compared:  # "HEAD: 950 us" or "HEAD's W2 stream, same run"; "1.05x" or "0.97 (lowest)"
+        assert verdict["floor"].startswith("HEAD") and float(verdict["ratio"].split()[0].rstrip("x")) > 0
+    for log in ("round1", "round2", "w6", "w5", "server-metrics-on", "server-metrics-off"):  # each on its own server
+        assert "port" in (logs / f"{log}.log").read_text()
 
 
 def run_stage(tmp_path: Path, stage: str) -> dict:
