@@ -2,10 +2,12 @@
 
 Speed on a shared 2-core machine is comparable only side by side, so a target like "1.2x today's
 main" needs today's main served in the same run. The ref's files are exported (`git archive`, which
-leaves the repository's worktrees and branches alone) into the cache, once per commit, and its server runs on this environment's Python with the ref's
-own code first on the import path (`launcher`): an import tree of symlinks lays its folders out as the ref's
-pyproject maps them into `rnnserve` (server/ as rnnserve.server, ...), so no second venv is
-needed while the ref's dependencies are this tree's.
+leaves the repository's worktrees and branches alone) into the cache, once per commit, and its server runs
+on this environment's Python with the ref's own code first on the import path (`launcher`): an import tree
+of symlinks lays its folders out as the ref's pyproject maps them into `rnnserve` (server/ as
+rnnserve.server, ...), so no second venv is needed while the ref's dependencies are this tree's. The ref's
+server is measured by this tree's workload functions, each stage right after this tree's own (`Baseline`),
+so that "no worse than main" reads two figures that met the same spells of the shared machine.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ from bench.load import connect
 from bench.metrics_cost import m1
 from bench.operations import w6
 from bench.processes import ServerProcess
+from bench.replicas import COMPOSE_WRITE_THROUGH, RedisProcess, r1_proxy, r3_write_through
 from bench.sizes import Sizes
 from bench.stats import Results, Rounds
 from bench.workloads import W1_TO_W4_FLAGS, stream_steps, unary_steps, w3, w4, w5
@@ -80,7 +84,7 @@ def as_baseline(measured: Results, results: Results) -> None:
 class Baseline:
     """The ref's server, measured by the same workload functions as this tree's, each next to this tree's own:
     W1 and W2 (stream and unary at every session count) on a fresh server after each headline round, W3 and W4
-    in the first of them, and W6, W5 and one round of M1 each on servers of their own."""
+    in the first of them, and W6, W5, one round of M1 and two of the replica stage's each on servers of their own."""
 
     def __init__(self, ref: str, cache: Path, server_args: list[str]):
         self.ref = ref
@@ -129,4 +133,17 @@ class Baseline:
         90 s each in a full run; its figure then reads against one round's pair, as noisy as a round is."""
         measured = Results()
         await m1(self._command, dataclasses.replace(sizes, metrics_rounds=1), tokens, self._logs, measured, progress)
+        as_baseline(measured, results)
+
+    async def replicas(self, sizes: Sizes, tokens: list[int], results: Results) -> None:
+        """R1 (HAProxy against direct) and R3 at the compose file's write-through every 16 tokens, with a Redis of
+        their own. Not R2, which times an engine inside the bench's process (this tree's code, whatever the ref),
+        nor R4, which waits out the hibernation of W5's sessions, nor R3's other settings: a minute or more each."""
+        measured = Results()
+        workdir = self._logs / "replicas"
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="rnnserve-bench-") as scratch, RedisProcess(Path(scratch)) as redis:
+            await r1_proxy(self._command, redis.url, sizes, tokens, workdir, measured)
+            redis.flush()
+            await r3_write_through(self._command, redis.url, sizes, tokens, workdir, measured, (COMPOSE_WRITE_THROUGH,))
         as_baseline(measured, results)

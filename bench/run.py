@@ -9,7 +9,8 @@ holds only theirs (`--only operations` runs that stage alone), and so do each ba
 of one model and of two, both busy (`--only models`), and issue 12's scale-out stage, with Redis
 and HAProxy as real peers (`--only replicas`). F1 and the loops
 the targets read most (W1, W2 at the most sessions, and F2 at one stream and the most, their
-floors) are measured in rounds spread over the run, each figure their median.
+floors) are measured in rounds spread over the run, each figure their median. With `--baseline REF`, a
+server of that ref's code follows this tree's in each stage it shares (bench/baseline.py).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from bench.models import two_models
 from bench.operations import session_operations
 from bench.processes import ServerProcess
 from bench.reference import reference_bundle
-from bench.replicas import scale_out
+from bench.replicas import COMPOSE_WRITE_THROUGH, scale_out
 from bench.report import Run, machine, write_json, write_markdown
 from bench.sizes import PRESETS, Sizes
 from bench.stats import Results, Rounds
@@ -188,6 +189,8 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     await models()
     await headline()
     await replicas()
+    if on_baseline(f"R1 through HAProxy and R3 write-through every {COMPOSE_WRITE_THROUGH} tokens, with Redis"):
+        await baseline.replicas(sizes, tokens, results)
     rounds.report(results)
     return results, shown
 
@@ -220,9 +223,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline", metavar="REF", default=None,
                         help="also serve this git ref (e.g. main), exported into the cache, and measure it next to "
                              "this tree: W1 and W2 stream and unary at every session count after each headline "
-                             "round, W3 and W4, W6, one round of M1, and W5; the targets read W2 against it "
+                             "round, W3 and W4, W6, one round of M1, W5, and R1 and R3 (write-through every 16) "
+                             "with Redis and HAProxy; the targets read W2 against it "
                              "(tokens/s >= 1.2x the ref's) and the rest as no worse than the ref's (within 10%%); "
-                             "adds about a third to a run")
+                             "adds about 10 minutes to a full run")
     parser.add_argument("--server-args", default="",
                         help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows "
                              "--ort-threads and --ort-spinning, the F2 echo server --event-loop)")

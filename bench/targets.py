@@ -231,6 +231,10 @@ COMPARED = [
              "{:.1f}x faster".format),
     *(Compared(f"M1 {transport} metrics on/off", "M1", transport, "on_off_ratio", False, "{:.0%}".format,
                lambda sizes: sizes.most_sessions) for transport in ("stream", "unary")),
+    *(Compared(f"R1 {transport} through HAProxy", "R1", f"{transport}-proxy", "tokens_per_s", False,
+               "{:,.0f} tokens/s".format, lambda sizes: sizes.most_sessions) for transport in ("unary", "stream")),
+    Compared("R3 unary, write-through every 16 tokens", "R3", "every-16", "tokens_per_s", False,
+             "{:,.0f} tokens/s".format, lambda sizes: sizes.most_sessions),
 ]
 
 

@@ -104,6 +104,7 @@ BASELINE_ROWS = {
     ("W1-baseline", "stream"): ((1,), LOOP_METRICS),
     **{("W2-baseline", variant): (SESSIONS, LOOP_METRICS) for variant in ("stream", "unary")},
     **{(f"{w}-baseline", v): rows for (w, v), rows in REQUIRED.items() if w in ("W3", "W4", "W6", "M1")},
+    **{(f"{w}-baseline", v): rows for (w, v), rows in REPLICA_ROWS.items() if w == "R1" or v == "every-16"},
 }
 
 
@@ -153,11 +154,12 @@ def assert_baseline_compared(report: dict, logs: Path) -> None:
         assert rows[workload, "idle", count, "raw_state_bytes"] == rows["W5", "idle", count, "raw_state_bytes"]
         assert rows[workload, "idle", count, "rss_bytes"] > rows[workload, "idle", count, "baseline_rss_bytes"]
     compared = [t for t in report["targets"] if t["name"].endswith("against HEAD")]
-    assert {t["name"].split(" ")[0] for t in compared} == {"W1", "W2", "W3", "W4", "W5", "W6", "M1"}
-    assert len(compared) == 10 and {t["status"] for t in compared} <= {"met", "SHORT"}
+    assert {t["name"].split(" ")[0] for t in compared} == {"W1", "W2", "W3", "W4", "W5", "W6", "M1", "R1", "R3"}
+    assert len(compared) == 13 and {t["status"] for t in compared} <= {"met", "SHORT"}
     for verdict in compared:  # "HEAD: 950 us" or "HEAD's W2 stream, same run"; "1.05x" or "0.97 (lowest)"
         assert verdict["floor"].startswith("HEAD") and float(verdict["ratio"].split()[0].rstrip("x")) > 0
-    for log in ("round1", "round2", "w6", "w5", "server-metrics-on", "server-metrics-off"):  # each on its own server
+    for log in ("round1", "round2", "w6", "w5", "server-metrics-on", "server-metrics-off", "replicas/server-r1",
+                "replicas/server-r3-16"):  # each on a server of its own
         assert "port" in (logs / f"{log}.log").read_text()
 
 
