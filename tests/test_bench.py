@@ -265,6 +265,40 @@ def test_a_baseline_ref_runs_its_own_code_on_this_python(tmp_path):
                                                          exported.resolve() / "proto/rnnserve/v1/__init__.py"]
 
 
+def test_a_figure_against_the_baseline_ref_is_met_within_its_margin_and_short_beyond():
+    """The rule of the "against REF" rows: no worse than the ref's figure within NO_WORSE_MARGIN in the figure's
+    worse direction (up for latency and memory, down for rates and ratios), better always met; without the
+    ref's rows, "not measured" and not judged."""
+    sys.path.insert(0, str(ROOT))
+    from bench.sizes import PRESETS
+    from bench.stats import Row
+    from bench.targets import NO_WORSE_MARGIN, verdicts
+
+    sizes = PRESETS["smoke"]
+    within, beyond = 1 + 0.9 * NO_WORSE_MARGIN, 1 + 1.1 * NO_WORSE_MARGIN
+
+    def status(name: str, key: tuple[str, str, int, str], here: float, theirs: float | None = None) -> str:
+        workload, *rest = key
+        rows = [Row(workload, *rest, here, ""), *([Row(f"{workload}-baseline", *rest, theirs, "")] if theirs else [])]
+        [verdict] = [v for v in verdicts(rows, sizes, "main") if v.name == f"{name} against main"]
+        assert (verdict.figure == "not measured") == (theirs is None)
+        return verdict.status
+
+    latency = ("W1 median step latency", ("W1", "stream", 1, "p50_us"))
+    memory = ("W5 resident memory of idle sessions", ("W5", "idle", sizes.w5_sessions, "rss_bytes"))
+    for name, key in (latency, memory):  # lower is better
+        assert status(name, key, 1000 * within, 1000) == "met"
+        assert status(name, key, 1000 * beyond, 1000) == "SHORT"
+        assert status(name, key, 1000 / beyond, 1000) == "met"
+    prefill = ("W4 prefill", ("W4", "prefill", 1, "tokens_per_s"))
+    m1 = ("M1 unary metrics on/off", ("M1", "unary", sizes.most_sessions, "on_off_ratio"))
+    for name, key in (prefill, m1):  # higher is better
+        assert status(name, key, 1000 * (2 - within), 1000) == "met"
+        assert status(name, key, 1000 * (2 - beyond), 1000) == "SHORT"
+        assert status(name, key, 1000 * beyond, 1000) == "met"
+    assert status(*latency, 1000) == "reported"
+
+
 def test_a_server_s_cpu_time_is_read_finer_than_clock_ticks():
     """CPU per message of a short loop (F2 at one stream: 20 messages of about 200 us in the quick preset) is
     below /proc's 10 ms ticks: the bench reads the process's CPU clock, in nanoseconds."""
