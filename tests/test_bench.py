@@ -1,7 +1,8 @@
 """The benchmark harness end to end, in its smoke preset: a live server, every row the targets read.
 
-Runs `python -m bench --smoke` as a user would (a tiny model, tiny counts) into a temporary
-folder, so the committed bench/results are never touched, and checks latest.json's format; and
+Runs `python -m bench --smoke --baseline HEAD` as a user would (a tiny model, tiny counts; this checkout's
+HEAD served as the baseline ref beside it) into a temporary folder, so the committed bench/results are
+never touched, and checks latest.json's format; and
 each stage `--only` runs alone (the session operations, the batcher settings, the int8 copy, issue
 14's servers of one model and of two, and issue 12's scale-out stage with Redis and HAProxy as real
 peers), as its own partial run.
