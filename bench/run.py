@@ -9,7 +9,8 @@ holds only theirs (`--only operations` runs that stage alone), and so do each ba
 of one model and of two, both busy (`--only models`), and issue 12's scale-out stage, with Redis
 and HAProxy as real peers (`--only replicas`). F1 and the loops
 the targets read most (W1, W2 at the most sessions, and F2 at one stream and the most, their
-floors) are measured in rounds spread over the run, each figure their median.
+floors) are measured in rounds spread over the run, each figure their median. With `--baseline REF`, a
+server of that ref's code follows this tree's in each stage it shares (bench/baseline.py).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from bench.models import two_models
 from bench.operations import session_operations
 from bench.processes import ServerProcess
 from bench.reference import reference_bundle
-from bench.replicas import scale_out
+from bench.replicas import COMPOSE_WRITE_THROUGH, scale_out
 from bench.report import Run, machine, write_json, write_markdown
 from bench.sizes import PRESETS, Sizes
 from bench.stats import Results, Rounds
@@ -84,7 +85,8 @@ def server_command(bundle_path: Path, flags: list[str], serves: str = "--bundle"
 async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: Progress,
                   only: str | None, baseline_ref: str | None = None) -> tuple[Results, str]:
     """Every floor and workload in turn, or the `only` stage; returns the results and the server command used.
-    With `baseline_ref`, that ref's server too, W2 at every session count after each round of the headline."""
+    With `baseline_ref`, that ref's server too, each of its stages right after this tree's own: W1 and W2 at
+    every session count after each round of the headline, W3 and W4 in the first, W6, M1 and W5."""
     results = Results()
     logs = cache / "logs"
     progress("reference bundle")
@@ -132,11 +134,16 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
 
     baseline = None if baseline_ref is None else Baseline(baseline_ref, cache, command[1:])
 
-    async def baseline_round(number: int) -> None:
+    def on_baseline(what: str) -> bool:
+        """Whether there is a baseline to measure `what` on, shown as the next stage if there is."""
         if baseline is not None:
-            progress(f"W2 on {baseline_ref} ({baseline.commit[:12]}), stream and unary at every session count, "
-                     f"round {number} (fresh server)")
-            await baseline.measure_round(number, sizes, tokens, rounds)
+            progress(f"{what} on {baseline_ref} ({baseline.commit[:12]}, fresh server)")
+        return baseline is not None
+
+    async def baseline_round(number: int) -> None:
+        also = ", W3 and W4" if number == 1 else ""
+        if on_baseline(f"W1 and W2 stream and unary at every session count{also}, round {number}"):
+            await baseline.measure_round(number, sizes, tokens, rounds, results)
 
     f1_round()
     progress("F2 grpc.aio echo server")
@@ -158,6 +165,8 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     with ServerProcess([*command, *W1_TO_W4_FLAGS], logs / "server.log") as server:
         await w1_to_w4(server, sizes, tokens, results, rounds, progress)
     await operations()
+    if on_baseline("W6 cached prompts"):
+        await baseline.w6(sizes, tokens, results)
     progress("HTTP face: W2 over HTTP/JSON at 1 and 64 sessions, time to first token over SSE and gRPC (fresh server)")
     http_command = [*command, *W1_TO_W4_FLAGS, "--http-listen", "127.0.0.1:0"]
     with ServerProcess(http_command, logs / "server-http.log") as server:
@@ -165,17 +174,23 @@ async def measure(sizes: Sizes, server_flags: list[str], cache: Path, progress: 
     await v2()
     f1_round()
     await m1(command, sizes, tokens, logs, results, progress)
+    if on_baseline("M1 metrics cost, one round"):
+        await baseline.m1(sizes, tokens, results, progress)
     await headline()
     f1_round()
     f1.report(results)
     progress(f"W5 memory of {sizes.w5_sessions:,} idle sessions (fresh server)")
     with ServerProcess(command + ["--max-sessions", str(sizes.w5_sessions + 1)], logs / "server-w5.log") as server:
         await w5(server, sizes, tokens, bundle.state_bytes_per_session, results)
+    if on_baseline(f"W5 memory of {sizes.w5_sessions:,} idle sessions"):
+        await baseline.w5(sizes, tokens, bundle.state_bytes_per_session, results)
     await batching_settings()
     await int8_copy()
     await models()
     await headline()
     await replicas()
+    if on_baseline(f"R1 through HAProxy and R3 write-through every {COMPOSE_WRITE_THROUGH} tokens, with Redis"):
+        await baseline.replicas(sizes, tokens, results)
     rounds.report(results)
     return results, shown
 
@@ -206,9 +221,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "committed figures)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="reference bundles and server logs")
     parser.add_argument("--baseline", metavar="REF", default=None,
-                        help="also serve this git ref (e.g. main), from a worktree of it in the cache, and run W2 "
-                             "stream and unary at every session count on it after each headline round, for the "
-                             "targets read against it (tokens/s >= 1.2x the ref's); adds about a fifth to a run")
+                        help="also serve this git ref (e.g. main), exported into the cache, and measure it next to "
+                             "this tree: W1 and W2 stream and unary at every session count after each headline "
+                             "round, W3 and W4, W6, one round of M1, W5, and R1 and R3 (write-through every 16) "
+                             "with Redis and HAProxy; the targets read W2 against it "
+                             "(tokens/s >= 1.2x the ref's) and the rest as no worse than the ref's (within 10%%); "
+                             "adds about 10 minutes to a full run")
     parser.add_argument("--server-args", default="",
                         help="extra rnnserve-server flags, e.g. '--max-queue-delay-us 200' (F1 follows "
                              "--ort-threads and --ort-spinning, the F2 echo server --event-loop)")
@@ -227,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     results, server = asyncio.run(measure(sizes, server_flags, args.cache, progress, args.only, args.baseline))
     run = Run(label, shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]),
               server, sizes, progress.seconds, machine(load_before, os.getloadavg()), results.rows,
-              verdicts(results.rows, sizes))
+              verdicts(results.rows, sizes, args.baseline))
     write_json(run, out / "latest.json")
     write_markdown(run, out / "latest.md")
     if args.only:

@@ -1,7 +1,8 @@
 """The benchmark harness end to end, in its smoke preset: a live server, every row the targets read.
 
-Runs `python -m bench --smoke` as a user would (a tiny model, tiny counts) into a temporary
-folder, so the committed bench/results are never touched, and checks latest.json's format; and
+Runs `python -m bench --smoke --baseline HEAD` as a user would (a tiny model, tiny counts; this checkout's
+HEAD served as the baseline ref beside it) into a temporary folder, so the committed bench/results are
+never touched, and checks latest.json's format; and
 each stage `--only` runs alone (the session operations, the batcher settings, the int8 copy, issue
 14's servers of one model and of two, and issue 12's scale-out stage with Redis and HAProxy as real
 peers), as its own partial run.
@@ -99,6 +100,13 @@ REQUIRED = {
     **V2_ROWS,
 }
 W5_METRICS = ("rss_bytes", "baseline_rss_bytes", "raw_state_bytes")
+# Issue 26, --baseline REF: the ref's server measured by the same workloads, its rows under "<workload>-baseline".
+BASELINE_ROWS = {
+    ("W1-baseline", "stream"): ((1,), LOOP_METRICS),
+    **{("W2-baseline", variant): (SESSIONS, LOOP_METRICS) for variant in ("stream", "unary")},
+    **{(f"{w}-baseline", v): rows for (w, v), rows in REQUIRED.items() if w in ("W3", "W4", "W6", "M1")},
+    **{(f"{w}-baseline", v): rows for (w, v), rows in REPLICA_ROWS.items() if w == "R1" or v == "every-16"},
+}
 
 
 def run_bench(*args: str) -> None:
@@ -112,8 +120,9 @@ def keys(required: dict) -> set[tuple]:
 
 
 def test_smoke_run_reports_every_required_row(tmp_path):
+    """With this checkout's HEAD as the baseline ref, so that the ref's rows and their targets are exercised too."""
     out = tmp_path / "results"
-    run_bench("--out", str(out), "--cache", str(tmp_path / "cache"))
+    run_bench("--out", str(out), "--cache", str(tmp_path / "cache"), "--baseline", "HEAD")
     report = json.loads((out / "latest.json").read_text())
 
     machine = report["machine"]
@@ -124,8 +133,9 @@ def test_smoke_run_reports_every_required_row(tmp_path):
     assert all(row.keys() == {"workload", "variant", "sessions", "metric", "value", "unit"} for row in rows)
     assert all(math.isfinite(row["value"]) and row["value"] >= 0 for row in rows)
     found = {(r["workload"], r["variant"], r["sessions"], r["metric"]) for r in rows}
-    required = keys(REQUIRED)
-    required |= {("W5", "idle", report["run"]["sizes"]["w5_sessions"], m) for m in W5_METRICS}
+    required = keys(REQUIRED) | keys(BASELINE_ROWS)
+    required |= {(workload, "idle", report["run"]["sizes"]["w5_sessions"], m)
+                 for workload in ("W5", "W5-baseline") for m in W5_METRICS}
     required |= {("R4", "hibernating", report["run"]["sizes"]["w5_sessions"], m) for m in R4_METRICS}
     assert required - found == set()
     assert len(found) == len(rows)  # a figure measured in rounds is reported once, as their median
@@ -133,7 +143,25 @@ def test_smoke_run_reports_every_required_row(tmp_path):
 
     assert {t["status"] for t in report["targets"]} <= {"met", "SHORT", "reported"}  # no target lacks its rows
     assert "| figure | value | floor | ratio | target | status |" in (out / "latest.md").read_text()
+    assert_baseline_compared(report, tmp_path / "cache" / "logs" / "baseline")
     assert (out / "throughput.png").stat().st_size > 0 and (out / "latency.png").stat().st_size > 0
+
+
+def assert_baseline_compared(report: dict, logs: Path) -> None:
+    """Each figure the ref's server gave is read against this tree's, named after the ref, judged, not missing."""
+    rows = {(r["workload"], r["variant"], r["sessions"], r["metric"]): r["value"] for r in report["rows"]}
+    count = report["run"]["sizes"]["w5_sessions"]
+    for workload in ("W5", "W5-baseline"):  # the same sessions of the same bundle held on each server
+        assert rows[workload, "idle", count, "raw_state_bytes"] == rows["W5", "idle", count, "raw_state_bytes"]
+        assert rows[workload, "idle", count, "rss_bytes"] > rows[workload, "idle", count, "baseline_rss_bytes"]
+    compared = [t for t in report["targets"] if t["name"].endswith("against HEAD")]
+    assert {t["name"].split(" ")[0] for t in compared} == {"W1", "W2", "W3", "W4", "W5", "W6", "M1", "R1", "R3"}
+    assert len(compared) == 13 and {t["status"] for t in compared} <= {"met", "SHORT"}
+    for verdict in compared:  # "HEAD: 950 us" or "HEAD's W2 stream, same run"; "1.05x" or "0.97 (lowest)"
+        assert verdict["floor"].startswith("HEAD") and float(verdict["ratio"].split()[0].rstrip("x")) > 0
+    for log in ("round1", "round2", "w6", "w5", "server-metrics-on", "server-metrics-off", "replicas/server-r1",
+                "replicas/server-r3-16"):  # each on a server of its own
+        assert "port" in (logs / f"{log}.log").read_text()
 
 
 def run_stage(tmp_path: Path, stage: str) -> dict:
@@ -150,7 +178,8 @@ def test_only_operations_runs_the_session_operations_alone_into_a_folder_of_its_
     report = run_stage(tmp_path, "operations")
     for row in report["rows"]:
         assert row["unit"] == ("ratio" if row["metric"].endswith("_ratio") else "us") and row["value"] > 0
-    statuses = {(t["name"].startswith("W6"), t["status"]) for t in report["targets"]}  # W6 the only target it measures
+    # W6 the only target it measures (the row against a baseline ref, with none, is not measured)
+    statuses = {(t["name"].startswith("W6 first prediction"), t["status"]) for t in report["targets"]}
     assert {status for is_w6, status in statuses if is_w6} <= {"met", "SHORT"}
     assert {status for is_w6, status in statuses if not is_w6} <= {"missing", "reported"}
 
@@ -236,6 +265,40 @@ def test_a_baseline_ref_runs_its_own_code_on_this_python(tmp_path):
                            check=True).stdout.split()  # run where this tree's rnnserve/ is the current folder's
     assert [Path(path).resolve() for path in found] == [exported.resolve() / "server" / "main.py",
                                                          exported.resolve() / "proto/rnnserve/v1/__init__.py"]
+
+
+def test_a_figure_against_the_baseline_ref_is_met_within_its_margin_and_short_beyond():
+    """The rule of the "against REF" rows: no worse than the ref's figure within NO_WORSE_MARGIN in the figure's
+    worse direction (up for latency and memory, down for rates and ratios), better always met; without the
+    ref's rows, "not measured" and not judged."""
+    sys.path.insert(0, str(ROOT))
+    from bench.sizes import PRESETS
+    from bench.stats import Row
+    from bench.targets import NO_WORSE_MARGIN, verdicts
+
+    sizes = PRESETS["smoke"]
+    within, beyond = 1 + 0.9 * NO_WORSE_MARGIN, 1 + 1.1 * NO_WORSE_MARGIN
+
+    def status(name: str, key: tuple[str, str, int, str], here: float, theirs: float | None = None) -> str:
+        workload, *rest = key
+        rows = [Row(workload, *rest, here, ""), *([Row(f"{workload}-baseline", *rest, theirs, "")] if theirs else [])]
+        [verdict] = [v for v in verdicts(rows, sizes, "main") if v.name == f"{name} against main"]
+        assert (verdict.figure == "not measured") == (theirs is None)
+        return verdict.status
+
+    latency = ("W1 median step latency", ("W1", "stream", 1, "p50_us"))
+    memory = ("W5 resident memory of idle sessions", ("W5", "idle", sizes.w5_sessions, "rss_bytes"))
+    for name, key in (latency, memory):  # lower is better
+        assert status(name, key, 1000 * within, 1000) == "met"
+        assert status(name, key, 1000 * beyond, 1000) == "SHORT"
+        assert status(name, key, 1000 / beyond, 1000) == "met"
+    prefill = ("W4 prefill", ("W4", "prefill", 1, "tokens_per_s"))
+    m1 = ("M1 unary metrics on/off", ("M1", "unary", sizes.most_sessions, "on_off_ratio"))
+    for name, key in (prefill, m1):  # higher is better
+        assert status(name, key, 1000 * (2 - within), 1000) == "met"
+        assert status(name, key, 1000 * (2 - beyond), 1000) == "SHORT"
+        assert status(name, key, 1000 * beyond, 1000) == "met"
+    assert status(*latency, 1000) == "reported"
 
 
 def test_a_server_s_cpu_time_is_read_finer_than_clock_ticks():
