@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar
@@ -183,7 +183,7 @@ class _Streams(Generic[Stream]):
             streams = [*self._shared, *self._own.values()]
             self._shared, self._idle, self._last, self._own = [], [], {}, {}
         for stream in streams:
-            stream.retire()
+            stream.close()
 
 
 class _Answers:
@@ -253,6 +253,8 @@ class _StepStream(_Answers):
                 self.open = False
                 self._requests.put(_END_OF_REQUESTS)
 
+    close = retire  # the client is closing: its channel closes after
+
     def _read(self) -> None:
         error = _ended()
         try:
@@ -290,17 +292,23 @@ class StepStreams(_Streams[_StepStream]):
 
 
 class _AsyncStepStream(_Answers):
-    """One Stream call of the asyncio client: callers send, a reader task hands each answer to its step."""
+    """One Stream call of the asyncio client: requests written in order as callers send them, a reader task
+    handing each answer to its step.
+
+    A caller never awaits the call's own write or read: cancelling a task that awaits one of them cancels the
+    whole call, and with it the other sessions' steps it carries. Nor does a writer task wake per request (an
+    asyncio.Queue read by a request iterator cost two): the caller that finds the stream idle starts the write
+    itself, and each write's completion starts the next queued one, so that a step's request is on its way in
+    its caller's own turn and the loop wakes once per step, for its caller at the answer.
+    """
 
     def __init__(self, stub: Any, metadata: tuple, owner: _Streams, shared: bool):
         super().__init__(owner, shared)
-        self._requests: asyncio.Queue = asyncio.Queue()
-        self._call = stub.Stream(self._sent(), metadata=metadata)
+        self._unsent: deque[pb.StepRequest] = deque()
+        self._writing: Coroutine | None = None  # the call's write (or done_writing) in progress
+        self._written = False  # the end of the requests was sent, or a write failed: nothing more goes out
+        self._call = stub.Stream(metadata=metadata)
         self._reader = asyncio.ensure_future(self._read())
-
-    async def _sent(self) -> AsyncIterator[pb.StepRequest]:
-        while (request := await self._requests.get()) is not _END_OF_REQUESTS:
-            yield request
 
     def send(self, request: pb.StepRequest) -> asyncio.Future | None:
         """The future of the request's answer; None when the stream takes no more requests."""
@@ -308,19 +316,57 @@ class _AsyncStepStream(_Answers):
             return None
         answer = asyncio.get_running_loop().create_future()
         self._waiting.append(answer)
-        self._requests.put_nowait(request)
+        self._unsent.append(request)
+        self._write_next()
         return answer
 
     def retire(self) -> None:
         """Take no more requests; the server ends the call once it has answered the ones sent."""
         if self.open:
             self.open = False
-            self._requests.put_nowait(_END_OF_REQUESTS)
+            self._write_next()
+
+    def close(self) -> None:
+        """The client is closing: the call is cancelled, as its channel's close would cancel it."""
+        self.open = False
+        self._call.cancel()
+
+    def _write_next(self) -> None:
+        """Start the next write unless one is in progress: the oldest queued request or, once the stream is retired
+        and has sent them all, the end of the requests."""
+        if self._writing is not None or self._written:
+            return
+        if self._unsent:
+            self._writing = self._call.write(self._unsent.popleft())
+        elif not self.open:
+            self._writing, self._written = self._call.done_writing(), True
+        else:
+            return
+        self._drive()
+
+    def _drive(self, _: object = None) -> None:
+        """Run the write in progress as a task would, up to where it waits for grpc (whose future resumes it here),
+        and start the next one once it is done: the first step runs in the caller's turn, so no task wakes per
+        request. A write that fails means the call ended: the reader then fails every step still waiting."""
+        try:
+            awaited = self._writing.send(None)
+        except StopIteration:
+            self._writing = None
+            self._write_next()
+        except (grpc.RpcError, asyncio.InvalidStateError, asyncio.CancelledError):
+            self._writing, self._written = None, True
+            self._unsent.clear()
+        else:
+            if awaited is None:  # a bare yield: go on at the loop's next turn
+                asyncio.get_running_loop().call_soon(self._drive)
+            else:
+                awaited._asyncio_future_blocking = False
+                awaited.add_done_callback(self._drive)
 
     async def _read(self) -> None:
         error = _ended()
         try:
-            async for response in self._call:
+            while (response := await self._call.read()) is not grpc.aio.EOF:
                 if not self._told_routing:
                     self._routing(await self._call.initial_metadata())
                 self._hand_out(response)
@@ -333,6 +379,12 @@ class _AsyncStepStream(_Answers):
             self._fail_waiting(error)
 
 
+def _expire(answer: asyncio.Future) -> None:
+    """The step's deadline passed: its caller stops waiting (the answer, if one comes, is dropped)."""
+    if not answer.done():
+        answer.set_exception(_deadline_exceeded())
+
+
 class AsyncStepStreams(_Streams[_AsyncStepStream]):
     """The asyncio client's streams for `AsyncSession.step`."""
 
@@ -340,15 +392,22 @@ class AsyncStepStreams(_Streams[_AsyncStepStream]):
         super().__init__(connection, lambda metadata, owner, shared: _AsyncStepStream(stub, metadata, owner, shared))
 
     async def step(self, request: pb.StepRequest, timeout: float | None, retry_safe: bool) -> pb.StepResponse:
-        """The step's answer; retried as `AsyncClient._unary` retries a unary Step."""
+        """The step's answer; retried as `AsyncClient._unary` retries a unary Step.
+
+        The deadline is a timer that fails the answer's future itself, so that the caller wakes once per step
+        (asyncio.wait_for would add a future and a wake-up of its own).
+        """
         timeout = self._timeout(timeout)
+        loop = asyncio.get_running_loop()
         for attempt in itertools.count():
             stream, answer = self._send(request)
+            expiry = None if timeout is None else loop.call_later(timeout, _expire, answer)
             try:
                 try:
-                    return _checked(await asyncio.wait_for(answer, timeout))
-                except asyncio.TimeoutError:
-                    raise _deadline_exceeded() from None
+                    return _checked(await answer)
+                finally:
+                    if expiry is not None:
+                        expiry.cancel()
             except RnnserveError as error:
                 self._failed(stream, error)
                 await asyncio.sleep(self._connection.retry.backoff(attempt, error, retry_safe))
