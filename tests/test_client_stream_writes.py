@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from serving import slow_model
 from test_client_shared_streams import WORDS, expected, ids, rpcs
 
 from rnnserve.client import AsyncClient, DeadlineExceeded, shared_streams
@@ -46,6 +47,25 @@ def test_steps_queued_behind_a_write_in_progress_go_out_in_order(start_server, b
         assert [position for position, _ in answers] == list(range(1, len(text) + 1))
         assert [top for _, top in answers] == expected(bundle, text)
     assert rpcs(running, "Step") == 0 and streams_opened(running) == 1
+
+
+def test_a_session_whose_last_step_was_answered_never_waits_behind_another_sessions_step(start_server):
+    """The stream a session's answered step went on may carry another session's step by now: the session's next
+    step takes a stream with nothing in flight (here a new one), rather than queueing behind that one."""
+    running = start_server()
+    slow_model(running, 0.3)  # every step stays in flight long enough for the next to be sent beside it
+
+    async def run() -> tuple[int, int]:
+        async with AsyncClient(running.address, timeout=10) as client:
+            first, second = await client.session(), await client.session()
+            await first.step("a")  # its stream is idle again
+            stepping = asyncio.create_task(second.step("x"))
+            await asyncio.sleep(0)  # sent, on the idle stream
+            position = (await first.step("b")).position
+            return position, (await stepping).position
+
+    assert asyncio.run(run()) == (2, 1)
+    assert streams_opened(running) == 2
 
 
 def test_an_awaited_step_past_its_deadline_raises_and_its_retry_applies_it_once(start_server):
