@@ -4,7 +4,9 @@ A unary Step costs the server a whole call per token (an HTTP/2 stream, a handle
 trailers); a step on an open Stream costs a message each way. So a session's `step` sends its
 request on a stream the client shares among its sessions and waits for the answer matched to it
 (the server answers a stream in request order), and keeps what a unary step promises:
-- order: all of a session's steps go on the stream it is on, which the server applies in order;
+- order: a step whose session's last step is still unanswered on its stream (abandoned at a deadline or
+  cancelled) goes on that stream behind it, which the server applies in order; any other is sent only after
+  the session's last step was answered, so on any idle stream;
 - retries: a stream that fails fails every step it carries with its status, and an in-band
   UNAVAILABLE fails its own step; each is then resent (on a new stream) or raised under the
   client's retry policy exactly as its unary call would be, so only steps carrying
