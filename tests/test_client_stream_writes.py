@@ -9,6 +9,7 @@ and a deadline fails the answer's future rather than wrapping it in asyncio.wait
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from serving import slow_model
@@ -17,12 +18,22 @@ from test_client_shared_streams import WORDS, expected, ids, rpcs
 from rnnserve.client import AsyncClient, DeadlineExceeded, shared_streams
 
 
-def streams_opened(running) -> float:
-    """Stream calls the server has seen end, whatever their code (a closing client cancels its streams)."""
+def streams_ended(running, at_least: int) -> float:
+    """Stream calls the server has seen end, whatever their code (a closing client cancels its streams): waited
+    for until there are `at_least`, as the server hears of a cancellation after the client has gone, then read
+    again a moment later so that one more would be counted too."""
     registry = running.engine.metrics.registry
-    return sum(sample.value for metric in registry.collect() if metric.name == "rnnserve_rpcs"
-               for sample in metric.samples
-               if sample.name == "rnnserve_rpcs_total" and sample.labels.get("method") == "Stream")
+
+    def count() -> float:
+        return sum(sample.value for metric in registry.collect() if metric.name == "rnnserve_rpcs"
+                   for sample in metric.samples
+                   if sample.name == "rnnserve_rpcs_total" and sample.labels.get("method") == "Stream")
+
+    deadline = time.monotonic() + 10
+    while count() < at_least and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    return count()
 
 
 def test_steps_queued_behind_a_write_in_progress_go_out_in_order(start_server, bundle, monkeypatch):
@@ -46,7 +57,7 @@ def test_steps_queued_behind_a_write_in_progress_go_out_in_order(start_server, b
     for text, answers in zip(texts, asyncio.run(run())):
         assert [position for position, _ in answers] == list(range(1, len(text) + 1))
         assert [top for _, top in answers] == expected(bundle, text)
-    assert rpcs(running, "Step") == 0 and streams_opened(running) == 1
+    assert rpcs(running, "Step") == 0 and streams_ended(running, 1) == 1
 
 
 def test_a_session_whose_last_step_was_answered_never_waits_behind_another_sessions_step(start_server):
@@ -65,7 +76,7 @@ def test_a_session_whose_last_step_was_answered_never_waits_behind_another_sessi
             return position, (await stepping).position
 
     assert asyncio.run(run()) == (2, 1)
-    assert streams_opened(running) == 2
+    assert streams_ended(running, 2) == 2
 
 
 def test_an_awaited_step_past_its_deadline_raises_and_its_retry_applies_it_once(start_server):
