@@ -130,4 +130,4 @@ async def f2(sizes: Sizes, tokens: list[int], loop: str, log: Path, results: Res
                 trips = [unary_round_trip(endpoint.stub, f"echo-{i}", one_token_at_a_time(tokens))
                          for i in range(callers)]
                 timed = await closed_loop(trips, sizes.w2_steps, sizes.warmup_steps, endpoint.pid)
-                rounds.add("F2u", "echo", callers, timed, "calls_per_s", "calls/s")
+                rounds.add("F2u", "unary-echo", callers, timed, "calls_per_s", "calls/s")

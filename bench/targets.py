@@ -154,7 +154,7 @@ def _unary_cpu(get: Lookup, sizes: Sizes) -> Verdict:
     """Issue 26: a Step call costs the server what grpc.aio's unary floor and the model need, and 60 us."""
     n = sizes.most_sessions
     return _cpu_beyond(f"W2 unary server CPU, {n} sessions", _cpu(get, "W2", "unary", n),
-                       {f"F2u({n})": _cpu(get, "F2u", "echo", n), f"F1({n})": get("F1", "ort", n, "cpu_us_per_token")},
+                       {f"F2u({n})": _cpu(get, "F2u", "unary-echo", n), f"F1({n})": get("F1", "ort", n, "cpu_us_per_token")},
                        60)
 
 

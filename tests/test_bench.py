@@ -73,7 +73,7 @@ REQUIRED = {
     ("F2", "echo"): (SESSIONS, ("messages_per_s", "p50_us")),
     # Issue 26: the unary transport floor, the model's CPU per token, CPU per token on every W1/W2 row, and W2
     # through rnnserve.client (shared streams at every count, a Step call each at the most) beside the raw stubs.
-    ("F2u", "echo"): ((1, 256), ("calls_per_s", "server_cpu_us_per_token")),
+    ("F2u", "unary-echo"): ((1, 256), ("calls_per_s", "server_cpu_us_per_token")),
     ("F1", "ort"): (SESSIONS, ("tokens_per_s", "p50_us", "cpu_us_per_token")),
     ("W1", "stream"): ((1,), LOOP_METRICS),
     ("W2", "stream"): (SESSIONS, LOOP_METRICS),
